@@ -1,0 +1,137 @@
+"""``dune-cache``: list teachers, extract features, inspect and verify caches."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from tqdm.auto import tqdm
+
+from .extract import ExtractConfig, NonFiniteFeaturesError, run_extraction
+from .geometry import GeometryError
+from .images import ManifestError
+from .inspect import cache_info, verify_cache
+from .store import StorageConfig, StoreError
+from .teachers import CheckpointError, UnknownTeacherError, list_prefixes, list_teachers
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+USER_ERRORS = (CheckpointError, UnknownTeacherError, GeometryError, ManifestError, StoreError,
+               NonFiniteFeaturesError, ValueError)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def _fail(exc: BaseException) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def teachers() -> None:
+    """List registered teachers and their geometry."""
+    header = f"{'name':24} {'arch':34} {'patch':>5} {'dim':>5} {'reg':>3} {'cls':10} {'native':>9} {'norm':>4}  mean/std"
+    typer.echo(header)
+    for s in list_teachers():
+        native = f"{s.native_resolution[0]}x{s.native_resolution[1]}"
+        norm = "imagenet" if s.mean[0] == 0.485 else "0.5" if s.mean[0] == 0.5 else f"{s.mean}/{s.std}"
+        typer.echo(f"{s.name:24} {s.arch:34} {s.patch_size:>5} {s.embed_dim:>5} {s.num_registers:>3} "
+                   f"{s.cls_source:10} {native:>9} {'yes' if s.final_norm else 'no':>4}  {norm}")
+    for prefix, description in list_prefixes().items():
+        typer.echo(f"{prefix + ':<model_name>':24} {description}")
+
+
+@app.command()
+def extract(
+    teacher: str = typer.Option(..., help="Teacher name (see `dune-cache teachers`)."),
+    images: Path = typer.Option(..., help="Image directory (recursive) or list file (`path[<TAB>tag]` per line)."),
+    out: str = typer.Option(..., help="Cache root (a Zarr v3 group); one group per teacher inside."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local checkpoint file of the teacher."),
+    name: Optional[str] = typer.Option(None, help="Teacher group name in the cache (default: teacher name)."),
+    resolution: Optional[str] = typer.Option(None, help="Teacher input size N or HxW (default: native)."),
+    student_patch: Optional[int] = typer.Option(None, help="Shared grid: the student's patch size."),
+    student_resolution: Optional[str] = typer.Option(None, help="Shared grid: the student's input size."),
+    resize: str = typer.Option("squash", help="squash (whole image to HxW) or center_crop."),
+    batch_size: int = typer.Option(32, min=1),
+    num_workers: int = typer.Option(ExtractConfig.__dataclass_fields__["num_workers"].default_factory(), min=0,
+                                    help="Image-decoding DataLoader workers."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+    amp: bool = typer.Option(True, help="bf16 autocast on CUDA."),
+    dtype: str = typer.Option(StorageConfig.dtype, help="Stored dtype: float16 or float32."),
+    codec: str = typer.Option(StorageConfig.codec, help="blosc-zstd, blosc-lz4, zstd, gzip or none."),
+    level: int = typer.Option(StorageConfig.level, help="Compression level."),
+    unit_size: int = typer.Option(StorageConfig.unit_size, min=1, help="Images per work unit."),
+    shard_images: int = typer.Option(StorageConfig.shard_images, min=0,
+                                      help="Images per Zarr shard (0: one object per image)."),
+    shard: str = typer.Option("0/1", help="This machine's share i/n of the work (several machines)."),
+    overwrite: bool = typer.Option(False, help="Replace an existing teacher group that does not match."),
+    retry_failed: bool = typer.Option(False, help="Try again images recorded as failed."),
+    random_weights: bool = typer.Option(False, help="Run without a checkpoint (speed tests only)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Run a teacher over images and store its CLS and patch features (resumes if interrupted)."""
+    _setup_logging(verbose)
+    try:
+        cfg = ExtractConfig(
+            teacher=teacher, images=images, out=out, checkpoint=checkpoint, name=name, resolution=resolution,
+            student_patch=student_patch, student_resolution=student_resolution, resize=resize,
+            batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
+            storage=StorageConfig(dtype=dtype, codec=codec, level=level, unit_size=unit_size,
+                                  shard_images=shard_images),
+            shard=shard, overwrite=overwrite, retry_failed=retry_failed, random_weights=random_weights,
+            progress=progress)
+        result = run_extraction(cfg)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    typer.echo(f"{result.group}: {result.processed} images extracted, {result.failed} failed "
+               f"({result.images_per_s:.1f} img/s); cache has {result.total} images")
+
+
+@app.command()
+def info(cache: str = typer.Argument(..., help="Cache root."),
+         as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Teachers, images done/failed, shapes, dtype, codec, bytes on disk, compression ratio, provenance."""
+    try:
+        report = cache_info(cache)
+    except USER_ERRORS as exc:
+        _fail(exc)
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    for name, t in report.items():
+        p = t["provenance"]
+        typer.echo(f"[{name}] teacher {p['teacher']['name']} ({p['teacher']['arch']})")
+        typer.echo(f"  images     {t['images']} total, {t['done']} done, {t['failed']} failed, {t['pending']} pending")
+        typer.echo(f"  cls        {t['cls_shape']}  patch {t['patch_shape']}  {t['dtype']}")
+        typer.echo(f"  storage    codec {t['codec']} level {t['level']}, shard images {t['shard_images']}")
+        typer.echo(f"  on disk    {t['bytes_stored'] / 2**20:.2f} MiB, {t['bytes_per_image'] / 1024:.1f} KiB/image, "
+                   f"ratio {t['compression_ratio']:.3f}x vs raw {t['dtype']}")
+        g = p["geometry"]
+        typer.echo(f"  geometry   {g['resolution'][0]}x{g['resolution'][1]} -> grid {g['grid'][0]}x{g['grid'][1]}, "
+                   f"resize {g['resize']} ({g['interpolation']})")
+        typer.echo(f"  checkpoint {p['checkpoint']['file']} sha256 {p['checkpoint']['sha256']}")
+        typer.echo(f"  manifest   sha256 {p['images']['manifest_sha256']}")
+        typer.echo(f"  created    {p['created']} by dune_cache {p['software']['dune_cache']}")
+
+
+@app.command()
+def verify(cache: str = typer.Argument(..., help="Cache root."),
+           progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
+    """Check completeness, that every chunk decodes and is finite, and provenance consistency (exit 1 on problems)."""
+    try:
+        reports = verify_cache(cache, lambda name, total: tqdm(total=total, unit="img", desc=f"verify {name}",
+                                                                disable=not progress))
+    except USER_ERRORS as exc:
+        _fail(exc)
+    for r in reports:
+        typer.echo(f"[{r.name}] {'OK' if r.ok else 'PROBLEMS'}: {r.checked} images checked")
+        for problem in r.problems:
+            typer.echo(f"  - {problem}")
+    if not all(r.ok for r in reports):
+        raise typer.Exit(1)

@@ -1,0 +1,323 @@
+"""``dune-cache extract``: run one teacher over an image manifest into a teacher group of a cache.
+
+Pipeline: DataLoader workers decode and resize images -> batched ``inference_mode`` forward
+(bf16 autocast on CUDA) -> finite / fp16-range check -> a writer thread stores features and then
+marks the images done. Work is split in units (one ``status`` chunk, or one shard, each) that are
+dealt round-robin over ``torchrun`` ranks and ``--shard i/n`` machines; re-running resumes.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from . import __version__
+from .geometry import Geometry, resolve_geometry
+from .images import ImageDecodeError, ImageManifest, load_manifest, load_pixels
+from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore,
+                    unit_bounds)
+from .teachers import Teacher, TeacherSpec, create_teacher
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteFeaturesError(RuntimeError):
+    """The teacher produced NaN/inf, or values the storage dtype cannot hold, for some images."""
+
+
+@dataclass
+class ExtractConfig:
+    """Everything ``dune-cache extract`` does; each field is one CLI flag."""
+
+    teacher: str
+    images: Path
+    out: str
+    checkpoint: Path | None = None
+    name: str | None = None  # teacher group name in the cache; default: the teacher name
+    resolution: str | None = None  # N or HxW; default: the teacher's native resolution
+    student_patch: int | None = None
+    student_resolution: str | None = None
+    resize: str = "squash"
+    batch_size: int = 32
+    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    shard: str = "0/1"  # this machine's share i/n of the work units
+    overwrite: bool = False
+    retry_failed: bool = False
+    random_weights: bool = False  # allow running without a checkpoint (speed tests only)
+    progress: bool = True
+
+
+@dataclass
+class ExtractResult:
+    group: str
+    total: int
+    processed: int
+    failed: int
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.processed / self.seconds if self.seconds > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# Work assignment
+# ---------------------------------------------------------------------------------------
+def parse_shard(shard: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError as exc:
+        raise ValueError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from exc
+    if not 0 <= i < n:
+        raise ValueError(f"--shard {shard!r}: need 0 <= i < n")
+    return i, n
+
+
+def worker_slot(shard: str) -> tuple[int, int]:
+    """This process's ``(slot, slots)`` over all machines (``--shard``) and ``torchrun`` ranks."""
+    i, n = parse_shard(shard)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return i * world + rank, n * world
+
+
+def my_units(num_units: int, slot: int, slots: int) -> list[int]:
+    """Units dealt round-robin: unit ``u`` belongs to slot ``u % slots``."""
+    return list(range(slot, num_units, slots))
+
+
+def pending_indices(status: np.ndarray, units: list[int], per_unit: int, retry_failed: bool) -> np.ndarray:
+    """Indices in ``units`` still to compute (and failed ones when ``retry_failed``), in order."""
+    todo = status == STATUS_PENDING
+    if retry_failed:
+        todo |= status == STATUS_FAILED
+    chunks = [np.flatnonzero(todo[lo:hi]) + lo for lo, hi in (unit_bounds(u, per_unit, len(status)) for u in units)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+# ---------------------------------------------------------------------------------------
+# Provenance
+# ---------------------------------------------------------------------------------------
+def file_sha256(path: Path, block: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: ImageManifest, source: str,
+                     geometry: Geometry, storage: StorageConfig) -> dict:
+    """The teacher group's ``dune_cache`` attributes (docs/cache-format.md)."""
+    import timm
+    import zarr
+
+    ckpt = ({"file": checkpoint.name, "sha256": file_sha256(checkpoint), "bytes": checkpoint.stat().st_size}
+            if checkpoint is not None else {"file": None, "sha256": "random-weights", "bytes": 0})
+    return {
+        "format_version": 1,
+        "kind": "teacher_features",
+        "teacher": spec.to_json(),
+        "checkpoint": ckpt,
+        "images": {"count": len(manifest), "manifest_sha256": manifest.sha256},
+        "geometry": geometry.to_json(),
+        "storage": storage.to_json(),
+        "arrays": {"cls": "cls", "patch": "patch", "status": "status", "manifest": "manifest",
+                   "failures": "failures"},
+        "software": {"dune_cache": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                     "zarr": zarr.__version__},
+        "source": {"images": source},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Data loading
+# ---------------------------------------------------------------------------------------
+class ManifestImages(Dataset):
+    """Item ``k`` -> ``(image_index, uint8 (3, H, W) or None, failure reason or None, message)``."""
+
+    def __init__(self, manifest: ImageManifest, indices: np.ndarray, geometry: Geometry):
+        self.manifest, self.indices, self.geometry = manifest, indices, geometry
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k: int):
+        index = int(self.indices[k])
+        try:
+            pixels = load_pixels(self.manifest.path(index), self.geometry.resolution, self.geometry.resize)
+            return index, torch.from_numpy(pixels), None, None
+        except ImageDecodeError as exc:
+            return index, None, exc.reason, str(exc)
+
+
+@dataclass
+class Batch:
+    indices: np.ndarray  # (B,) images decoded
+    pixels: torch.Tensor  # (B, 3, H, W) uint8
+    failures: list[tuple[int, str, str]]  # (index, reason, message)
+
+
+def collate_batch(items) -> Batch:
+    ok = [(i, p) for i, p, _, _ in items if p is not None]
+    return Batch(
+        indices=np.array([i for i, _ in ok], dtype=np.int64),
+        pixels=torch.stack([p for _, p in ok]) if ok else torch.zeros(0, dtype=torch.uint8),
+        failures=[(i, r, m) for i, p, r, m in items if p is None],
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Writing (a thread, so that compression and I/O overlap with the next forward)
+# ---------------------------------------------------------------------------------------
+class FeatureWriter:
+    """Writes batches in order; after each batch's features land, marks its images done/failed."""
+
+    def __init__(self, store: TeacherStore, status: np.ndarray, manifest: ImageManifest, max_pending: int = 3):
+        self.store, self.status, self.manifest = store, status, manifest
+        self.failures: dict[int, dict[int, dict]] = {}
+        for record in store.read_failures():
+            self.failures.setdefault(record["index"] // store.images_per_unit, {})[record["index"]] = record
+        self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="dune-cache-writer", daemon=True)
+        self.thread.start()
+
+    def submit(self, indices: np.ndarray, cls: np.ndarray | None, patch: np.ndarray | None,
+               failures: list[tuple[int, str, str]]) -> None:
+        self.raise_if_failed()
+        self.queue.put((indices, cls, patch, failures))
+
+    def close(self) -> None:
+        """Flush everything submitted, stop the thread, re-raise a write error."""
+        self.queue.put(None)
+        self.thread.join()
+        self.raise_if_failed()
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"writing to the cache failed: {self.error}") from self.error
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(*item)
+                except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+                    self.error = exc
+
+    def _write(self, indices, cls, patch, failures) -> None:
+        per = self.store.images_per_unit
+        if len(indices):
+            self.store.write_rows(indices, cls, patch)
+            self.status[indices] = STATUS_DONE
+        for index, reason, message in failures:
+            self.status[index] = STATUS_FAILED
+            self.failures.setdefault(index // per, {})[index] = {
+                "index": index, "image_id": self.manifest.ids[index], "reason": reason, "message": message}
+        touched = {int(i) // per for i in indices} | {i // per for i, _, _ in failures}
+        for unit in sorted(touched):
+            unit_failures = self.failures.get(unit, {})
+            for index in [i for i in unit_failures if self.status[i] == STATUS_DONE]:
+                del unit_failures[index]  # a retried image that now succeeded
+            self.store.write_unit_failures(unit, [unit_failures[i] for i in sorted(unit_failures)])
+            self.store.write_unit_status(unit, self.status)
+
+
+# ---------------------------------------------------------------------------------------
+# Compute
+# ---------------------------------------------------------------------------------------
+def pick_device(device: str) -> torch.device:
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def teacher_features(teacher: Teacher, pixels: torch.Tensor, device: torch.device, amp: bool):
+    """uint8 ``(B, 3, H, W)`` -> float32 cls ``(B, D)`` and patch ``(B, h, w, D)`` on ``device``."""
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                enabled=amp and device.type == "cuda"):
+        out = teacher(pixels.to(device, non_blocking=True))
+    return out.cls.float(), out.patch.float()
+
+
+def bad_rows(cls: torch.Tensor, patch: torch.Tensor, dtype: str) -> torch.Tensor:
+    """Bool ``(B,)``: rows with non-finite values, or values beyond float16's range when storing float16."""
+    flat = torch.cat([cls, patch.flatten(1)], dim=1)
+    bad = ~torch.isfinite(flat).all(dim=1)
+    if dtype == "float16":
+        bad |= flat.abs().amax(dim=1) > FLOAT16_MAX
+    return bad
+
+
+def run_extraction(cfg: ExtractConfig) -> ExtractResult:
+    """Extract (or resume extracting) ``cfg.teacher`` features for ``cfg.images`` into ``cfg.out``."""
+    if cfg.checkpoint is None and not cfg.random_weights:
+        raise ValueError(f"--checkpoint is required for teacher {cfg.teacher!r} "
+                         "(pass --random-weights to run untrained weights, for speed tests only)")
+    manifest = load_manifest(cfg.images)
+    teacher = create_teacher(cfg.teacher, cfg.checkpoint)
+    spec = teacher.spec
+    geometry = resolve_geometry(spec, cfg.resolution, cfg.student_patch, cfg.student_resolution, cfg.resize)
+    name = cfg.name or spec.name.replace(":", "-").replace("/", "-")
+    provenance = build_provenance(spec, cfg.checkpoint, manifest, str(cfg.images), geometry, cfg.storage)
+    store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
+                                        cfg.storage, overwrite=cfg.overwrite)
+    slot, slots = worker_slot(cfg.shard)
+    status = store.read_status()
+    todo = pending_indices(status, my_units(store.num_units, slot, slots), store.images_per_unit, cfg.retry_failed)
+    device = pick_device(cfg.device)
+    log.info("extract %s -> %s/%s: %d images, %d to do in slot %d/%d, %dx%d on %s", spec.name, cfg.out, name,
+             len(manifest), len(todo), slot, slots, *geometry.resolution, device)
+    teacher.to(device)
+    start = time.perf_counter()
+    processed, skipped = 0, []
+    writer = FeatureWriter(store, status, manifest)
+    loader = DataLoader(ManifestImages(manifest, todo, geometry), batch_size=cfg.batch_size,
+                        num_workers=cfg.num_workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
+    bar = tqdm(total=len(todo), unit="img", desc=f"{name} [{slot}/{slots}]", disable=not cfg.progress,
+               dynamic_ncols=True)
+    try:
+        for batch in loader:
+            cls = patch = None
+            if len(batch.indices):
+                cls_t, patch_t = teacher_features(teacher, batch.pixels, device, cfg.amp)
+                bad = bad_rows(cls_t, patch_t, cfg.storage.dtype)
+                if bad.any():
+                    ids = [manifest.ids[i] for i in batch.indices[bad.cpu().numpy()]]
+                    raise NonFiniteFeaturesError(
+                        f"teacher {spec.name} gave non-finite features or values beyond {cfg.storage.dtype} range "
+                        f"for {len(ids)} image(s): {', '.join(ids[:20])}. Nothing was written for this batch; "
+                        "earlier batches are kept. Try --dtype float32 or --no-amp.")
+                np_dtype = torch.float16 if cfg.storage.dtype == "float16" else torch.float32
+                cls, patch = cls_t.to(np_dtype).cpu().numpy(), patch_t.to(np_dtype).cpu().numpy()
+            writer.submit(batch.indices, cls, patch, batch.failures)
+            processed += len(batch.indices)
+            skipped += batch.failures
+            bar.update(len(batch.indices) + len(batch.failures))
+            bar.set_postfix(failed=len(skipped), refresh=False)
+    finally:
+        bar.close()
+        writer.close()  # everything submitted is committed, also on error or Ctrl-C
+    seconds = time.perf_counter() - start
+    for _, reason, message in skipped:
+        log.warning("skipped (%s): %s", reason, message)
+    return ExtractResult(group=name, total=len(manifest), processed=processed, failed=len(skipped), seconds=seconds)

@@ -1,0 +1,146 @@
+"""``dune-cache info`` and ``dune-cache verify``: what a cache holds, and whether it is sound."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from .store import ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StoreError, TeacherStore, open_root
+
+
+def teacher_names(root: str) -> list[str]:
+    """Names of the teacher groups in a cache root."""
+    group = open_root(root, mode="r")
+    return sorted(name for name, child in group.groups()
+                  if child.attrs.get(ATTR_KEY, {}).get("kind") == "teacher_features")
+
+
+def teacher_info(store: TeacherStore) -> dict:
+    """Counts, shapes, storage and provenance of one teacher group."""
+    status = store.read_status()
+    done = int((status == STATUS_DONE).sum())
+    meta = store.provenance
+    per_image = (int(np.prod(store.cls.shape[1:])) + int(np.prod(store.patch.shape[1:]))) * store.cls.dtype.itemsize
+    stored = store.nbytes_stored()
+    raw = done * per_image
+    return {
+        "images": store.count,
+        "done": done,
+        "failed": int((status == STATUS_FAILED).sum()),
+        "pending": int((status == STATUS_PENDING).sum()),
+        "cls_shape": list(store.cls.shape),
+        "patch_shape": list(store.patch.shape),
+        "dtype": str(store.cls.dtype),
+        "codec": meta["storage"]["codec"],
+        "level": meta["storage"]["level"],
+        "shard_images": meta["storage"]["shard_images"],
+        "bytes_stored": stored,
+        "bytes_per_image": stored / done if done else 0.0,
+        "raw_bytes": raw,
+        "compression_ratio": raw / stored if stored else 0.0,
+        "provenance": meta,
+    }
+
+
+def cache_info(root: str) -> dict[str, dict]:
+    """``{teacher group: teacher_info}`` for every teacher group in the cache."""
+    names = teacher_names(root)
+    if not names:
+        raise StoreError(f"{root}: no teacher groups (is this a dune_cache cache?)")
+    return {name: teacher_info(TeacherStore.open(root, name)) for name in names}
+
+
+@dataclass
+class VerifyReport:
+    """Problems found in one teacher group; ``ok`` when there are none."""
+
+    name: str
+    checked: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_provenance(store: TeacherStore) -> list[str]:
+    """Array shapes, manifest and failure records agree with the recorded provenance."""
+    meta, problems = store.provenance, []
+    dim = meta["teacher"]["embed_dim"]
+    grid = tuple(meta["geometry"]["grid"])
+    n = meta["images"]["count"]
+    if tuple(store.cls.shape) != (n, dim):
+        problems.append(f"cls shape {tuple(store.cls.shape)} != (images {n}, dim {dim}) in provenance")
+    if tuple(store.patch.shape) != (n, *grid, dim):
+        problems.append(f"patch shape {tuple(store.patch.shape)} != {(n, *grid, dim)} from provenance")
+    if str(store.cls.dtype) != meta["storage"]["dtype"] or str(store.patch.dtype) != meta["storage"]["dtype"]:
+        problems.append(f"array dtype differs from provenance dtype {meta['storage']['dtype']}")
+    manifest = store.manifest()
+    if len(manifest) != n:
+        problems.append(f"manifest lists {len(manifest)} images, provenance says {n}")
+    if manifest.sha256 != meta["images"]["manifest_sha256"]:
+        problems.append("manifest sha256 differs from provenance (manifest altered?)")
+    status = store.read_status()
+    failed = set(np.flatnonzero(status == STATUS_FAILED).tolist())
+    recorded = {r["index"] for r in store.read_failures()}
+    if failed != recorded:
+        problems.append(f"{len(failed ^ recorded)} images differ between failed status and failure records")
+    pending = int((status == STATUS_PENDING).sum())
+    if pending:
+        problems.append(f"incomplete: {pending} of {n} images pending (re-run the same extract command to finish)")
+    return problems
+
+
+def unreadable_or_nonfinite(store: TeacherStore, indices: np.ndarray) -> list[tuple[int, str]]:
+    """``[(index, problem)]`` for images among sorted ``indices`` (one block) whose chunks do not decode
+    or hold non-finite values (a missing chunk reads as the NaN fill value)."""
+    lo, hi = int(indices[0]), int(indices[-1]) + 1
+    try:
+        rows = [(lo, store.cls[lo:hi], store.patch[lo:hi])]
+        problems: list[tuple[int, str]] = []
+    except Exception:  # noqa: BLE001 - read image by image to name the broken ones
+        rows, problems = [], []
+        for i in indices.tolist():
+            try:
+                rows.append((i, store.cls[i:i + 1], store.patch[i:i + 1]))
+            except Exception as exc:  # noqa: BLE001
+                problems.append((i, f"chunk does not decode: {type(exc).__name__}: {exc}"))
+    wanted = set(indices.tolist())
+    for start, cls, patch in rows:
+        finite = np.isfinite(cls).all(axis=1) & np.isfinite(patch.reshape(len(patch), -1)).all(axis=1)
+        problems.extend((start + int(k), "non-finite values (missing chunk or corrupt data)")
+                        for k in np.flatnonzero(~finite) if start + int(k) in wanted)
+    return sorted(problems)
+
+
+def verify_teacher(store: TeacherStore, block: int = 64, progress: Callable[[int], None] | None = None) -> VerifyReport:
+    """Full check of one teacher group: provenance consistency, every done image decodes and is finite."""
+    report = VerifyReport(name=store.group.basename, problems=check_provenance(store))
+    status = store.read_status()
+    done = np.flatnonzero(status == STATUS_DONE)
+    ids = store.manifest().ids
+    for start in range(0, store.count, block):
+        indices = done[(done >= start) & (done < start + block)]
+        if len(indices):
+            for index, problem in unreadable_or_nonfinite(store, indices):
+                report.problems.append(f"image {index} ({ids[index] if index < len(ids) else '?'}): {problem}")
+            report.checked += len(indices)
+        if progress:
+            progress(min(block, store.count - start))
+    return report
+
+
+def verify_cache(root: str, progress_factory=None) -> list[VerifyReport]:
+    """Verify every teacher group of a cache."""
+    reports = []
+    for name in teacher_names(root):
+        store = TeacherStore.open(root, name)
+        bar = progress_factory(name, store.count) if progress_factory else None
+        reports.append(verify_teacher(store, progress=bar.update if bar else None))
+        if bar:
+            bar.close()
+    if not reports:
+        reports.append(VerifyReport(name="<root>", problems=[f"{root}: no teacher groups"]))
+    return reports
+

@@ -1,0 +1,92 @@
+"""One registry for every teacher: ``register_teacher`` / ``create_teacher`` / ``list_teachers``.
+
+Each teacher family module registers its names at import time::
+
+    @register_teacher(TeacherSpec(name="dinov2_vits14", ...))
+    def dinov2_vits14(spec: TeacherSpec, checkpoint: Path | None) -> Teacher: ...
+
+Names with a registered *prefix* (``timm:<model_name>``) are resolved by a prefix factory
+that builds the spec at creation time.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from .base import Teacher, TeacherSpec
+
+TeacherFactory = Callable[[TeacherSpec, "Path | None"], Teacher]
+PrefixFactory = Callable[[str, "Path | None"], Teacher]
+
+_TEACHERS: dict[str, tuple[TeacherSpec, TeacherFactory]] = {}
+_PREFIXES: dict[str, tuple[PrefixFactory, str]] = {}
+
+
+class UnknownTeacherError(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+def register_teacher(spec: TeacherSpec) -> Callable[[TeacherFactory], TeacherFactory]:
+    """Decorator registering ``factory(spec, checkpoint)`` under ``spec.name``."""
+
+    def decorator(factory: TeacherFactory) -> TeacherFactory:
+        if spec.name in _TEACHERS:
+            raise ValueError(f"teacher {spec.name!r} registered twice")
+        _TEACHERS[spec.name] = (spec, factory)
+        return factory
+
+    return decorator
+
+
+def register_prefix(prefix: str, description: str) -> Callable[[PrefixFactory], PrefixFactory]:
+    """Decorator registering ``factory(suffix, checkpoint)`` for names ``f"{prefix}:{suffix}"``."""
+
+    def decorator(factory: PrefixFactory) -> PrefixFactory:
+        _PREFIXES[prefix] = (factory, description)
+        return factory
+
+    return decorator
+
+
+def list_teachers() -> list[TeacherSpec]:
+    """Specs of all named teachers, sorted by name (prefix families are listed by :func:`list_prefixes`)."""
+    return [_TEACHERS[name][0] for name in sorted(_TEACHERS)]
+
+
+def list_prefixes() -> dict[str, str]:
+    """``{prefix: description}`` of the prefix families (e.g. ``timm``)."""
+    return {p: d for p, (_, d) in sorted(_PREFIXES.items())}
+
+
+def get_spec(name: str) -> TeacherSpec:
+    """Spec of a named teacher (prefix teachers have a spec only once created)."""
+    if name not in _TEACHERS:
+        raise UnknownTeacherError(_unknown_message(name))
+    return _TEACHERS[name][0]
+
+
+def create_teacher(name: str, checkpoint: str | Path | None = None) -> Teacher:
+    """Build teacher ``name`` in eval mode with frozen weights, loaded strictly from ``checkpoint``.
+
+    ``checkpoint=None`` leaves random weights (tests, benchmarks of speed only).
+    """
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    if name in _TEACHERS:
+        spec, factory = _TEACHERS[name]
+        teacher = factory(spec, ckpt)
+    elif ":" in name and name.split(":", 1)[0] in _PREFIXES:
+        prefix, suffix = name.split(":", 1)
+        teacher = _PREFIXES[prefix][0](suffix, ckpt)
+    else:
+        raise UnknownTeacherError(_unknown_message(name))
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _unknown_message(name: str) -> str:
+    known = ", ".join(sorted(_TEACHERS)) or "none"
+    prefixes = ", ".join(f"{p}:<name>" for p in sorted(_PREFIXES))
+    return f"unknown teacher {name!r}; known teachers: {known}; prefix families: {prefixes}"

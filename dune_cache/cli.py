@@ -58,8 +58,8 @@ def extract(
     student_resolution: Optional[str] = typer.Option(None, help="Shared grid: the student's input size."),
     resize: str = typer.Option("squash", help="squash (whole image to HxW) or center_crop."),
     batch_size: int = typer.Option(32, min=1),
-    num_workers: int = typer.Option(ExtractConfig.__dataclass_fields__["num_workers"].default_factory(), min=0,
-                                    help="Image-decoding DataLoader workers."),
+    num_workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding DataLoader workers "
+                                              "(default: 1 on CPU; on GPU the process's share of cores, at most 8)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     amp: bool = typer.Option(True, help="bf16 autocast on CUDA."),
     dtype: str = typer.Option(StorageConfig.dtype, help="Stored dtype: float16 or float32."),

@@ -51,7 +51,7 @@ class ExtractConfig:
     student_resolution: str | None = None
     resize: str = "squash"
     batch_size: int = 32
-    num_workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    num_workers: int | None = None  # decoding workers; None: default_num_workers(device)
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -251,6 +251,14 @@ def pick_device(device: str) -> torch.device:
     return torch.device("cpu")
 
 
+def default_num_workers(device: torch.device) -> int:
+    """Decoding workers: on CPU one (measured: more workers steal cores from the forward); on GPU this
+    process's share of the cores (torchrun's LOCAL_WORLD_SIZE processes per node), at most 8."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
 def teacher_features(teacher: Teacher, pixels: torch.Tensor, device: torch.device, amp: bool):
     """uint8 ``(B, 3, H, W)`` -> float32 cls ``(B, D)`` and patch ``(B, h, w, D)`` on ``device``."""
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
@@ -289,12 +297,13 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
     log.info("extract %s -> %s/%s: %d images, %d to do in slot %d/%d, %dx%d on %s", spec.name, cfg.out, name,
              len(manifest), len(todo), slot, slots, *geometry.resolution, device)
     teacher.to(device)
+    workers = default_num_workers(device) if cfg.num_workers is None else cfg.num_workers
     start = time.perf_counter()
     processed, skipped = 0, []
     writer = FeatureWriter(store, status, manifest)
     loader = DataLoader(ManifestImages(manifest, todo, geometry), batch_size=cfg.batch_size,
-                        num_workers=cfg.num_workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if cfg.num_workers else None, persistent_workers=False)
+                        num_workers=workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
+                        prefetch_factor=4 if workers else None, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", desc=f"{name} [{slot}/{slots}]", disable=not cfg.progress,
                dynamic_ncols=True)
     try:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from dune_cache.extract import ExtractConfig, pick_device, run_extraction, teacher_features
+from dune_cache.extract import ExtractConfig, default_num_workers, pick_device, run_extraction, teacher_features
 from dune_cache.geometry import resolve_geometry
 from dune_cache.images import load_manifest, load_pixels
 from dune_cache.store import StorageConfig
@@ -62,13 +62,17 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=96, help="images per round (source images are cycled)")
     parser.add_argument("--resolution", default="224")
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--num-workers", type=int, default=None, help="default: as dune-cache extract")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--codec", default=StorageConfig.codec)
+    parser.add_argument("--torch-threads", type=int, default=None,
+                        help="intra-op threads for the forward in both measurements (CPU); default: torch's")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     device = pick_device(args.device)
     checkpoint = None if args.random_weights else args.checkpoint
     teacher = create_teacher(args.teacher, checkpoint).to(device)
@@ -96,7 +100,7 @@ def main() -> None:
     result = {
         "teacher": args.teacher, "weights": "random" if checkpoint is None else str(checkpoint),
         "resolution": list(geometry.resolution), "images_per_round": args.count, "batch_size": args.batch_size,
-        "num_workers": args.num_workers, "device": str(device),
+        "num_workers": args.num_workers if args.num_workers is not None else default_num_workers(device), "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "codec": args.codec,
         "forward_img_s": round(fwd, 3), "extract_img_s": round(ext, 3), "ratio": round(ext / fwd, 3),

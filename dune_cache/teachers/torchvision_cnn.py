@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torchvision
 
-from ..demo_data import installed_package_file
+from ..resources import installed_package_file
 from .base import IMAGENET_MEAN, IMAGENET_STD, Teacher, TeacherOutput, TeacherSpec, find_state_dict, \
     load_state_dict_strict, read_checkpoint
 from .registry import register_teacher

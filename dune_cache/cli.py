@@ -137,5 +137,35 @@ def verify(cache: str = typer.Argument(..., help="Cache root."),
         raise typer.Exit(1)
 
 
+@app.command()
+def stats(cache: str = typer.Argument(..., help="Cache root."),
+          teacher: Optional[list[str]] = typer.Option(None, help="Teacher group (repeatable; default: all)."),
+          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Compute per-channel mean/std and PHI-S of each teacher group (out of core) and store them in the cache."""
+    import numpy as np
+
+    from .inspect import teacher_names
+    from .stats import compute_stats, write_stats
+
+    _setup_logging(verbose)
+    try:
+        names = teacher or teacher_names(cache)
+        if not names:
+            raise StoreError(f"{cache}: no teacher groups (is this a dune_cache cache?)")
+        for name in names:
+            result = compute_stats(cache, name)
+            write_stats(cache, name, result)
+            scale = float(np.linalg.norm(result.phis_matrix[0]))
+            typer.echo(f"[{name}] {result.count} images -> {cache}/{name}/stats")
+            for label, mean, std in (("cls", result.cls_mean, result.cls_std),
+                                     ("patch", result.patch_mean, result.patch_std)):
+                typer.echo(f"  {label:6} |mean| max {np.abs(mean).max():.4g}, std min/median/max "
+                           f"{std.min():.4g} / {np.median(std):.4g} / {std.max():.4g}")
+            typer.echo(f"  PHI-S  {result.phis_matrix.shape[0]}x{result.phis_matrix.shape[1]}, "
+                       f"scale 1/sqrt(mean eigenvalue) = {scale:.4g}")
+    except USER_ERRORS as exc:
+        _fail(exc)
+
+
 if __name__ == "__main__":  # torchrun -m dune_cache.cli extract ...
     app()

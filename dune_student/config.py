@@ -1,0 +1,214 @@
+"""Typed training configuration. Defaults reproduce DUNE's recipe (NOTES.md §1); one field per hyper-parameter.
+
+A config file (TOML or JSON) mirrors the dataclass tree; ``key=value`` overrides use dotted paths
+(``optim.base_lr=1e-4``) and are converted with the field's declared type — never ``eval``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .augment import AugmentConfig
+from .heads import HeadConfig
+from .model import StudentConfig
+
+
+class ConfigError(ValueError):
+    """A configuration value or key that cannot be used; the message names the field."""
+
+
+@dataclass
+class DataConfig:
+    cache: str = ""                      # cache root written by `dune-cache extract`
+    images: str = ""                     # image directory or list file holding the cache's image ids
+    teachers: list[str] = field(default_factory=list)  # teacher groups to distil (empty: all in the cache)
+    allow_partial: bool = False          # train on the finished images of a cache still being filled
+    resolution: int = 0                  # student input size; 0: the caches' recorded student resolution
+    batch_size: int = 128
+    num_workers: int = -1                # -1: 1 on CPU, min(8, cores) on GPU
+    shuffle_block: int = 64              # images per shuffled block (a cache work unit)
+    shuffle_buffer: int = 4096           # in-memory shuffle buffer (samples)
+    reader_backend: str = "auto"         # auto | tensorstore | zarr | zarrs
+    holdout: int = 0                     # last N images (manifest order) kept out of training for eval
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 3e-4                # lr = base_lr * batch_size / 256 (DUNE)
+    betas: tuple[float, float] = (0.9, 0.99)
+    eps: float = 1e-15
+    weight_decay: float = 0.03           # not applied to biases and 1-D parameters
+    min_lr: float = 1e-6
+    warmup_fraction: float = 0.2
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LossConfig:
+    standardize: str = "channel"         # channel | phis | ema | none  (target standardisation)
+    teacher_drop: str = "lowest_loss"    # lowest_loss | none
+    drop_p: float = 0.5
+    sharing: str = "all"                 # all | own_data | own+generic
+    generic_tag: str = "generic"
+
+
+@dataclass
+class TrainConfig:
+    out: str = "runs/student"            # run directory: config, metrics, checkpoints, curves
+    steps: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True                     # bf16 autocast on CUDA
+    log_every: int = 10
+    checkpoint_every: int = 500
+    live_teachers: bool = False          # run the teachers in the loop instead of reading the cache (baseline)
+    teacher_checkpoints: dict[str, str] = field(default_factory=dict)  # teacher group -> checkpoint (live mode)
+    progress: bool = True
+    data: DataConfig = field(default_factory=DataConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    heads: HeadConfig = field(default_factory=HeadConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+
+    def lr(self) -> float:
+        return self.optim.base_lr * self.data.batch_size / 256
+
+
+CHOICES = {
+    "data.reader_backend": ("auto", "tensorstore", "zarr", "zarrs"),
+    "loss.standardize": ("channel", "phis", "ema", "none"),
+    "loss.teacher_drop": ("lowest_loss", "none"),
+    "loss.sharing": ("all", "own_data", "own+generic"),
+    "student.attention": ("auto", "xformers", "sdpa"),
+    "heads.kind": ("transformer", "ladder", "mlp"),
+    "augment.mode": ("none", "grid-crop"),
+}
+
+
+def _convert(value: Any, annotation: Any, path: str) -> Any:
+    """Convert a parsed file value or override string to the declared type (no eval)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        non_none = [a for a in args if a is not type(None)]
+        return _convert(value, non_none[0], path)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path}: expected true/false, got {value!r}")
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path}: expected {annotation.__name__}, got {value!r}") from None
+    if origin in (tuple, list):
+        items = [v for v in value.split(",") if v] if isinstance(value, str) else list(value)
+        if origin is tuple:
+            if len(items) != len(args):
+                raise ConfigError(f"{path}: expected {len(args)} values, got {value!r}")
+            return tuple(_convert(v, a, path) for v, a in zip(items, args))
+        return [_convert(v, args[0], path) for v in items]
+    if origin is dict:
+        if isinstance(value, str):
+            pairs = [p.split(":", 1) for p in value.split(",") if p]
+            if any(len(p) != 2 for p in pairs):
+                raise ConfigError(f"{path}: expected key:value,key:value, got {value!r}")
+            value = dict(pairs)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a table, got {value!r}")
+        return {str(k): _convert(v, args[1], f"{path}.{k}") for k, v in value.items()}
+    raise ConfigError(f"{path}: unsupported type {annotation}")
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def set_field(cfg: Any, dotted: str, value: Any, prefix: str = "") -> None:
+    """Set ``cfg.<dotted>`` from a string or parsed value, converted to the field's type."""
+    head, _, rest = dotted.partition(".")
+    path = f"{prefix}{head}"
+    names = {f.name for f in dataclasses.fields(cfg)}
+    if head not in names:
+        raise ConfigError(f"unknown config field {path!r}; {type(cfg).__name__} has: {', '.join(sorted(names))}")
+    annotation = _field_types(type(cfg))[head]
+    current = getattr(cfg, head)
+    if dataclasses.is_dataclass(current):
+        if rest:
+            set_field(current, rest, value, prefix=f"{path}.")
+        elif isinstance(value, dict):
+            for key, sub in value.items():
+                set_field(current, key, sub, prefix=f"{path}.")
+        else:
+            raise ConfigError(f"{path} is a section; set one of its fields, e.g. {path}.<field>=...")
+        return
+    if rest:
+        raise ConfigError(f"{path} is not a section")
+    converted = _convert(value, annotation, path)
+    choices = CHOICES.get(path)
+    if choices and converted not in choices:
+        raise ConfigError(f"{path}: {converted!r} is not one of {', '.join(choices)}")
+    setattr(cfg, head, converted)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults, then the file (TOML or JSON), then ``key=value`` overrides."""
+    cfg = TrainConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        text = path.read_text()
+        if path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
+        for key, value in data.items():
+            set_field(cfg, key, value)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.base_lr=1e-4")
+        set_field(cfg, key.strip(), value.strip())
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Cross-field checks; each error names the field."""
+    for path, choices in CHOICES.items():
+        section, name = path.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
+    if not cfg.data.cache:
+        raise ConfigError("data.cache: required (the cache root to train from)")
+    if not cfg.data.images:
+        raise ConfigError("data.images: required (the image directory or list holding the cache's image ids)")
+    if cfg.steps < 1:
+        raise ConfigError("steps: must be >= 1")
+    if cfg.data.batch_size < 1:
+        raise ConfigError("data.batch_size: must be >= 1")
+    if not 0 <= cfg.loss.drop_p < 1:
+        raise ConfigError("loss.drop_p: must be in [0, 1)")
+    if not 0 <= cfg.optim.warmup_fraction < 1:
+        raise ConfigError("optim.warmup_fraction: must be in [0, 1)")
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,199 @@
+"""Training batches: student pixels (augmented) and cached targets cropped alike, in a resumable order.
+
+Sample order: epochs of :func:`dune_cache.shuffle.block_shuffled_order` laid end to end, so the
+batch of step ``s`` is a pure function of ``(seed, s)`` — resuming at step ``s`` replays exactly.
+Each sample's augmentation draws from a generator seeded by ``(seed, step, position)``, so results
+do not depend on the number of DataLoader workers. With ``grid-crop`` the crop *size* (in grid cells)
+is drawn once per step and shared by the batch, while each sample draws its own position and flip:
+targets of a batch then share one grid and stay one tensor.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dune_cache.images import ImageDecodeError, load_manifest, open_rgb
+from dune_cache.reader import CacheReader, TargetBatch
+from dune_cache.shuffle import block_shuffled_order
+
+from .augment import (AugmentConfig, GridCrop, crop_pixels, crop_tokens, full_grid_crop, photometric,
+                      sample_grid_crop)
+
+
+class DataError(ValueError):
+    """The cache, the images and the config do not fit together."""
+
+
+@dataclass
+class TrainBatch:
+    """One (per-rank) batch.
+
+    pixels: ``(B, 3, S, S)`` uint8 student input (photometric augmentation applied);
+    clean_pixels: ``(B, 3, S, S)`` uint8 the same crops before photometric augmentation (live teachers);
+    cls: teacher -> ``(B, D_t)``; patch: teacher -> ``(B, h, w, D_t)`` cropped targets;
+    mask: ``(B, T)`` bool teacher has a target; tags: dataset tag per sample.
+    """
+
+    step: int
+    indices: np.ndarray
+    pixels: torch.Tensor
+    clean_pixels: torch.Tensor
+    cls: dict[str, torch.Tensor]
+    patch: dict[str, torch.Tensor]
+    mask: torch.Tensor
+    tags: list[str]
+    crops: list[GridCrop]
+
+
+# Independent random streams of a step (see step_generator).
+SAMPLE_STREAM, PHOTOMETRIC_STREAM, TEACHER_DROP_STREAM, CROP_SIZE_STREAM = range(4)
+
+
+def step_generator(seed: int, step: int, stream: int, index: int = 0) -> torch.Generator:
+    """Independent, reproducible generator for ``stream`` (and sample ``index``) of one step."""
+    mixed = np.random.SeedSequence([seed, step, stream, index]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(mixed) & ((1 << 63) - 1))
+
+
+def batch_positions(step: int, batch_size: int, rank: int, world: int) -> np.ndarray:
+    """Global sample positions of ``rank``'s share of the global batch of ``step``."""
+    per_rank = batch_size // world
+    start = step * batch_size + rank * per_rank
+    return np.arange(start, start + per_rank, dtype=np.int64)
+
+
+class EpochOrder:
+    """Maps global sample positions to sample indices through per-epoch block-shuffled orders."""
+
+    def __init__(self, n: int, block: int, buffer: int, seed: int):
+        self.n, self.block, self.buffer, self.seed = n, block, buffer, seed
+        self._cache: dict[int, np.ndarray] = {}
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            self._cache = {epoch: block_shuffled_order(self.n, self.block, self.buffer, self.seed, epoch)}
+        return self._cache[epoch]
+
+    def __call__(self, positions: np.ndarray) -> np.ndarray:
+        return np.array([self.epoch_order(int(p) // self.n)[int(p) % self.n] for p in positions], dtype=np.int64)
+
+
+def place_crop(size: tuple[int, int], grid: tuple[int, int], augment: AugmentConfig,
+               generator: torch.Generator) -> GridCrop:
+    """A crop of ``size`` cells at a uniformly random position of ``grid``, flipped with ``augment.flip_p``."""
+    if augment.mode == "none":
+        return full_grid_crop(grid)
+    y0 = int(torch.randint(0, grid[0] - size[0] + 1, (1,), generator=generator))
+    x0 = int(torch.randint(0, grid[1] - size[1] + 1, (1,), generator=generator))
+    flip = bool(torch.rand((), generator=generator) < augment.flip_p)
+    return GridCrop(y0=y0, x0=x0, h=size[0], w=size[1], flip=flip)
+
+
+def common_grid(reader: CacheReader) -> tuple[int, int]:
+    """The token grid all teachers share (grid-crop cuts every teacher's targets with one box)."""
+    grids = set(reader.grids.values())
+    if len(grids) != 1:
+        raise DataError(f"augment.mode grid-crop needs all teachers on one token grid (extract them with "
+                        f"--student-patch/--student-resolution); the cache has {reader.grids}")
+    return grids.pop()
+
+
+def image_paths(reader: CacheReader, images: str) -> list[Path]:
+    """Path of every cache sample, from the image directory/list the run is given."""
+    manifest = load_manifest(images)
+    lookup = {image_id: manifest.path(i) for i, image_id in enumerate(manifest.ids)}
+    missing = [i for i in reader.image_ids if i not in lookup]
+    if missing:
+        raise DataError(f"data.images {images}: {len(missing)} cached image ids are not in it "
+                        f"(e.g. {', '.join(missing[:5])}); give the image set the cache was extracted from")
+    return [lookup[i] for i in reader.image_ids]
+
+
+class BatchSource(Dataset):
+    """Item ``step`` -> this rank's :class:`TrainBatch` for that step (targets read through the public reader)."""
+
+    def __init__(self, cache: str, teachers: list[str] | None, allow_partial: bool, backend: str, images: str,
+                 samples: np.ndarray, batch_size: int, resolution: int, augment: AugmentConfig, seed: int,
+                 shuffle_block: int, shuffle_buffer: int, rank: int = 0, world: int = 1, read_targets: bool = True):
+        # float16 targets (half the bytes through the loader); the trainer widens them on the device
+        self.reader_args = dict(root=cache, teachers=teachers or None, backend=backend, allow_partial=allow_partial,
+                                dtype=torch.float16)
+        reader = CacheReader(**self.reader_args)
+        self.paths = image_paths(reader, images)
+        self.tags = reader.tags
+        self.grid = common_grid(reader) if augment.mode == "grid-crop" else next(iter(reader.grids.values()))
+        self.samples = samples  # sample indices (into reader.image_ids) used for training
+        self.order = EpochOrder(len(samples), shuffle_block, shuffle_buffer, seed)
+        self.batch_size, self.resolution, self.augment, self.seed = batch_size, resolution, augment, seed
+        self.rank, self.world, self.read_targets = rank, world, read_targets
+        self._reader: tuple[int, CacheReader] | None = (os.getpid(), reader)
+
+    def reader(self) -> CacheReader:
+        """One reader per process (tensorstore/zarr handles are not shared across fork)."""
+        if self._reader is None or self._reader[0] != os.getpid():
+            self._reader = (os.getpid(), CacheReader(**self.reader_args))
+        return self._reader[1]
+
+    def __len__(self) -> int:  # steps are unbounded; the trainer decides how many
+        return 1 << 62
+
+    def __getitem__(self, step: int) -> TrainBatch:
+        positions = batch_positions(step, self.batch_size, self.rank, self.world)
+        indices = self.samples[self.order(positions)]
+        size = self.crop_size(step_generator(self.seed, step, CROP_SIZE_STREAM))
+        crops, clean = [], []
+        for position, index in zip(positions, indices):
+            crop = place_crop(size, self.grid, self.augment,
+                              step_generator(self.seed, step, SAMPLE_STREAM, int(position)))
+            clean.append(self.student_view(int(index), crop))
+            crops.append(crop)
+        clean_pixels = torch.stack(clean)
+        pixels = photometric(clean_pixels, step_generator(self.seed, step, PHOTOMETRIC_STREAM)) if self.augment.photometric \
+            else clean_pixels
+        cls, patch, mask = self.cropped_targets(indices, crops)
+        return TrainBatch(step=step, indices=indices, pixels=pixels, clean_pixels=clean_pixels, cls=cls,
+                          patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops)
+
+    def crop_size(self, generator: torch.Generator) -> tuple[int, int]:
+        """This step's crop size in grid cells (the whole grid without grid-crop)."""
+        if self.augment.mode == "none":
+            return self.grid
+        crop = sample_grid_crop(self.grid, self.augment, generator)
+        return crop.h, crop.w
+
+    def student_view(self, index: int, crop: GridCrop) -> torch.Tensor:
+        """uint8 ``(3, S, S)``: the crop's pixels of the whole image, resized for the student."""
+        size = 2 * self.resolution
+        try:
+            img = open_rgb(self.paths[index], draft_size=(size, size))
+        except ImageDecodeError as exc:
+            raise DataError(f"training image {self.paths[index]} became unreadable: {exc}") from exc
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+        return crop_pixels(pixels, crop, self.grid, (self.resolution, self.resolution))
+
+    def cropped_targets(self, indices: np.ndarray, crops: list[GridCrop]):
+        if not self.read_targets:
+            return {}, {}, torch.ones(len(indices), 0, dtype=torch.bool)
+        targets: TargetBatch = self.reader().read(indices)
+        patch = {t: torch.stack([crop_tokens(p, c) for p, c in zip(targets.patch[t], crops)]) for t in targets.patch}
+        return targets.cls, patch, targets.mask
+
+
+def default_workers(device: torch.device) -> int:
+    """Data workers: 1 on CPU (the model needs the cores), else this process's share of cores (at most 8)."""
+    if device.type == "cpu":
+        return 1
+    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+
+
+def batch_loader(source: BatchSource, first_step: int, steps: int, workers: int, pin: bool) -> DataLoader:
+    """Batches for steps ``first_step .. steps-1`` in order (one item per step)."""
+    # forkserver: workers start from a clean process, since tensorstore/zarrs handles do not survive fork
+    return DataLoader(source, sampler=range(first_step, steps), batch_size=None, num_workers=workers,
+                      pin_memory=pin, prefetch_factor=2 if workers else None, persistent_workers=False,
+                      multiprocessing_context="forkserver" if workers else None)

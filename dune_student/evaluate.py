@@ -1,0 +1,117 @@
+"""``dune-student eval``: per-teacher cosine fidelity of the projected student features on held-out images.
+
+Fidelity = mean cosine similarity between the student's projected tokens and the teacher's cached
+tokens, both in the run's standardised target space (what the loss optimises), for CLS and for
+patch tokens (averaged over tokens, then images). Held-out images come from a cache extracted with
+the same teachers and checkpoints (refused otherwise) over images the run did not train on.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dune_cache.images import load_manifest, load_pixels
+from dune_cache.reader import CacheReader
+
+from .config import TrainConfig, set_field
+from .data import DataError
+from .heads import TeacherHeads
+from .losses import Standardizer, use_cls_from_provenance
+from .model import Student
+
+
+@dataclass
+class LoadedRun:
+    cfg: TrainConfig
+    student: Student
+    heads: TeacherHeads
+    standardizer: Standardizer
+    teachers: list[str]
+    resolution: int
+    provenance: dict
+    step: int
+
+
+def config_from_dict(data: dict) -> TrainConfig:
+    cfg = TrainConfig()
+    for key, value in data.items():
+        set_field(cfg, key, value)
+    return cfg
+
+
+def placeholder_stats(dim: int) -> types.SimpleNamespace:
+    """Statistics of the right shapes, overwritten by the checkpoint's standardiser buffers."""
+    zeros, ones = np.zeros(dim, np.float32), np.ones(dim, np.float32)
+    return types.SimpleNamespace(cls_mean=zeros, cls_std=ones, patch_mean=zeros, patch_std=ones, phis_mean=zeros,
+                                 phis_matrix=np.eye(dim, dtype=np.float32))
+
+
+def load_run(checkpoint: str | Path, device: torch.device) -> LoadedRun:
+    """Student, heads and standardiser of a training checkpoint, in eval mode on ``device``."""
+    ckpt = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
+    cfg = config_from_dict(ckpt["config"])
+    dims, grids = ckpt["dims"], {t: tuple(g) for t, g in ckpt["grids"].items()}
+    student = Student(cfg.student, device=device)
+    student.load_state_dict(ckpt["student"])
+    heads = TeacherHeads(student, {t: (dims[t], grids[t]) for t in ckpt["teachers"]}, cfg.heads)
+    heads.load_state_dict(ckpt["heads"])
+    standardizer = Standardizer(dims, {t: placeholder_stats(dims[t]) for t in dims}, mode=cfg.loss.standardize)
+    standardizer.load_state_dict(ckpt["standardizer"])
+    for module in (student, heads, standardizer):
+        module.to(device).eval()
+    return LoadedRun(cfg, student, heads, standardizer, list(ckpt["teachers"]), int(ckpt["resolution"]),
+                     ckpt["provenance"], int(ckpt["step"]))
+
+
+def check_same_teachers(run: LoadedRun, reader: CacheReader) -> None:
+    """The held-out cache must come from the run's teachers, checkpoints and resize mode."""
+    problems = []
+    for t in run.teachers:
+        trained, held_out = run.provenance[t], reader.provenance[t]
+        for section, key in (("teacher", "name"), ("checkpoint", "sha256"), ("geometry", "resize")):
+            if trained[section][key] != held_out[section][key]:
+                problems.append(f"{t}.{section}.{key}: run trained on {trained[section][key]!r}, "
+                                f"eval cache has {held_out[section][key]!r}")
+    if problems:
+        raise DataError("eval cache does not match the run's teachers:\n  " + "\n  ".join(problems))
+
+
+@torch.inference_mode()
+def evaluate(checkpoint: str | Path, cache: str, images: str, batch_size: int = 16, device: str = "cpu",
+             backend: str = "auto") -> dict[str, dict[str, float]]:
+    """``{teacher: {"cls": mean cosine, "patch": mean cosine, "images": n}}`` over the eval cache's images
+    (``cls`` is None for teachers whose CLS was not distilled, e.g. a mean-of-patches CLS)."""
+    dev = torch.device(device)
+    run = load_run(checkpoint, dev)
+    reader = CacheReader(cache, run.teachers, backend)
+    check_same_teachers(run, reader)
+    manifest = load_manifest(images)
+    paths = {image_id: manifest.path(i) for i, image_id in enumerate(manifest.ids)}
+    missing = [i for i in reader.image_ids if i not in paths]
+    if missing:
+        raise DataError(f"{images}: {len(missing)} eval image ids missing (e.g. {missing[:3]})")
+    sums = {t: {"cls": 0.0, "patch": 0.0, "images": 0} for t in run.teachers}
+    size = (run.resolution, run.resolution)
+    for lo in range(0, len(reader), batch_size):
+        indices = np.arange(lo, min(lo + batch_size, len(reader)))
+        pixels = torch.stack([torch.from_numpy(load_pixels(paths[reader.image_ids[i]], size, "squash"))
+                              for i in indices]).to(dev)
+        targets = reader.read(indices)
+        out = run.student(run.student.normalize(pixels), return_blocks=run.cfg.heads.kind == "ladder")
+        preds = run.heads(out, reader.grids)
+        for k, t in enumerate(run.teachers):
+            have = targets.mask[:, k].to(dev)
+            cls_t, patch_t = run.standardizer.standardize(t, targets.cls[t].to(dev), targets.patch[t].to(dev))
+            cls_cos = F.cosine_similarity(preds[t][0].float(), cls_t, dim=-1)
+            patch_cos = F.cosine_similarity(preds[t][1].float(), patch_t, dim=-1).flatten(1).mean(dim=1)
+            sums[t]["cls"] += float(cls_cos[have].sum())
+            sums[t]["patch"] += float(patch_cos[have].sum())
+            sums[t]["images"] += int(have.sum())
+    distilled_cls = use_cls_from_provenance(run.provenance)
+    return {t: {"cls": s["cls"] / max(s["images"], 1) if distilled_cls[t] else None,
+                "patch": s["patch"] / max(s["images"], 1), "images": s["images"]} for t, s in sums.items()}

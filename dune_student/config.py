@@ -32,8 +32,8 @@ class DataConfig:
     batch_size: int = 128
     num_workers: int = -1                # -1: 1 on CPU, min(8, cores) on GPU
     shuffle_block: int = 64              # images per shuffled block (a cache work unit)
-    shuffle_buffer: int = 4096           # in-memory shuffle buffer (samples)
-    reader_backend: str = "auto"         # auto | tensorstore | zarr | zarrs
+    shuffle_buffer: int = 65536          # shuffle buffer of sample indices (free; docs/benchmarks.md "Shuffle")
+    reader_backend: str = "auto"         # auto | tensorstore | zarrs | zarr | memory (whole cache in RAM)
     holdout: int = 0                     # last N images (manifest order) kept out of training for eval
 
 
@@ -81,7 +81,7 @@ class TrainConfig:
 
 
 CHOICES = {
-    "data.reader_backend": ("auto", "tensorstore", "zarr", "zarrs"),
+    "data.reader_backend": ("auto", "tensorstore", "zarrs", "zarr", "memory"),
     "loss.standardize": ("channel", "phis", "ema", "none"),
     "loss.teacher_drop": ("lowest_loss", "none"),
     "loss.sharing": ("all", "own_data", "own+generic"),

@@ -202,10 +202,8 @@ class Trainer:
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                         if self.device.type == "cuda" else None)
                     if self.world > 1 else self.model)
-        cuda = self.device.type == "cuda"  # fused AdamW kernels on GPU, multi-tensor on CPU
         self.optimizer = torch.optim.AdamW(param_groups([self.student, self.heads], cfg.optim.weight_decay),
-                                           lr=cfg.lr(), betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                           fused=True if cuda else None, foreach=None if cuda else True)
+                                           lr=cfg.lr(), betas=cfg.optim.betas, eps=cfg.optim.eps, fused=True)
         min_ratio = cfg.optim.min_lr / cfg.lr()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.steps, cfg.optim.warmup_fraction, min_ratio))

@@ -30,12 +30,14 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Protocol, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dune_cache.stats import TeacherStats  # statistics arrays (D,) / (D, D); duck-typed
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +144,6 @@ def ema_momentum(step: int, total_steps: int, start: float = 1.0, end: float = 1
     return end + 0.5 * (start - end) * (1.0 + math.cos(math.pi * progress))
 
 
-class StatsLike(Protocol):
-    """Per-teacher statistics (``dune_cache.stats.TeacherStats``): arrays of shape ``(D,)`` or ``(D, D)``."""
-
-    cls_mean: np.ndarray
-    cls_std: np.ndarray
-    patch_mean: np.ndarray
-    patch_std: np.ndarray
-    phis_mean: np.ndarray
-    phis_matrix: np.ndarray
-
-
 def _as_buffer(values: np.ndarray | None, shape: tuple[int, ...], fill: float) -> torch.Tensor:
     if values is None:
         return torch.full(shape, fill, dtype=torch.float32)
@@ -169,7 +160,7 @@ class TeacherStandardizer(nn.Module):
     ``phis_mean`` ``(D,)`` and ``phis_matrix`` ``(D, D)``; none with ``none``.
     """
 
-    def __init__(self, mode: str, dim: int, stats: StatsLike | None):
+    def __init__(self, mode: str, dim: int, stats: TeacherStats | None):
         super().__init__()
         self.mode = mode
         if mode == "none":
@@ -234,7 +225,7 @@ class Standardizer(nn.Module):
     or ``phis`` falls back to ``ema`` (logged). ``modes`` holds each teacher's mode in use.
     """
 
-    def __init__(self, dims: Mapping[str, int], stats: Mapping[str, StatsLike | None], mode: str = "channel"):
+    def __init__(self, dims: Mapping[str, int], stats: Mapping[str, TeacherStats | None], mode: str = "channel"):
         super().__init__()
         if mode not in STANDARDIZE_MODES:
             raise ValueError(f"unknown standardisation {mode!r}; choose one of {', '.join(STANDARDIZE_MODES)}")

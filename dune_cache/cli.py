@@ -16,6 +16,7 @@ from .images import ManifestError
 from .inspect import cache_info, verify_cache
 from .store import StorageConfig, StoreError
 from .teachers import CheckpointError, UnknownTeacherError, list_prefixes, list_teachers
+from .views import ViewSampling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 USER_ERRORS = (CheckpointError, UnknownTeacherError, GeometryError, ManifestError, StoreError,
@@ -68,6 +69,9 @@ def extract(
     unit_size: int = typer.Option(StorageConfig.unit_size, min=1, help="Images per work unit."),
     shard_images: int = typer.Option(StorageConfig.shard_images, min=0,
                                       help="Images per Zarr shard (0: one object per image)."),
+    views: int = typer.Option(0, min=0, help="K random views per image (RandomResizedCrop 0.4-1 + flip) stored "
+                              "with their boxes besides the whole image: K+1 times the features."),
+    view_seed: int = typer.Option(ViewSampling.seed, help="Seed of the views' boxes (recorded in provenance)."),
     shard: str = typer.Option("0/1", help="This machine's share i/n of the work (several machines)."),
     overwrite: bool = typer.Option(False, help="Replace an existing teacher group that does not match."),
     retry_failed: bool = typer.Option(False, help="Try again images recorded as failed."),
@@ -84,8 +88,8 @@ def extract(
             batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
             storage=StorageConfig(dtype=dtype, codec=codec, level=level, unit_size=unit_size,
                                   shard_images=shard_images),
-            shard=shard, overwrite=overwrite, retry_failed=retry_failed, random_weights=random_weights,
-            progress=progress)
+            views=views, view_sampling=ViewSampling(seed=view_seed), shard=shard, overwrite=overwrite,
+            retry_failed=retry_failed, random_weights=random_weights, progress=progress)
         result = run_extraction(cfg)
     except USER_ERRORS as exc:
         _fail(exc)
@@ -109,6 +113,10 @@ def info(cache: str = typer.Argument(..., help="Cache root."),
         typer.echo(f"[{name}] teacher {p['teacher']['name']} ({p['teacher']['arch']})")
         typer.echo(f"  images     {t['images']} total, {t['done']} done, {t['failed']} failed, {t['pending']} pending")
         typer.echo(f"  cls        {t['cls_shape']}  patch {t['patch_shape']}  {t['dtype']}")
+        if t["views"]:
+            v = p["views"]
+            typer.echo(f"  views      {t['views']} per image, patch {t['views_patch_shape']}; boxes: seed {v['seed']}, "
+                       f"scale {v['scale']}, ratio {[round(r, 4) for r in v['ratio']]}, flip p {v['flip_p']}")
         typer.echo(f"  storage    codec {t['codec']} level {t['level']}, shard images {t['shard_images']}")
         typer.echo(f"  on disk    {t['bytes_stored'] / 2**20:.2f} MiB, {t['bytes_per_image'] / 1024:.1f} KiB/image, "
                    f"ratio {t['compression_ratio']:.3f}x vs raw {t['dtype']}")

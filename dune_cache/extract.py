@@ -1,6 +1,7 @@
 """``dune-cache extract``: run one teacher over an image manifest into a teacher group of a cache.
 
-Pipeline: DataLoader workers decode and resize images -> batched ``inference_mode`` forward
+Pipeline: DataLoader workers decode and resize images (and cut ``--views K`` random views of each,
+dune_cache/views.py) -> batched ``inference_mode`` forward of the images and their views
 (bf16 autocast on CUDA) -> finite / fp16-range check -> a writer thread stores features and then
 marks the images done. Work is split in units (one ``status`` chunk, or one shard, each) that are
 dealt round-robin over ``torchrun`` ranks and ``--shard i/n`` machines; re-running resumes.
@@ -24,11 +25,12 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .geometry import Geometry, resolve_geometry
-from .images import ImageDecodeError, ImageManifest, load_manifest, load_pixels
-from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore,
+from .images import ImageDecodeError, ImageManifest, load_manifest, load_pixels, open_rgb
+from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore, ViewRows,
                     unit_bounds)
 from .teachers import Teacher, TeacherSpec, create_teacher
 from .teachers.registry import check_teacher_name
+from .views import ViewSampling, crop_view, decode_size, sample_views
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,8 @@ class ExtractConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     storage: StorageConfig = field(default_factory=StorageConfig)
+    views: int = 0  # K random views per image stored besides the whole image (docs/augmentation.md)
+    view_sampling: ViewSampling = field(default_factory=ViewSampling)
     shard: str = "0/1"  # this machine's share i/n of the work units
     overwrite: bool = False
     retry_failed: bool = False
@@ -122,14 +126,15 @@ def file_sha256(path: Path, block: int = 1 << 24) -> str:
 
 
 def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: ImageManifest, source: str,
-                     geometry: Geometry, storage: StorageConfig) -> dict:
-    """The teacher group's ``dune_cache`` attributes (docs/cache-format.md)."""
+                     geometry: Geometry, storage: StorageConfig, views: dict | None = None) -> dict:
+    """The teacher group's ``dune_cache`` attributes (docs/cache-format.md); ``views``: the views section
+    (:meth:`ViewSampling.to_json`) of a group with cached views, else ``None`` (no section)."""
     import timm
     import zarr
 
     ckpt = ({"file": checkpoint.name, "sha256": file_sha256(checkpoint), "bytes": checkpoint.stat().st_size}
             if checkpoint is not None else {"file": None, "sha256": "random-weights", "bytes": 0})
-    return {
+    provenance = {
         "format_version": 1,
         "kind": "teacher_features",
         "teacher": spec.to_json(),
@@ -144,16 +149,33 @@ def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: Image
         "source": {"images": source},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if views is not None:
+        provenance["views"] = views
+        provenance["arrays"]["views"] = "views"
+    return provenance
 
 
 # ---------------------------------------------------------------------------------------
 # Data loading
 # ---------------------------------------------------------------------------------------
-class ManifestImages(Dataset):
-    """Item ``k`` -> ``(image_index, uint8 (3, H, W) or None, failure reason or None, message)``."""
+@dataclass
+class ImageViews:
+    """The views of one image (or, batched, of ``B`` images with a leading ``B``): pixels uint8
+    ``(K, 3, H, W)``, boxes float32 ``(K, 4)``, flips bool ``(K,)``."""
 
-    def __init__(self, manifest: ImageManifest, indices: np.ndarray, geometry: Geometry):
+    pixels: torch.Tensor
+    boxes: np.ndarray
+    flips: np.ndarray
+
+
+class ManifestImages(Dataset):
+    """Item ``k`` -> ``(image_index, uint8 (3, H, W) or None, ImageViews or None, failure reason or None,
+    message)``; views only when ``views > 0``."""
+
+    def __init__(self, manifest: ImageManifest, indices: np.ndarray, geometry: Geometry, views: int = 0,
+                 view_sampling: ViewSampling = ViewSampling()):
         self.manifest, self.indices, self.geometry = manifest, indices, geometry
+        self.views, self.view_sampling = views, view_sampling
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -162,24 +184,41 @@ class ManifestImages(Dataset):
         index = int(self.indices[k])
         try:
             pixels = load_pixels(self.manifest.path(index), self.geometry.resolution, self.geometry.resize)
-            return index, torch.from_numpy(pixels), None, None
+            views = self.load_views(index) if self.views else None
+            return index, torch.from_numpy(pixels), views, None, None
         except ImageDecodeError as exc:
-            return index, None, exc.reason, str(exc)
+            return index, None, None, exc.reason, str(exc)
+
+    def load_views(self, index: int) -> ImageViews:
+        """The image's views at the teacher's resolution (decoded a second time, at ``decode_size``, so the
+        whole-image view stays what an extraction without views computes)."""
+        boxes, flips = sample_views(self.manifest.ids[index], self.views, self.view_sampling)
+        size = self.geometry.resolution
+        image = open_rgb(self.manifest.path(index), draft_size=decode_size(size))
+        pixels = np.stack([crop_view(image, box, flip, size) for box, flip in zip(boxes, flips)])
+        return ImageViews(pixels=torch.from_numpy(pixels), boxes=boxes, flips=flips)
 
 
 @dataclass
 class Batch:
     indices: np.ndarray  # (B,) images decoded
     pixels: torch.Tensor  # (B, 3, H, W) uint8
+    views: ImageViews | None  # (B, K, ...) when extracting views
     failures: list[tuple[int, str, str]]  # (index, reason, message)
 
 
+def collate_views(views: list[ImageViews]) -> ImageViews:
+    return ImageViews(pixels=torch.stack([v.pixels for v in views]), boxes=np.stack([v.boxes for v in views]),
+                      flips=np.stack([v.flips for v in views]))
+
+
 def collate_batch(items) -> Batch:
-    ok = [(i, p) for i, p, _, _ in items if p is not None]
+    ok = [(i, p, v) for i, p, v, _, _ in items if p is not None]
     return Batch(
-        indices=np.array([i for i, _ in ok], dtype=np.int64),
-        pixels=torch.stack([p for _, p in ok]) if ok else torch.zeros(0, dtype=torch.uint8),
-        failures=[(i, r, m) for i, p, r, m in items if p is None],
+        indices=np.array([i for i, _, _ in ok], dtype=np.int64),
+        pixels=torch.stack([p for _, p, _ in ok]) if ok else torch.zeros(0, dtype=torch.uint8),
+        views=collate_views([v for _, _, v in ok]) if ok and ok[0][2] is not None else None,
+        failures=[(i, r, m) for i, p, _, r, m in items if p is None],
     )
 
 
@@ -200,9 +239,9 @@ class FeatureWriter:
         self.thread.start()
 
     def submit(self, indices: np.ndarray, cls: np.ndarray | None, patch: np.ndarray | None,
-               failures: list[tuple[int, str, str]]) -> None:
+               views: ViewRows | None, failures: list[tuple[int, str, str]]) -> None:
         self.raise_if_failed()
-        self.queue.put((indices, cls, patch, failures))
+        self.queue.put((indices, cls, patch, views, failures))
 
     def close(self) -> None:
         """Flush everything submitted, stop the thread, re-raise a write error."""
@@ -222,10 +261,10 @@ class FeatureWriter:
                 except BaseException as exc:  # noqa: BLE001 - reported to the main thread
                     self.error = exc
 
-    def _write(self, indices, cls, patch, failures) -> None:
+    def _write(self, indices, cls, patch, views, failures) -> None:
         per = self.store.images_per_unit
         if len(indices):
-            self.store.write_rows(indices, cls, patch)
+            self.store.write_rows(indices, cls, patch, views)
             self.status[indices] = STATUS_DONE
         for index, reason, message in failures:
             self.status[index] = STATUS_FAILED
@@ -267,9 +306,20 @@ def teacher_features(teacher: Teacher, pixels: torch.Tensor, device: torch.devic
     return out.cls.float(), out.patch.float()
 
 
+def forward_images_and_views(teacher: Teacher, batch: Batch, device: torch.device, amp: bool):
+    """One forward of the ``B`` images and their ``K`` views: cls ``(B, 1 + K, D)``, patch ``(B, 1 + K, h, w, D)``
+    float32 on ``device``, index 0 the whole image (``K = 0`` without views)."""
+    pixels = batch.pixels.unsqueeze(1)
+    if batch.views is not None:
+        pixels = torch.cat([pixels, batch.views.pixels], dim=1)
+    cls, patch = teacher_features(teacher, pixels.flatten(0, 1), device, amp)
+    return cls.unflatten(0, pixels.shape[:2]), patch.unflatten(0, pixels.shape[:2])
+
+
 def bad_rows(cls: torch.Tensor, patch: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Bool ``(B,)``: rows with non-finite values, or values beyond float16's range when storing float16."""
-    flat = torch.cat([cls, patch.flatten(1)], dim=1)
+    """Bool ``(B,)``: rows of cls ``(B, ..., D)`` / patch ``(B, ..., h, w, D)`` with non-finite values, or
+    values beyond float16's range when storing float16."""
+    flat = torch.cat([cls.flatten(1), patch.flatten(1)], dim=1)
     bad = ~torch.isfinite(flat).all(dim=1)
     if dtype == "float16":
         bad |= flat.abs().amax(dim=1) > FLOAT16_MAX
@@ -287,30 +337,34 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
     spec = teacher.spec
     geometry = resolve_geometry(spec, cfg.resolution, cfg.student_patch, cfg.student_resolution, cfg.resize)
     name = cfg.name or spec.name.replace(":", "-").replace("/", "-")
-    provenance = build_provenance(spec, cfg.checkpoint, manifest, str(cfg.images), geometry, cfg.storage)
+    if cfg.views < 0:
+        raise ValueError(f"--views {cfg.views}: must be >= 0")
+    provenance = build_provenance(spec, cfg.checkpoint, manifest, str(cfg.images), geometry, cfg.storage,
+                                  cfg.view_sampling.to_json(cfg.views) if cfg.views else None)
     store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
-                                        cfg.storage, overwrite=cfg.overwrite)
+                                        cfg.storage, overwrite=cfg.overwrite, views=cfg.views)
     slot, slots = worker_slot(cfg.shard)
     status = store.read_status()
     todo = pending_indices(status, my_units(store.num_units, slot, slots), store.images_per_unit, cfg.retry_failed)
     device = pick_device(cfg.device)
-    log.info("extract %s -> %s/%s: %d images, %d to do in slot %d/%d, %dx%d on %s", spec.name, cfg.out, name,
-             len(manifest), len(todo), slot, slots, *geometry.resolution, device)
+    log.info("extract %s -> %s/%s: %d images (+%d views each), %d to do in slot %d/%d, %dx%d on %s", spec.name,
+             cfg.out, name, len(manifest), cfg.views, len(todo), slot, slots, *geometry.resolution, device)
     teacher.to(device)
     workers = default_num_workers(device) if cfg.num_workers is None else cfg.num_workers
     start = time.perf_counter()
     processed, skipped = 0, []
     writer = FeatureWriter(store, status, manifest)
-    loader = DataLoader(ManifestImages(manifest, todo, geometry), batch_size=cfg.batch_size,
+    images = ManifestImages(manifest, todo, geometry, cfg.views, cfg.view_sampling)
+    loader = DataLoader(images, batch_size=cfg.batch_size,
                         num_workers=workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
                         prefetch_factor=4 if workers else None, persistent_workers=False)
     bar = tqdm(total=len(todo), unit="img", desc=f"{name} [{slot}/{slots}]", disable=not cfg.progress,
                dynamic_ncols=True)
     try:
         for batch in loader:
-            cls = patch = None
+            cls = patch = views = None
             if len(batch.indices):
-                cls_t, patch_t = teacher_features(teacher, batch.pixels, device, cfg.amp)
+                cls_t, patch_t = forward_images_and_views(teacher, batch, device, cfg.amp)
                 bad = bad_rows(cls_t, patch_t, cfg.storage.dtype)
                 if bad.any():
                     ids = [manifest.ids[i] for i in batch.indices[bad.cpu().numpy()]]
@@ -320,7 +374,11 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
                         "earlier batches are kept. Try --dtype float32 or --no-amp.")
                 np_dtype = torch.float16 if cfg.storage.dtype == "float16" else torch.float32
                 cls, patch = cls_t.to(np_dtype).cpu().numpy(), patch_t.to(np_dtype).cpu().numpy()
-            writer.submit(batch.indices, cls, patch, batch.failures)
+                if batch.views is not None:
+                    views = ViewRows(cls=cls[:, 1:], patch=patch[:, 1:], boxes=batch.views.boxes,
+                                     flip=batch.views.flips.astype(np.uint8))
+                cls, patch = cls[:, 0], patch[:, 0]
+            writer.submit(batch.indices, cls, patch, views, batch.failures)
             processed += len(batch.indices)
             skipped += batch.failures
             bar.update(len(batch.indices) + len(batch.failures))

@@ -5,8 +5,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+import zarr
 
-from .store import ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StoreError, TeacherStore, open_root
+from .store import (ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, VIEW_ARRAYS, StoreError, TeacherStore,
+                    open_root)
 
 
 def teacher_names(root: str) -> list[str]:
@@ -21,7 +23,9 @@ def teacher_info(store: TeacherStore) -> dict:
     status = store.read_status()
     done = int((status == STATUS_DONE).sum())
     meta = store.provenance
-    per_image = (int(np.prod(store.cls.shape[1:])) + int(np.prod(store.patch.shape[1:]))) * store.cls.dtype.itemsize
+    views = [store.views["cls"], store.views["patch"]] if store.views is not None else []
+    values = sum(int(np.prod(array.shape[1:])) for array in [store.cls, store.patch, *views])
+    per_image = values * store.cls.dtype.itemsize
     stored = store.nbytes_stored()
     raw = done * per_image
     return {
@@ -31,6 +35,8 @@ def teacher_info(store: TeacherStore) -> dict:
         "pending": int((status == STATUS_PENDING).sum()),
         "cls_shape": list(store.cls.shape),
         "patch_shape": list(store.patch.shape),
+        "views": store.num_views,
+        "views_patch_shape": list(store.views["patch"].shape) if store.views is not None else None,
         "dtype": str(store.cls.dtype),
         "codec": meta["storage"]["codec"],
         "level": meta["storage"]["level"],
@@ -76,6 +82,11 @@ def check_provenance(store: TeacherStore) -> list[str]:
         problems.append(f"patch shape {tuple(store.patch.shape)} != {(n, *grid, dim)} from provenance")
     if str(store.cls.dtype) != meta["storage"]["dtype"] or str(store.patch.dtype) != meta["storage"]["dtype"]:
         problems.append(f"array dtype differs from provenance dtype {meta['storage']['dtype']}")
+    if store.views is not None:
+        k = store.num_views
+        expected = {"cls": (n, k, dim), "patch": (n, k, *grid, dim), "boxes": (n, k, 4), "flip": (n, k)}
+        problems.extend(f"views/{name} shape {tuple(store.views[name].shape)} != {shape} from provenance"
+                        for name, shape in expected.items() if tuple(store.views[name].shape) != shape)
     manifest = store.manifest()
     if len(manifest) != n:
         problems.append(f"manifest lists {len(manifest)} images, provenance says {n}")
@@ -92,25 +103,41 @@ def check_provenance(store: TeacherStore) -> list[str]:
     return problems
 
 
+def checked_arrays(store: TeacherStore) -> dict[str, zarr.Array]:
+    """Every per-image array whose rows ``verify`` decodes: features, and cached views with boxes and flips."""
+    views = {f"views/{name}": store.views[name] for name in VIEW_ARRAYS} if store.views is not None else {}
+    return {"cls": store.cls, "patch": store.patch, **views}
+
+
+def invalid_rows(values: np.ndarray) -> tuple[np.ndarray, str]:
+    """``(n, ...)`` rows -> bool ``(n,)`` of invalid ones and the problem: non-finite floats (a missing chunk
+    reads as the NaN fill value), or flip flags other than 0/1 (unwritten ones read as 255)."""
+    flat = values.reshape(len(values), -1)
+    if np.issubdtype(flat.dtype, np.floating):
+        return ~np.isfinite(flat).all(axis=1), "non-finite values (missing chunk or corrupt data)"
+    return (flat > 1).any(axis=1), "flags other than 0/1 (missing chunk or corrupt data)"
+
+
 def unreadable_or_nonfinite(store: TeacherStore, indices: np.ndarray) -> list[tuple[int, str]]:
     """``[(index, problem)]`` for images among sorted ``indices`` (one block) whose chunks do not decode
-    or hold non-finite values (a missing chunk reads as the NaN fill value)."""
+    or hold invalid values (:func:`invalid_rows`), in any of :func:`checked_arrays`."""
     lo, hi = int(indices[0]), int(indices[-1]) + 1
-    try:
-        rows = [(lo, store.cls[lo:hi], store.patch[lo:hi])]
-        problems: list[tuple[int, str]] = []
-    except Exception:  # noqa: BLE001 - read image by image to name the broken ones
-        rows, problems = [], []
-        for i in indices.tolist():
-            try:
-                rows.append((i, store.cls[i:i + 1], store.patch[i:i + 1]))
-            except Exception as exc:  # noqa: BLE001
-                problems.append((i, f"chunk does not decode: {type(exc).__name__}: {exc}"))
     wanted = set(indices.tolist())
-    for start, cls, patch in rows:
-        finite = np.isfinite(cls).all(axis=1) & np.isfinite(patch.reshape(len(patch), -1)).all(axis=1)
-        problems.extend((start + int(k), "non-finite values (missing chunk or corrupt data)")
-                        for k in np.flatnonzero(~finite) if start + int(k) in wanted)
+    problems: list[tuple[int, str]] = []
+    for name, array in checked_arrays(store).items():
+        try:
+            rows = [(lo, array[lo:hi])]
+        except Exception:  # noqa: BLE001 - read image by image to name the broken ones
+            rows = []
+            for i in indices.tolist():
+                try:
+                    rows.append((i, array[i:i + 1]))
+                except Exception as exc:  # noqa: BLE001
+                    problems.append((i, f"{name}: chunk does not decode: {type(exc).__name__}: {exc}"))
+        for start, values in rows:
+            invalid, problem = invalid_rows(values)
+            problems.extend((start + int(k), f"{name}: {problem}")
+                            for k in np.flatnonzero(invalid) if start + int(k) in wanted)
     return sorted(problems)
 
 

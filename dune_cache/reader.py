@@ -2,7 +2,9 @@
 
 The trainer touches caches only through :class:`CacheReader`. Sample ``i`` is image
 ``reader.image_ids[i]``; a teacher group that has no done features for that image gets zeros and
-``mask[:, t] == False``. Reading opens everything read-only and never writes to the cache.
+``mask[:, t] == False``. Reading opens everything read-only and never writes to the cache. Caches
+extracted with ``--views K`` also serve, per sample, one of its K cached views (``read(indices, views)``)
+and that view's crop box and flip (``view_boxes``), so the trainer can show the student the same crop.
 
 Backends decode the same Zarr v3 arrays: ``tensorstore`` (driver ``zarr3``), ``zarrs`` (the Rust
 codec pipeline of the ``zarrs`` package plugged into zarr-python) and ``zarr`` (plain
@@ -12,6 +14,7 @@ zarr-python ``oindex``). ``backend="auto"`` takes the fastest installed one for 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -38,6 +41,7 @@ BACKENDS = ("tensorstore", "zarrs", "zarr", "memory")
 AUTO_BACKEND_ORDER = {torch.float32: ("tensorstore", "zarrs", "zarr"), torch.float16: ("zarrs", "tensorstore", "zarr")}
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
 FEATURE_ARRAYS = ("cls", "patch")
+FULL_IMAGE = -1  # the view index of the whole image (the group's cls/patch arrays)
 
 
 class ReaderError(StoreError):
@@ -59,7 +63,8 @@ class TargetBatch:
 
 
 # ---------------------------------------------------------------------------------------
-# Backends: open an array read-only; read lists of rows of several arrays concurrently
+# Backends: open an array read-only; read several arrays concurrently, each at an index
+# ``(rows,)`` (whole rows) or ``(rows, views)`` (view ``views[j]`` of row ``rows[j]``, int64 arrays)
 # ---------------------------------------------------------------------------------------
 class TensorstoreRows:
     """tensorstore ``zarr3`` driver; reads of all arrays are issued as futures, then awaited.
@@ -72,13 +77,14 @@ class TensorstoreRows:
 
         self.ts = tensorstore
 
-    def open(self, path: str, dtype: torch.dtype) -> Any:
+    def open(self, path: str, dtype: torch.dtype | None) -> Any:
+        """The array read-only, cast to ``dtype`` (``None``: the stored dtype)."""
         kvstore = path if "://" in path else {"driver": "file", "path": path}
         array = self.ts.open({"driver": "zarr3", "kvstore": kvstore}, read=True).result()
-        return self.ts.cast(array, self.ts.dtype(str(dtype).removeprefix("torch.")))
+        return array if dtype is None else self.ts.cast(array, self.ts.dtype(str(dtype).removeprefix("torch.")))
 
-    def read(self, requests: list[tuple[Any, np.ndarray]]) -> list[np.ndarray]:
-        futures = [array[rows].read() for array, rows in requests]
+    def read(self, requests: list[tuple[Any, tuple]]) -> list[np.ndarray]:
+        futures = [array[index].read() for array, index in requests]
         return [f.result() for f in futures]
 
 
@@ -90,15 +96,28 @@ class ZarrRows:
         self.name, self.codec_pipeline = name, codec_pipeline
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-reader")
 
-    def open(self, path: str, dtype: torch.dtype) -> Any:
+    def open(self, path: str, dtype: torch.dtype | None) -> Any:
         """The array read-only (values come out in the stored dtype; the reader casts them)."""
         settings = {"codec_pipeline.path": self.codec_pipeline} if self.codec_pipeline else {}
         with zarr.config.set(settings):  # the pipeline is bound to the array when it is opened
             return zarr.open_array(store=path, mode="r")
 
-    def read(self, requests: list[tuple[Any, np.ndarray]]) -> list[np.ndarray]:
-        futures = [self.pool.submit(lambda a, r: a.oindex[r], array, rows) for array, rows in requests]
+    def read(self, requests: list[tuple[Any, tuple]]) -> list[np.ndarray]:
+        futures = [self.pool.submit(self.read_one, array, index) for array, index in requests]
         return [f.result() for f in futures]
+
+    @staticmethod
+    def read_one(array: Any, index: tuple) -> np.ndarray:
+        """``array[index]``; zarr-python has no vectorised indexing over the leading dimensions only, so
+        ``(rows, views)`` is read as one orthogonal read per distinct view."""
+        if len(index) == 1:
+            return array.oindex[index]
+        rows, views = index
+        out = np.empty((len(rows), *array.shape[2:]), dtype=array.dtype)
+        for view in np.unique(views).tolist():
+            at = views == view
+            out[at] = array.oindex[rows[at], view]
+        return out
 
 
 class MemoryRows:
@@ -107,11 +126,11 @@ class MemoryRows:
 
     name = "memory"
 
-    def open(self, path: str, dtype: torch.dtype) -> np.ndarray:
+    def open(self, path: str, dtype: torch.dtype | None) -> np.ndarray:
         return zarr.open_array(store=path, mode="r")[...]
 
-    def read(self, requests: list[tuple[np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        return [array[rows] for array, rows in requests]
+    def read(self, requests: list[tuple[np.ndarray, tuple]]) -> list[np.ndarray]:
+        return [array[index] for array, index in requests]
 
 
 BACKEND_FACTORIES: dict[str, Callable[[], Any]] = {
@@ -120,6 +139,16 @@ BACKEND_FACTORIES: dict[str, Callable[[], Any]] = {
     "zarr": lambda: ZarrRows("zarr", None),
     "memory": MemoryRows,
 }
+
+
+def split_reads(rows: np.ndarray, views: np.ndarray) -> list[tuple[str, np.ndarray, tuple]]:
+    """One group's reads for samples with rows ``(B,)`` in it (-1: absent) and views ``(B,)``: at most
+    ``("", selected, (rows,))`` from the whole-image arrays and ``("views/", selected, (rows, views))``
+    from the views arrays; ``selected``: bool ``(B,)`` samples each read returns, in order."""
+    present = rows >= 0
+    whole, viewed = present & (views == FULL_IMAGE), present & (views != FULL_IMAGE)
+    reads = [("", whole, (rows[whole],)), ("views/", viewed, (rows[viewed], views[viewed]))]
+    return [read for read in reads if read[1].any()]
 
 
 def backend_installed(name: str) -> bool:
@@ -225,6 +254,7 @@ class CacheReader:
         self.provenance: dict[str, dict] = {name: s.provenance for name, s in stores.items()}
         self.grids: dict[str, tuple[int, int]] = {name: tuple(s.patch.shape[1:3]) for name, s in stores.items()}
         self.dims: dict[str, int] = {name: int(s.patch.shape[3]) for name, s in stores.items()}
+        self.num_views: dict[str, int] = {name: s.num_views for name, s in stores.items()}  # K, 0 without views
         self.done_counts: dict[str, int] = {}
         groups = []
         for name, store in stores.items():
@@ -240,7 +270,7 @@ class CacheReader:
             raise ReaderError(f"dtype {dtype} is not a floating point dtype")
         self.dtype = dtype
         self.backend: str = resolve_backend(backend, dtype)
-        self._handles: tuple[int, Any, dict[tuple[str, str], Any]] | None = None  # (pid, backend, arrays)
+        self._handles: tuple[int, Any, dict[str, Any]] | None = None  # (pid, backend, arrays opened so far)
         log.info("CacheReader %s: %d samples, teachers %s, backend %s", self.root, len(self.image_ids),
                  ", ".join(f"{t} ({self.done_counts[t]} done)" for t in self.teachers), self.backend)
 
@@ -251,48 +281,118 @@ class CacheReader:
         """Pickles without open handles (spawn/forkserver workers reopen them on first read)."""
         return {**self.__dict__, "_handles": None}
 
-    def _open_here(self) -> tuple[Any, dict[tuple[str, str], Any]]:
-        """Backend and array handles of this process, opened on first use.
+    def _open_here(self) -> tuple[Any, dict[str, Any]]:
+        """Backend of this process and the arrays it has opened so far (see :meth:`_array`).
 
         tensorstore aborts and zarrs hangs in a forked child when the parent has opened arrays, so
         nothing is opened before the first :meth:`read`: a reader built in the main process can be
         handed to forked DataLoader workers as long as the main process has not read through it.
         """
         if self._handles is None or self._handles[0] != os.getpid():
-            io = BACKEND_FACTORIES[self.backend]()
-            arrays = {(name, array): io.open(f"{self.root}/{name}/{array}", self.dtype)
-                      for name in self.teachers for array in FEATURE_ARRAYS}
-            self._handles = (os.getpid(), io, arrays)
+            self._handles = (os.getpid(), BACKEND_FACTORIES[self.backend](), {})
         return self._handles[1], self._handles[2]
 
-    def read(self, indices: np.ndarray) -> TargetBatch:
-        """Targets of samples ``indices`` ``(B,)`` (any order, repeats allowed), returned in that order."""
-        indices = np.asarray(indices, dtype=np.int64)
+    def _array(self, teacher: str, array: str) -> Any:
+        """Handle of ``<teacher>/<array>`` (e.g. ``patch``, ``views/boxes``), opened on first use; feature
+        arrays come out in ``self.dtype``, boxes and flips in their stored dtype."""
+        io, arrays = self._open_here()
+        path = f"{teacher}/{array}"
+        if path not in arrays:
+            dtype = self.dtype if array.rpartition("/")[2] in FEATURE_ARRAYS else None
+            arrays[path] = io.open(f"{self.root}/{path}", dtype)
+        return arrays[path]
+
+    def views_per_image(self) -> int:
+        """K, the number of cached views per image, shared by all teachers read (with the same boxes: the
+        same ``views`` provenance); an error naming the groups otherwise."""
+        sections = {name: self.provenance[name].get("views") for name in self.teachers}
+        without = [name for name, section in sections.items() if section is None]
+        if without:
+            raise ReaderError(f"teacher group(s) {', '.join(without)} have no cached views "
+                              f"(extract them with `dune-cache extract --views K`)")
+        if len({json.dumps(section, sort_keys=True) for section in sections.values()}) > 1:
+            raise ReaderError("teacher groups were extracted with different views (count K, seed or sampling), so "
+                              f"their boxes differ and they cannot be read together with views: {sections}")
+        return int(next(iter(sections.values()))["count"])
+
+    def _check_views(self, indices: np.ndarray, views: np.ndarray | None) -> np.ndarray:
+        """``(B,)`` int64 view index per sample (``FULL_IMAGE`` everywhere when ``views`` is None)."""
+        if views is None:
+            return np.full(len(indices), FULL_IMAGE, dtype=np.int64)
+        views = np.asarray(views, dtype=np.int64)
+        if views.shape != indices.shape:
+            raise ReaderError(f"views {views.shape} must have the shape of indices {indices.shape}")
+        if views.size and views.max() > FULL_IMAGE:
+            count = self.views_per_image()
+            if views.max() >= count:
+                raise IndexError(f"view indices must lie in [-1, {count})")
+        if views.size and views.min() < FULL_IMAGE:
+            raise IndexError("view indices must be >= -1 (-1: the whole image)")
+        return views
+
+    def _sample_rows(self, indices: np.ndarray) -> np.ndarray:
+        """``(B, T)`` row of each sample in each group (-1: none), for sample ``indices`` ``(B,)``."""
         if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sample indices must lie in [0, {len(self)})")
-        rows = self.rows[indices]  # (B, T)
+        return self.rows[indices]
+
+    def read(self, indices: np.ndarray, views: np.ndarray | None = None) -> TargetBatch:
+        """Targets of samples ``indices`` ``(B,)`` (any order, repeats allowed), returned in that order.
+
+        views: ``(B,)`` which cached view of each sample (``0 .. K-1``; ``-1`` the whole image); ``None``:
+        the whole images. Every teacher then returns the targets of that view.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        rows = self._sample_rows(indices)  # (B, T)
+        views = self._check_views(indices, views)
         mask = rows >= 0
-        io, arrays = self._open_here()
-        wanted = [(t, name, array) for t, name in enumerate(self.teachers) if mask[:, t].any()
-                  for array in FEATURE_ARRAYS]
-        values = io.read([(arrays[name, array], rows[mask[:, t], t]) for t, name, array in wanted])
-        decoded = {(name, array): v for (_, name, array), v in zip(wanted, values)}
+        parts = [(name, prefix, array, selected, index) for t, name in enumerate(self.teachers)
+                 for prefix, selected, index in split_reads(rows[:, t], views) for array in FEATURE_ARRAYS]
+        io, _ = self._open_here()
+        values = io.read([(self._array(name, prefix + array), index) for name, prefix, array, _, index in parts])
+        decoded: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+        for (name, _, array, selected, _), value in zip(parts, values):
+            decoded.setdefault((name, array), []).append((value, selected))
         n = len(indices)
-        cls = {name: self.scatter(decoded.get((name, "cls")), mask[:, t], (n, self.dims[name]))
-               for t, name in enumerate(self.teachers)}
-        patch = {name: self.scatter(decoded.get((name, "patch")), mask[:, t], (n, *self.grids[name], self.dims[name]))
-                 for t, name in enumerate(self.teachers)}
+        cls = {name: self.assemble(decoded.get((name, "cls"), []), (n, self.dims[name])) for name in self.teachers}
+        patch = {name: self.assemble(decoded.get((name, "patch"), []), (n, *self.grids[name], self.dims[name]))
+                 for name in self.teachers}
         return TargetBatch(cls=cls, patch=patch, mask=torch.from_numpy(mask))
 
-    def scatter(self, values: np.ndarray | None, valid: np.ndarray, shape: tuple[int, ...]) -> torch.Tensor:
-        """Tensor ``shape`` of ``self.dtype``: ``values`` ``(valid.sum(), ...)`` at the ``valid`` rows,
-        zeros elsewhere."""
-        if values is not None and valid.all():
-            return torch.from_numpy(values).to(self.dtype)
-        out = torch.zeros(shape, dtype=self.dtype)
-        if values is not None:
-            out[torch.from_numpy(valid)] = torch.from_numpy(values).to(self.dtype)
-        return out
+    def assemble(self, parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, ...]) -> torch.Tensor:
+        """Tensor ``shape`` of ``self.dtype``: each part's values ``(selected.sum(), ...)`` at its ``selected``
+        rows (bool ``(B,)``), zeros elsewhere."""
+        if len(parts) == 1 and parts[0][1].all():
+            return torch.from_numpy(parts[0][0]).to(self.dtype)
+        out = torch.empty(shape, dtype=self.dtype)
+        uncovered = np.ones(shape[0], dtype=bool)
+        for values, selected in parts:  # index_copy_: several times faster than boolean-mask assignment
+            out.index_copy_(0, torch.from_numpy(np.flatnonzero(selected)), torch.from_numpy(values).to(self.dtype))
+            uncovered &= ~selected
+        return out.index_fill_(0, torch.from_numpy(np.flatnonzero(uncovered)), 0)
+
+    def view_boxes(self, indices: np.ndarray, views: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Crop box ``(B, 4)`` float32 ``(y0, x0, y1, x1)``, relative to the whole original image, and flip
+        ``(B,)`` bool of each sample's view (``-1``: the whole image ``(0, 0, 1, 1)``, no flip).
+
+        Read from the first teacher group holding the sample (all groups have the same boxes, see
+        :meth:`views_per_image`).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        rows = self._sample_rows(indices)
+        views = self._check_views(indices, views)
+        boxes = np.tile(np.array([0, 0, 1, 1], dtype=np.float32), (len(indices), 1))
+        flips = np.zeros(len(indices), dtype=bool)
+        first = (rows >= 0).argmax(axis=1)  # every sample is done in at least one group
+        parts = [(name, selected, index) for t, name in enumerate(self.teachers)
+                 for prefix, selected, index in split_reads(np.where(first == t, rows[:, t], -1), views)
+                 if prefix == "views/"]
+        io, _ = self._open_here()
+        values = io.read([(self._array(name, f"views/{array}"), index) for name, _, index in parts
+                          for array in ("boxes", "flip")])
+        for (_, selected, _), box, flip in zip(parts, values[::2], values[1::2]):
+            boxes[selected], flips[selected] = box, flip.astype(bool)
+        return boxes, flips
 
     def stats(self, teacher: str) -> TeacherStats | None:
         """Statistics written by ``dune-cache stats`` for ``teacher``; ``None`` if not computed.

@@ -7,6 +7,9 @@ Per teacher group ``<root>/<name>/``:
 - ``status``   ``(N,)`` uint8    0 pending, 1 done, 2 failed; one chunk per work unit
 - ``manifest`` ``(L,)`` uint8    UTF-8 text, one ``id`` or ``id<TAB>tag`` line per image
 - ``failures/unit_<u>`` uint8    UTF-8 JSON lines ``{"index", "image_id", "reason", "message"}``
+- ``views/``   only with K cached views per image (``dune-cache extract --views K``):
+  ``cls (N, K, D)``, ``patch (N, K, h, w, D)`` (one object per image or shard, one inner chunk per view),
+  ``boxes (N, K, 4)`` float32 and ``flip (N, K)`` uint8, one chunk per work unit
 
 Every object is written by exactly one work unit's owner, so concurrent writers never collide.
 """
@@ -31,7 +34,10 @@ CODECS = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
 DTYPES = ("float16", "float32")
 FLOAT16_MAX = 65504.0
 # Provenance sections that define what a store *is*; a run that differs in any of them is refused.
-IDENTITY_SECTIONS = ("teacher", "checkpoint", "images", "geometry", "storage")
+# ``views`` is absent in groups without cached views.
+IDENTITY_SECTIONS = ("teacher", "checkpoint", "images", "geometry", "storage", "views")
+VIEW_ARRAYS = ("cls", "patch", "boxes", "flip")
+FLIP_UNWRITTEN = 255  # fill value of ``views/flip``: never written
 CREATION_WAIT_S = 120.0
 
 
@@ -84,6 +90,17 @@ def build_compressors(storage: StorageConfig) -> tuple:
     return (zarr.codecs.BloscCodec(cname=cname, clevel=storage.level, shuffle="shuffle", typesize=itemsize),)
 
 
+@dataclass
+class ViewRows:
+    """The K cached views of B images: cls ``(B, K, D)``, patch ``(B, K, h, w, D)`` in the storage dtype,
+    boxes ``(B, K, 4)`` float32 ``(y0, x0, y1, x1)`` relative to the original image, flip ``(B, K)`` uint8."""
+
+    cls: np.ndarray
+    patch: np.ndarray
+    boxes: np.ndarray
+    flip: np.ndarray
+
+
 def unit_bounds(unit: int, images_per_unit: int, count: int) -> tuple[int, int]:
     """Image index range ``[lo, hi)`` of a work unit."""
     lo = unit * images_per_unit
@@ -125,6 +142,26 @@ def provenance_differences(stored: dict, requested: dict) -> list[str]:
     ]
 
 
+def create_view_arrays(group: zarr.Group, n: int, views: int, grid: tuple[int, int], dim: int,
+                       storage: StorageConfig) -> None:
+    """The arrays of a ``views/`` subgroup. Features: one object per image (or per shard of ``S`` images)
+    holding its K views, one inner chunk per view, so reading one view decodes only that view. Boxes and
+    flips: one chunk per work unit, like ``status``."""
+    per = storage.images_per_unit
+    feature_args = dict(dtype=storage.dtype, compressors=build_compressors(storage), fill_value=float("nan"))
+    shard_images = storage.shard_images or 1
+    group.create_array("cls", shape=(n, views, dim), chunks=(1, 1, dim), shards=(shard_images, views, dim),
+                       dimension_names=("image", "view", "channel"), **feature_args)
+    group.create_array("patch", shape=(n, views, *grid, dim), chunks=(1, 1, *grid, dim),
+                       shards=(shard_images, views, *grid, dim),
+                       dimension_names=("image", "view", "y", "x", "channel"), **feature_args)
+    small_args = dict(compressors=(zarr.codecs.ZstdCodec(level=3),))
+    group.create_array("boxes", shape=(n, views, 4), chunks=(per, views, 4), dtype="float32",
+                       fill_value=float("nan"), dimension_names=("image", "view", "coordinate"), **small_args)
+    group.create_array("flip", shape=(n, views), chunks=(per, views), dtype="uint8", fill_value=FLIP_UNWRITTEN,
+                       dimension_names=("image", "view"), **small_args)
+
+
 def open_root(root: str, mode: str = "a") -> zarr.Group:
     """Open (``mode="a"`` creating if needed) a cache root group."""
     try:
@@ -152,6 +189,8 @@ class TeacherStore:
         self.status = group["status"]
         self.count = int(self.cls.shape[0])
         self.images_per_unit = int(meta["storage"]["shard_images"] or meta["storage"]["unit_size"])
+        self.num_views = int(meta["views"]["count"]) if "views" in meta else 0
+        self.views: zarr.Group | None = group["views"] if self.num_views else None
 
     # ---- creation / opening ---------------------------------------------------------
     @classmethod
@@ -170,8 +209,9 @@ class TeacherStore:
 
     @classmethod
     def create(cls, root: str, name: str, provenance: dict, manifest: ImageManifest,
-               grid: tuple[int, int], dim: int, storage: StorageConfig) -> "TeacherStore":
-        """Create teacher group ``name``; provenance is written last and marks the group complete."""
+               grid: tuple[int, int], dim: int, storage: StorageConfig, views: int = 0) -> "TeacherStore":
+        """Create teacher group ``name`` (with a ``views/`` subgroup of ``views`` views per image when > 0);
+        provenance is written last and marks the group complete."""
         parent = open_root(root)
         group = parent.create_group(name)
         n, per = len(manifest), storage.images_per_unit
@@ -184,6 +224,8 @@ class TeacherStore:
                            dimension_names=("image", "y", "x", "channel"), **feature_args)
         group.create_array("status", shape=(n,), chunks=(per,), dtype="uint8", fill_value=STATUS_PENDING,
                            compressors=(zarr.codecs.ZstdCodec(level=3),), dimension_names=("image",))
+        if views:
+            create_view_arrays(group.create_group("views"), n, views, grid, dim, storage)
         text = np.frombuffer(manifest.to_text().encode("utf-8"), dtype=np.uint8)
         group.create_array("manifest", data=text, chunks=(min(max(len(text), 1), 1 << 22),),
                            compressors=(zarr.codecs.ZstdCodec(level=3),))
@@ -194,14 +236,14 @@ class TeacherStore:
     @classmethod
     def open_or_create(cls, root: str, name: str, provenance: dict, manifest: ImageManifest,
                        grid: tuple[int, int], dim: int, storage: StorageConfig,
-                       overwrite: bool = False) -> "TeacherStore":
+                       overwrite: bool = False, views: int = 0) -> "TeacherStore":
         """Resume a matching store, create a missing one, or refuse a mismatching one (unless ``overwrite``)."""
         parent = open_root(root)
         if name in parent and overwrite:
             del parent[name]
         if name not in parent:
             try:
-                return cls.create(root, name, provenance, manifest, grid, dim, storage)
+                return cls.create(root, name, provenance, manifest, grid, dim, storage, views)
             except (ContainsGroupError, ContainsArrayError):
                 pass  # another process created it concurrently: open and compare below
         store = cls.open(root, name, mode="a", wait_s=CREATION_WAIT_S)
@@ -231,10 +273,18 @@ class TeacherStore:
         return -(-self.count // self.images_per_unit)
 
     # ---- writing (one writer per unit) -------------------------------------------------
-    def write_rows(self, indices: np.ndarray, cls: np.ndarray, patch: np.ndarray) -> None:
-        """Write features of sorted image ``indices``: cls ``(B, D)``, patch ``(B, h, w, D)``."""
+    def write_rows(self, indices: np.ndarray, cls: np.ndarray, patch: np.ndarray,
+                   views: ViewRows | None = None) -> None:
+        """Write features of sorted image ``indices``: cls ``(B, D)``, patch ``(B, h, w, D)`` and, in a
+        group with cached views, their ``views``."""
+        if (views is None) != (self.views is None):
+            raise StoreError(f"{self.group.path}: has {self.num_views} views per image; "
+                             f"got {'no' if views is None else views.cls.shape[1]} views to write")
         for start, stop, offset in contiguous_runs(indices):
             rows = slice(offset, offset + stop - start)
+            if views is not None:
+                for name in VIEW_ARRAYS:
+                    self.views[name][start:stop] = getattr(views, name)[rows]
             self.patch[start:stop] = patch[rows]
             self.cls[start:stop] = cls[rows]
 
@@ -256,5 +306,6 @@ class TeacherStore:
                               compressors=(), overwrite=True)
 
     def nbytes_stored(self) -> int:
-        """Bytes the feature arrays occupy in the store."""
-        return int(self.cls.nbytes_stored() + self.patch.nbytes_stored())
+        """Bytes the feature arrays (and cached views) occupy in the store."""
+        views = [self.views[name] for name in VIEW_ARRAYS] if self.views is not None else []
+        return int(sum(array.nbytes_stored() for array in [self.cls, self.patch, *views]))

@@ -22,11 +22,13 @@ is an approximation of that recipe; each mode below says what it costs and what 
     size would leave the grid, or break the scale/ratio bounds after snapping, are replaced by the
     nearest allowed box instead of being re-drawn as torchvision does.
 
-K cached views per image (format and extraction in a later stage)
-    Extract K fixed augmented views per image, storing their boxes and flip flags with the tokens
-    (FKD-style). **K× the storage and K× the extraction compute**; targets are exact — the teacher
-    really saw those views — but there are only K of them per image, and a grid-crop can be taken
-    inside each view on top.
+``views`` (K cached views per image, ``dune-cache extract --views K``)
+    The cache holds, besides the whole image, K RandomResizedCrop views per image (boxes and flip
+    flags stored with the tokens, FKD-style). Each epoch every sample shows one of its K views, drawn
+    uniformly; the student gets that view's box of the whole image, flipped alike and resized to its
+    input size (:func:`crop_view_pixels`, the very function the extraction cut the teacher's input
+    with), so the targets are **exact**: the teacher saw the same crop. **(K+1)× the storage and
+    extraction compute**; only K fixed views per image instead of a fresh crop each epoch.
 
 Photometric (``photometric``, student input only)
     DUNE's colour recipe — ColorJitter(0.4, 0.4, 0.2, 0.1) with p=0.8 (random order of the four
@@ -43,17 +45,21 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 
-AUGMENT_MODES = ("none", "grid-crop")
+from dune_cache.views import crop_view
+
+AUGMENT_MODES = ("none", "grid-crop", "views")
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's RGB -> luma weights
 
 
 @dataclass
 class AugmentConfig:
-    mode: str = "grid-crop"                               # none | grid-crop
+    mode: str = "grid-crop"                               # none | grid-crop | views (cached views)
     crop_scale: tuple[float, float] = (0.4, 1.0)          # fraction of the grid's cells (DUNE RRC scale)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)      # width / height of the box
     flip_p: float = 0.5
@@ -102,11 +108,11 @@ def sample_grid_crop(grid: tuple[int, int], cfg: AugmentConfig, generator: torch
 
     As torchvision's RandomResizedCrop: area fraction uniform in ``crop_scale``, log-ratio uniform in
     ``log(crop_ratio)``; the ideal box is replaced by the allowed cell box nearest to it (in log
-    height/width), then placed uniformly. ``mode == "none"``: the whole grid, no flip, no draws.
+    height/width), then placed uniformly. Other modes (``none``, ``views``): the whole grid, no flip, no draws.
     """
     if cfg.mode not in AUGMENT_MODES:
         raise ValueError(f"unknown augmentation mode {cfg.mode!r}; choose one of {', '.join(AUGMENT_MODES)}")
-    if cfg.mode == "none":
+    if cfg.mode != "grid-crop":
         return full_grid_crop(grid)
     sizes = allowed_box_sizes(grid, cfg)
     area = _uniform(generator, *cfg.crop_scale) * grid[0] * grid[1]
@@ -142,6 +148,16 @@ def crop_tokens(patch: torch.Tensor, crop: GridCrop) -> torch.Tensor:
         raise ValueError(f"crop {crop} does not fit the token grid {(grid_h, grid_w)}")
     region = patch[..., crop.y0:crop.y0 + crop.h, crop.x0:crop.x0 + crop.w, :]
     return region.flip(-2) if crop.flip else region
+
+
+def crop_view_pixels(image: Image.Image, box: np.ndarray, flip: bool, out_size: tuple[int, int]) -> torch.Tensor:
+    """``views`` mode: the student's input for a cached view — the view's ``box`` ``(y0, x0, y1, x1)`` of the
+    whole RGB ``image`` (relative coordinates), mirrored if ``flip``, resized to ``out_size`` ``(H_s, W_s)``.
+
+    It is :func:`dune_cache.views.crop_view`, the function the extraction cut the teacher's input with, so
+    student and teacher see the same region with the same resampling. Returns uint8 ``(3, H_s, W_s)``.
+    """
+    return torch.from_numpy(crop_view(image, box, flip, out_size))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .augment import AugmentConfig
+from .augment import AUGMENT_MODES, AugmentConfig
 from .heads import HeadConfig
 from .model import StudentConfig
 
@@ -87,7 +87,7 @@ CHOICES = {
     "loss.sharing": ("all", "own_data", "own+generic"),
     "student.attention": ("auto", "xformers", "sdpa"),
     "heads.kind": ("transformer", "ladder", "mlp"),
-    "augment.mode": ("none", "grid-crop"),
+    "augment.mode": AUGMENT_MODES,
 }
 
 

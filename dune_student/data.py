@@ -5,7 +5,9 @@ batch of step ``s`` is a pure function of ``(seed, s)`` — resuming at step ``s
 Each sample's augmentation draws from a generator seeded by ``(seed, step, position)``, so results
 do not depend on the number of DataLoader workers. With ``grid-crop`` the crop *size* (in grid cells)
 is drawn once per step and shared by the batch, while each sample draws its own position and flip:
-targets of a batch then share one grid and stay one tensor.
+targets of a batch then share one grid and stay one tensor. With ``views`` each sample draws one of its
+K cached views from the same per-sample generator — a function of ``(seed, position)``, i.e. of the
+seed, the epoch and the sample — and the student sees that view's crop of the image.
 """
 from __future__ import annotations
 
@@ -15,14 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dune_cache.images import ImageDecodeError, load_manifest, open_rgb
-from dune_cache.reader import CacheReader, TargetBatch
+from dune_cache.reader import FULL_IMAGE, CacheReader, ReaderError, TargetBatch
 from dune_cache.shuffle import block_shuffled_order
 
-from .augment import (AugmentConfig, GridCrop, crop_pixels, crop_tokens, full_grid_crop, photometric,
-                      sample_grid_crop)
+from .augment import (AugmentConfig, GridCrop, crop_pixels, crop_tokens, crop_view_pixels, full_grid_crop,
+                      photometric, sample_grid_crop)
 
 
 class DataError(ValueError):
@@ -36,7 +39,8 @@ class TrainBatch:
     pixels: ``(B, 3, S, S)`` uint8 student input (photometric augmentation applied);
     clean_pixels: ``(B, 3, S, S)`` uint8 the same crops before photometric augmentation (live teachers);
     cls: teacher -> ``(B, D_t)``; patch: teacher -> ``(B, h, w, D_t)`` cropped targets;
-    mask: ``(B, T)`` bool teacher has a target; tags: dataset tag per sample.
+    mask: ``(B, T)`` bool teacher has a target; tags: dataset tag per sample;
+    views: ``(B,)`` the cached view each sample shows (``-1``: the whole image, every mode but ``views``).
     """
 
     step: int
@@ -48,6 +52,7 @@ class TrainBatch:
     mask: torch.Tensor
     tags: list[str]
     crops: list[GridCrop]
+    views: np.ndarray
 
 
 # Independent random streams of a step (see step_generator).
@@ -85,13 +90,21 @@ class EpochOrder:
 
 def place_crop(size: tuple[int, int], grid: tuple[int, int], augment: AugmentConfig,
                generator: torch.Generator) -> GridCrop:
-    """A crop of ``size`` cells at a uniformly random position of ``grid``, flipped with ``augment.flip_p``."""
-    if augment.mode == "none":
+    """A crop of ``size`` cells at a uniformly random position of ``grid``, flipped with ``augment.flip_p``
+    (grid-crop; the whole grid, no draws, otherwise)."""
+    if augment.mode != "grid-crop":
         return full_grid_crop(grid)
     y0 = int(torch.randint(0, grid[0] - size[0] + 1, (1,), generator=generator))
     x0 = int(torch.randint(0, grid[1] - size[1] + 1, (1,), generator=generator))
     flip = bool(torch.rand((), generator=generator) < augment.flip_p)
     return GridCrop(y0=y0, x0=x0, h=size[0], w=size[1], flip=flip)
+
+
+def pick_view(num_views: int, augment: AugmentConfig, generator: torch.Generator) -> int:
+    """``views`` mode: one of the K cached views, uniformly; otherwise the whole image (no draws)."""
+    if augment.mode != "views":
+        return FULL_IMAGE
+    return int(torch.randint(num_views, (1,), generator=generator))
 
 
 def common_grid(reader: CacheReader) -> tuple[int, int]:
@@ -101,6 +114,14 @@ def common_grid(reader: CacheReader) -> tuple[int, int]:
         raise DataError(f"augment.mode grid-crop needs all teachers on one token grid (extract them with "
                         f"--student-patch/--student-resolution); the cache has {reader.grids}")
     return grids.pop()
+
+
+def views_per_image(reader: CacheReader) -> int:
+    """K of the cache's views (``augment.mode=views`` needs every teacher extracted with the same ``--views``)."""
+    try:
+        return reader.views_per_image()
+    except ReaderError as exc:
+        raise DataError(f"augment.mode=views: {exc}") from exc
 
 
 def image_paths(reader: CacheReader, images: str) -> list[Path]:
@@ -127,6 +148,7 @@ class BatchSource(Dataset):
         self.paths = image_paths(reader, images)
         self.tags = reader.tags
         self.grid = common_grid(reader) if augment.mode == "grid-crop" else next(iter(reader.grids.values()))
+        self.num_views = views_per_image(reader) if augment.mode == "views" else 0
         self.samples = samples  # sample indices (into reader.image_ids) used for training
         self.order = EpochOrder(len(samples), shuffle_block, shuffle_buffer, seed)
         self.batch_size, self.resolution, self.augment, self.seed = batch_size, resolution, augment, seed
@@ -146,40 +168,50 @@ class BatchSource(Dataset):
         positions = batch_positions(step, self.batch_size, self.rank, self.world)
         indices = self.samples[self.order(positions)]
         size = self.crop_size(step_generator(self.seed, step, CROP_SIZE_STREAM))
-        crops, clean = [], []
-        for position, index in zip(positions, indices):
-            crop = place_crop(size, self.grid, self.augment,
-                              step_generator(self.seed, step, SAMPLE_STREAM, int(position)))
-            clean.append(self.student_view(int(index), crop))
-            crops.append(crop)
-        clean_pixels = torch.stack(clean)
+        crops, views = [], []
+        for position in positions:
+            generator = step_generator(self.seed, step, SAMPLE_STREAM, int(position))
+            crops.append(place_crop(size, self.grid, self.augment, generator))
+            views.append(pick_view(self.num_views, self.augment, generator))
+        views = np.array(views, dtype=np.int64)
+        boxes, flips = self.reader().view_boxes(indices, views) if self.num_views else (None, None)
+        clean_pixels = torch.stack([self.student_view(int(index), crop) if boxes is None
+                                    else self.student_cached_view(int(index), boxes[k], bool(flips[k]))
+                                    for k, (index, crop) in enumerate(zip(indices, crops))])
         pixels = photometric(clean_pixels, step_generator(self.seed, step, PHOTOMETRIC_STREAM)) if self.augment.photometric \
             else clean_pixels
-        cls, patch, mask = self.cropped_targets(indices, crops)
+        cls, patch, mask = self.cropped_targets(indices, crops, views)
         return TrainBatch(step=step, indices=indices, pixels=pixels, clean_pixels=clean_pixels, cls=cls,
-                          patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops)
+                          patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops, views=views)
 
     def crop_size(self, generator: torch.Generator) -> tuple[int, int]:
         """This step's crop size in grid cells (the whole grid without grid-crop)."""
-        if self.augment.mode == "none":
+        if self.augment.mode != "grid-crop":
             return self.grid
         crop = sample_grid_crop(self.grid, self.augment, generator)
         return crop.h, crop.w
 
-    def student_view(self, index: int, crop: GridCrop) -> torch.Tensor:
-        """uint8 ``(3, S, S)``: the crop's pixels of the whole image, resized for the student."""
+    def open_image(self, index: int) -> Image.Image:
+        """The whole RGB image of sample ``index`` (JPEGs DCT-decoded at no less than twice the student size)."""
         size = 2 * self.resolution
         try:
-            img = open_rgb(self.paths[index], draft_size=(size, size))
+            return open_rgb(self.paths[index], draft_size=(size, size))
         except ImageDecodeError as exc:
             raise DataError(f"training image {self.paths[index]} became unreadable: {exc}") from exc
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def student_view(self, index: int, crop: GridCrop) -> torch.Tensor:
+        """uint8 ``(3, S, S)``: the crop's pixels of the whole image, resized for the student."""
+        pixels = torch.from_numpy(np.asarray(self.open_image(index), dtype=np.uint8).copy()).permute(2, 0, 1)
         return crop_pixels(pixels, crop, self.grid, (self.resolution, self.resolution))
 
-    def cropped_targets(self, indices: np.ndarray, crops: list[GridCrop]):
+    def student_cached_view(self, index: int, box: np.ndarray, flip: bool) -> torch.Tensor:
+        """uint8 ``(3, S, S)``: the cached view's box of the whole image, flipped alike, resized for the student."""
+        return crop_view_pixels(self.open_image(index), box, flip, (self.resolution, self.resolution))
+
+    def cropped_targets(self, indices: np.ndarray, crops: list[GridCrop], views: np.ndarray):
         if not self.read_targets:
             return {}, {}, torch.ones(len(indices), 0, dtype=torch.bool)
-        targets: TargetBatch = self.reader().read(indices)
+        targets: TargetBatch = self.reader().read(indices, views)
         patch = {t: torch.stack([crop_tokens(p, c) for p, c in zip(targets.patch[t], crops)]) for t in targets.patch}
         return targets.cls, patch, targets.mask
 

@@ -117,7 +117,7 @@ def test_mode_none_is_the_whole_grid_and_impossible_bounds_are_refused():
     with pytest.raises(ValueError, match="widen the bounds"):
         sample_grid_crop((3, 3), AugmentConfig(crop_scale=(0.1, 0.2)), generator)
     with pytest.raises(ValueError, match="unknown augmentation mode"):
-        sample_grid_crop((3, 3), AugmentConfig(mode="views"), generator)
+        sample_grid_crop((3, 3), AugmentConfig(mode="mixup"), generator)
 
 
 def float_images(n: int = 3) -> torch.Tensor:

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from tqdm.auto import tqdm
 
+from .console import fail, setup_logging
 from .extract import ExtractConfig, NonFiniteFeaturesError, run_extraction
 from .geometry import GeometryError
 from .images import ManifestError
@@ -21,16 +20,6 @@ from .views import ViewSampling
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 USER_ERRORS = (CheckpointError, UnknownTeacherError, GeometryError, ManifestError, StoreError,
                NonFiniteFeaturesError, ValueError)
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _fail(exc: BaseException) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -80,7 +69,7 @@ def extract(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Run a teacher over images and store its CLS and patch features (resumes if interrupted)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         cfg = ExtractConfig(
             teacher=teacher, images=images, out=out, checkpoint=checkpoint, name=name, resolution=resolution,
@@ -92,7 +81,7 @@ def extract(
             retry_failed=retry_failed, random_weights=random_weights, progress=progress)
         result = run_extraction(cfg)
     except USER_ERRORS as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(f"{result.group}: {result.processed} images extracted, {result.failed} failed "
                f"({result.images_per_s:.1f} img/s); cache has {result.total} images")
 
@@ -104,7 +93,7 @@ def info(cache: str = typer.Argument(..., help="Cache root."),
     try:
         report = cache_info(cache)
     except USER_ERRORS as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return
@@ -136,7 +125,7 @@ def verify(cache: str = typer.Argument(..., help="Cache root."),
         reports = verify_cache(cache, lambda name, total: tqdm(total=total, unit="img", desc=f"verify {name}",
                                                                 disable=not progress))
     except USER_ERRORS as exc:
-        _fail(exc)
+        fail(exc)
     for r in reports:
         typer.echo(f"[{r.name}] {'OK' if r.ok else 'PROBLEMS'}: {r.checked} images checked")
         for problem in r.problems:
@@ -155,7 +144,7 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
     from .inspect import teacher_names
     from .stats import compute_stats, write_stats
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         names = teacher or teacher_names(cache)
         if not names:
@@ -172,7 +161,7 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
             typer.echo(f"  PHI-S  {result.phis_matrix.shape[0]}x{result.phis_matrix.shape[1]}, "
                        f"scale 1/sqrt(mean eigenvalue) = {scale:.4g}")
     except USER_ERRORS as exc:
-        _fail(exc)
+        fail(exc)
 
 
 if __name__ == "__main__":  # torchrun -m dune_cache.cli extract ...

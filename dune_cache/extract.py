@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .geometry import Geometry, resolve_geometry
 from .images import ImageDecodeError, ImageManifest, load_manifest, load_pixels, open_rgb
+from .runtime import default_num_workers, pick_device
 from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore, ViewRows,
                     unit_bounds)
 from .teachers import Teacher, TeacherSpec, create_teacher
@@ -282,22 +283,6 @@ class FeatureWriter:
 # ---------------------------------------------------------------------------------------
 # Compute
 # ---------------------------------------------------------------------------------------
-def pick_device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
-def default_num_workers(device: torch.device) -> int:
-    """Decoding workers: on CPU one (measured: more workers steal cores from the forward); on GPU this
-    process's share of the cores (torchrun's LOCAL_WORLD_SIZE processes per node), at most 8."""
-    if device.type == "cpu":
-        return 1
-    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
 def teacher_features(teacher: Teacher, pixels: torch.Tensor, device: torch.device, amp: bool):
     """uint8 ``(B, 3, H, W)`` -> float32 cls ``(B, D)`` and patch ``(B, h, w, D)`` on ``device``."""
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,

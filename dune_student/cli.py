@@ -2,26 +2,16 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
+from dune_cache.console import fail, setup_logging
+
 from .config import ConfigError, load_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
-
-
-def _setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-
-
-def _fail(exc: BaseException) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
 
 
 def _user_errors() -> tuple:
@@ -51,7 +41,7 @@ def train(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train (or resume) a student; every flag is a shortcut for one config field."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     flags = {"data.cache": cache, "data.images": images, "out": out, "steps": steps, "data.batch_size": batch_size,
              "student.attention": attention, "live_teachers": live_teachers, "device": device,
              "progress": progress}
@@ -62,7 +52,7 @@ def train(
 
         result = run_training(cfg)
     except _user_errors() as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(f"trained {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}; "
                f"run in {result.run_dir}")
 
@@ -77,13 +67,13 @@ def evaluate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Per-teacher cosine fidelity (CLS and patch) of the projected student features on held-out images."""
-    _setup_logging(False)
+    setup_logging(False)
     try:
         from .evaluate import evaluate
 
         result = evaluate(checkpoint, cache, images, batch_size=batch_size, device=device)
     except _user_errors() as exc:
-        _fail(exc)
+        fail(exc)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
@@ -98,7 +88,7 @@ def export(
     out: Path = typer.Option(..., help="Output .safetensors (a .json sidecar is written beside it)."),
 ) -> None:
     """Write the student encoder as safetensors that timm.create_model loads."""
-    _setup_logging(False)
+    setup_logging(False)
     try:
         import torch
 
@@ -107,7 +97,7 @@ def export(
 
         path = export_encoder(load_run(checkpoint, torch.device("cpu")).student, out)
     except _user_errors() as exc:
-        _fail(exc)
+        fail(exc)
     typer.echo(f"encoder written to {path}")
 
 

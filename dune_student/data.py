@@ -216,13 +216,6 @@ class BatchSource(Dataset):
         return targets.cls, patch, targets.mask
 
 
-def default_workers(device: torch.device) -> int:
-    """Data workers: 1 on CPU (the model needs the cores), else this process's share of cores (at most 8)."""
-    if device.type == "cpu":
-        return 1
-    return max(1, min(8, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
-
-
 def batch_loader(source: BatchSource, first_step: int, steps: int, workers: int, pin: bool) -> DataLoader:
     """Batches for steps ``first_step .. steps-1`` in order (one item per step)."""
     # forkserver: workers start from a clean process, since tensorstore/zarrs handles do not survive fork

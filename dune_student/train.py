@@ -23,11 +23,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dune_cache.reader import CacheReader
+from dune_cache.runtime import default_num_workers, pick_device
 from dune_cache.teachers import create_teacher
 
 from .config import TrainConfig, config_to_dict
-from .data import (TEACHER_DROP_STREAM, BatchSource, DataError, TrainBatch, batch_loader, default_workers,
-                   step_generator)
+from .data import TEACHER_DROP_STREAM, BatchSource, DataError, TrainBatch, batch_loader, step_generator
 from .heads import TeacherHeads
 from .losses import Standardizer, drop_teachers, ema_momentum, sharing_mask, teacher_losses, use_cls_from_provenance
 from .model import Student
@@ -44,14 +44,6 @@ class RunMismatchError(ValueError):
 # ---------------------------------------------------------------------------------------
 # Building blocks
 # ---------------------------------------------------------------------------------------
-def pick_device(device: str) -> torch.device:
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
-
-
 def distributed_setup(device: torch.device) -> tuple[int, int]:
     """``(rank, world)``; initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -127,6 +119,11 @@ def load_live_teachers(cfg: TrainConfig, reader: CacheReader, device: torch.devi
     for t in reader.teachers:
         prov = reader.provenance[t]
         path = cfg.teacher_checkpoints.get(t)
+        if path is None and prov["checkpoint"]["sha256"] == "random-weights":
+            log.warning("teacher %s: the cache was extracted with random weights (speed tests only); the live "
+                        "teacher gets other random weights, so its targets differ from the cache's", t)
+            teachers[t] = create_teacher(prov["teacher"]["name"]).to(device)
+            continue
         if path is None:
             raise DataError(f"teacher_checkpoints.{t}: required with live_teachers "
                             f"(the cache was made from {prov['checkpoint']['file']})")
@@ -300,7 +297,7 @@ class Trainer:
             log.info("resuming %s at step %d", self.out, self.step)
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        workers = default_workers(self.device) if cfg.data.num_workers < 0 else cfg.data.num_workers
+        workers = default_num_workers(self.device) if cfg.data.num_workers < 0 else cfg.data.num_workers
         loader = iter(batch_loader(self.source, self.step, cfg.steps, workers, self.device.type == "cuda"))
         if ckpt is not None:  # after the iterator drew its seed: the model's RNG stream continues exactly
             torch.set_rng_state(ckpt["torch_rng"])

@@ -156,3 +156,15 @@ def test_data_workers_do_not_change_the_result(tmp_path, cache, real_image_dir):
         run.run()
     for (name, a), (_, b) in zip(runs[0].model.state_dict().items(), runs[1].model.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_live_teachers_on_a_random_weights_cache_warn_that_it_is_a_speed_run(tmp_path, real_image_dir, caplog):
+    cache = tmp_path / "random.zarr"
+    run_extraction(ExtractConfig(teacher="tiny_test_teacher", images=real_image_dir, out=str(cache),
+                                 random_weights=True, student_patch=8, student_resolution="32", num_workers=0,
+                                 progress=False))
+    with caplog.at_level("WARNING"):
+        result = train(config(cache, real_image_dir, tmp_path / "run", "live_teachers=true",
+                              "loss.standardize=ema"))
+    assert result.steps == 6 and np.isfinite(result.final_loss)
+    assert "extracted with random weights (speed tests only)" in caplog.text

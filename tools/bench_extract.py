@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from dune_cache.extract import ExtractConfig, default_num_workers, pick_device, run_extraction, teacher_features
+from dune_cache.extract import ExtractConfig, run_extraction, teacher_features
+from dune_cache.runtime import default_num_workers, pick_device
 from dune_cache.geometry import resolve_geometry
 from dune_cache.images import load_manifest, load_pixels
 from dune_cache.store import StorageConfig

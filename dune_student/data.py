@@ -178,8 +178,9 @@ class BatchSource(Dataset):
         clean_pixels = torch.stack([self.student_view(int(index), crop) if boxes is None
                                     else self.student_cached_view(int(index), boxes[k], bool(flips[k]))
                                     for k, (index, crop) in enumerate(zip(indices, crops))])
-        pixels = photometric(clean_pixels, step_generator(self.seed, step, PHOTOMETRIC_STREAM)) if self.augment.photometric \
-            else clean_pixels
+        pixels = clean_pixels
+        if self.augment.photometric:
+            pixels = photometric(clean_pixels, step_generator(self.seed, step, PHOTOMETRIC_STREAM, self.rank))
         cls, patch, mask = self.cropped_targets(indices, crops, views)
         return TrainBatch(step=step, indices=indices, pixels=pixels, clean_pixels=clean_pixels, cls=cls,
                           patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops, views=views)

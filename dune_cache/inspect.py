@@ -7,6 +7,7 @@ from typing import Callable
 import numpy as np
 import zarr
 
+from .images import ImageManifest
 from .store import (ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, VIEW_ARRAYS, StoreError, TeacherStore,
                     open_root)
 
@@ -70,8 +71,8 @@ class VerifyReport:
         return not self.problems
 
 
-def check_provenance(store: TeacherStore) -> list[str]:
-    """Array shapes, manifest and failure records agree with the recorded provenance."""
+def check_provenance(store: TeacherStore, status: np.ndarray, manifest: ImageManifest) -> list[str]:
+    """Array shapes, ``manifest`` and failure records agree with the recorded provenance (``status`` ``(N,)``)."""
     meta, problems = store.provenance, []
     dim = meta["teacher"]["embed_dim"]
     grid = tuple(meta["geometry"]["grid"])
@@ -87,12 +88,10 @@ def check_provenance(store: TeacherStore) -> list[str]:
         expected = {"cls": (n, k, dim), "patch": (n, k, *grid, dim), "boxes": (n, k, 4), "flip": (n, k)}
         problems.extend(f"views/{name} shape {tuple(store.views[name].shape)} != {shape} from provenance"
                         for name, shape in expected.items() if tuple(store.views[name].shape) != shape)
-    manifest = store.manifest()
     if len(manifest) != n:
         problems.append(f"manifest lists {len(manifest)} images, provenance says {n}")
     if manifest.sha256 != meta["images"]["manifest_sha256"]:
         problems.append("manifest sha256 differs from provenance (manifest altered?)")
-    status = store.read_status()
     failed = set(np.flatnonzero(status == STATUS_FAILED).tolist())
     recorded = {r["index"] for r in store.read_failures()}
     if failed != recorded:
@@ -143,12 +142,12 @@ def unreadable_or_nonfinite(store: TeacherStore, indices: np.ndarray) -> list[tu
 
 def verify_teacher(store: TeacherStore, block: int = 64, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Full check of one teacher group: provenance consistency, every done image decodes and is finite."""
-    report = VerifyReport(name=store.group.basename, problems=check_provenance(store))
-    status = store.read_status()
-    done = np.flatnonzero(status == STATUS_DONE)
-    ids = store.manifest().ids
+    status, manifest = store.read_status(), store.manifest()
+    report = VerifyReport(name=store.group.basename, problems=check_provenance(store, status, manifest))
+    done = np.flatnonzero(status == STATUS_DONE)  # sorted
+    ids = manifest.ids
     for start in range(0, store.count, block):
-        indices = done[(done >= start) & (done < start + block)]
+        indices = done[np.searchsorted(done, start):np.searchsorted(done, start + block)]
         if len(indices):
             for index, problem in unreadable_or_nonfinite(store, indices):
                 report.problems.append(f"image {index} ({ids[index] if index < len(ids) else '?'}): {problem}")

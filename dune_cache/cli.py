@@ -1,4 +1,4 @@
-"""``dune-cache``: list teachers, extract features, inspect and verify caches."""
+"""``dune-cache``: list teachers, extract features, inspect, verify, repair, catalog, recompress and picture caches."""
 from __future__ import annotations
 
 import json
@@ -9,6 +9,7 @@ import typer
 from tqdm.auto import tqdm
 
 from .console import fail, setup_logging
+from .encodings import ENCODINGS, EncodingConfig, encoding_summary
 from .extract import ExtractConfig, NonFiniteFeaturesError, run_extraction
 from .geometry import GeometryError
 from .images import ManifestError
@@ -20,6 +21,9 @@ from .views import ViewSampling
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5"}
+ENCODING_HELP = (f"Feature encoding NAME[:key=value,...], NAME one of {', '.join(ENCODINGS)}; e.g. bitround:keepbits=7, "
+                 "int8-channel, int8-token:outlier_ratio=6, pca:variance=0.99 or pca:rank=96 "
+                 "(docs/cache-format.md, Encodings).")
 USER_ERRORS = (CheckpointError, UnknownTeacherError, GeometryError, ManifestError, StoreError,
                NonFiniteFeaturesError, ValueError)
 
@@ -60,6 +64,9 @@ def extract(
     unit_size: int = typer.Option(StorageConfig.unit_size, min=1, help="Images per work unit."),
     shard_images: int = typer.Option(StorageConfig.shard_images, min=0,
                                       help="Images per Zarr shard (0: one object per image)."),
+    encoding: str = typer.Option("none", help=ENCODING_HELP),
+    checksum: bool = typer.Option(StorageConfig.checksum, help="crc32c checksum in every feature chunk "
+                                  "(a corrupted chunk is an error on read, not wrong values)."),
     views: int = typer.Option(0, min=0, help="K random views per image (RandomResizedCrop 0.4-1 + flip) stored "
                               "with their boxes besides the whole image: K+1 times the features."),
     view_seed: int = typer.Option(ViewSampling.seed, help="Seed of the views' boxes (recorded in provenance)."),
@@ -78,7 +85,8 @@ def extract(
             student_patch=student_patch, student_resolution=student_resolution, resize=resize,
             batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
             storage=StorageConfig(dtype=dtype, codec=codec, level=level, unit_size=unit_size,
-                                  shard_images=shard_images),
+                                  shard_images=shard_images, encoding=EncodingConfig.parse(encoding),
+                                  checksum=checksum),
             views=views, view_sampling=ViewSampling(seed=view_seed), shard=shard, overwrite=overwrite,
             retry_failed=retry_failed, random_weights=random_weights, progress=progress)
         result = run_extraction(cfg)
@@ -108,9 +116,11 @@ def info(cache: str = typer.Argument(..., help="Cache root."),
             v = p["views"]
             typer.echo(f"  views      {t['views']} per image, patch {t['views_patch_shape']}; boxes: seed {v['seed']}, "
                        f"scale {v['scale']}, ratio {[round(r, 4) for r in v['ratio']]}, flip p {v['flip_p']}")
-        typer.echo(f"  storage    codec {t['codec']} level {t['level']}, shard images {t['shard_images']}")
+        typer.echo(f"  storage    codec {t['codec']} level {t['level']}, shard images {t['shard_images']}, "
+                   f"crc32c {'yes' if p['storage']['checksum'] else 'no'}")
+        typer.echo(f"  encoding   {encoding_summary(t['encoding'])}")
         typer.echo(f"  on disk    {t['bytes_stored'] / 2**20:.2f} MiB, {t['bytes_per_image'] / 1024:.1f} KiB/image, "
-                   f"ratio {t['compression_ratio']:.3f}x vs raw {t['dtype']}")
+                   f"ratio {t['compression_ratio']:.3f}x vs raw {t['raw_dtype']}")
         g = p["geometry"]
         typer.echo(f"  geometry   {g['resolution'][0]}x{g['resolution'][1]} -> grid {g['grid'][0]}x{g['grid'][1]}, "
                    f"resize {g['resize']} ({g['interpolation']})")
@@ -144,6 +154,7 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
     import numpy as np
 
     from .inspect import teacher_names
+    from .location import check_writable
     from .stats import compute_stats, write_stats
 
     setup_logging(verbose)
@@ -151,6 +162,7 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
         names = teacher or teacher_names(cache)
         if not names:
             raise StoreError(f"{cache}: no teacher groups (is this a dune_cache cache?)")
+        check_writable(cache)  # a read-only location fails before the (long) computation
         for name in names:
             result = compute_stats(cache, name)
             write_stats(cache, name, result)
@@ -164,6 +176,111 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
                        f"scale 1/sqrt(mean eigenvalue) = {scale:.4g}")
     except USER_ERRORS as exc:
         fail(exc)
+
+
+@app.command()
+def show(cache: str = typer.Argument(..., help="Cache root."),
+         out: Path = typer.Option(..., help="Folder for the PNGs (one per image, and grid.png)."),
+         images: Optional[list[str]] = typer.Option(None, help="Image id to show (repeatable)."),
+         first: Optional[int] = typer.Option(None, min=1, help="Show the first N images instead (default 4)."),
+         teacher: Optional[list[str]] = typer.Option(None, help="Teacher group (repeatable; default: all)."),
+         image_root: Optional[Path] = typer.Option(None, help="Image folder or list file, when the images "
+                                                   "moved since extraction (default: the cache's provenance)."),
+         cell: int = typer.Option(224, min=8, help="Height in pixels of each picture."),
+         verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """PNGs of each teacher's patch features as PCA-RGB maps beside the input image."""
+    from .show import show_cache
+
+    setup_logging(verbose)
+    try:
+        result = show_cache(cache, out, images, first, teacher, image_root, cell)
+    except USER_ERRORS as exc:
+        fail(exc)
+    for note in result.missing_images:
+        typer.secho(f"warning: {note}", fg=typer.colors.YELLOW, err=True)
+    typer.echo(f"wrote {len(result.rows)} row PNGs and {result.grid}")
+
+
+@app.command("ls")
+def list_caches(root: str = typer.Argument(..., help="Folder or fsspec URL (s3://bucket/prefix, ...) to search."),
+                depth: int = typer.Option(3, min=0, help="Folder levels below ROOT to search for caches."),
+                as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Catalog of the caches under ROOT: per teacher group its checkpoint, images, geometry, storage, progress
+    and size (read-only)."""
+    from .catalog import catalog, catalog_json, table_lines
+
+    try:
+        entries = catalog(root, depth)
+    except USER_ERRORS as exc:
+        fail(exc)
+    if as_json:
+        typer.echo(json.dumps(catalog_json(entries), indent=2))
+    elif not entries:
+        typer.echo(f"no caches under {root} (searched {depth} levels deep)")
+    else:
+        typer.echo("\n".join(table_lines(entries)))
+
+
+@app.command()
+def repair(cache: str = typer.Argument(..., help="Cache root."),
+           teacher: Optional[str] = typer.Option(None, help="Teacher group (default: every group)."),
+           checkpoint: Optional[Path] = typer.Option(None, help="Teacher checkpoint (default: the path recorded in "
+                                                     "provenance); its sha256 must equal the recorded one."),
+           images: Optional[Path] = typer.Option(None, help="Image directory or list (default: the source recorded "
+                                                 "in provenance); it must list exactly the group's images."),
+           dry_run: bool = typer.Option(False, "--dry-run", help="Only report what would be re-extracted."),
+           batch_size: int = typer.Option(32, min=1),
+           num_workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding DataLoader workers."),
+           device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
+           amp: bool = typer.Option(True, help="bf16 autocast on CUDA (as the group was extracted)."),
+           progress: bool = typer.Option(True, help="Show progress bars."),
+           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
+    """Verify, then re-extract only the damaged images (with the group's own settings) so that verify passes."""
+    from .repair import RepairConfig, repair_cache, summary_lines
+
+    setup_logging(verbose)
+    try:
+        plans = repair_cache(RepairConfig(cache=cache, teacher=teacher, checkpoint=checkpoint, images=images,
+                                          dry_run=dry_run, batch_size=batch_size, num_workers=num_workers,
+                                          device=device, amp=amp, progress=progress))
+    except USER_ERRORS as exc:
+        fail(exc)
+    for plan in plans:
+        for line in summary_lines(plan, dry_run):
+            typer.echo(line)
+
+
+@app.command()
+def recompress(
+    cache: str = typer.Argument(..., help="Source cache root (only read)."),
+    out: str = typer.Option(..., help="New cache root to write."),
+    encoding: str = typer.Option(..., help=ENCODING_HELP),
+    dtype: Optional[str] = typer.Option(None, help="Stored float dtype (default: the source's)."),
+    codec: Optional[str] = typer.Option(None, help="blosc-zstd, blosc-lz4, zstd, gzip or none (default: the source's)."),
+    level: Optional[int] = typer.Option(None, help="Compression level (default: the source's)."),
+    unit_size: Optional[int] = typer.Option(None, min=1, help="Images per work unit (default: the source's)."),
+    shard_images: Optional[int] = typer.Option(None, min=0, help="Images per Zarr shard (default: the source's)."),
+    teacher: Optional[list[str]] = typer.Option(None, help="Teacher group (repeatable; default: all)."),
+    overwrite: bool = typer.Option(False, help="Replace teacher groups that already exist in --out."),
+    block_images: int = typer.Option(64, min=1, help="Images per task (whole work units)."),
+    workers: int = typer.Option(2, min=1, help="Threads decoding/encoding blocks."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Re-encode a cache's features into a new cache root (out of core, no teacher run; the source is untouched)."""
+    from .recompress import RecompressConfig, recompress as run_recompress
+
+    setup_logging(verbose)
+    try:
+        results = run_recompress(RecompressConfig(
+            cache=cache, out=out, encoding=EncodingConfig.parse(encoding), dtype=dtype, codec=codec, level=level,
+            unit_size=unit_size, shard_images=shard_images, teachers=teacher, overwrite=overwrite,
+            block_images=block_images, workers=workers, progress=progress))
+    except USER_ERRORS as exc:
+        fail(exc)
+    for r in results:
+        typer.echo(f"[{r.teacher}] {r.done}/{r.images} images -> {out}/{r.teacher}: {r.bytes_before / 2**20:.2f} MiB "
+                   f"-> {r.bytes_after / 2**20:.2f} MiB ({r.ratio:.2f}x smaller)")
 
 
 if __name__ == "__main__":  # torchrun -m dune_cache.cli extract ...

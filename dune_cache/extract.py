@@ -24,11 +24,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
+from .encodings import Encoding, EncodingError, calibration_indices
 from .geometry import Geometry, resolve_geometry
 from .images import ImageDecodeError, ImageManifest, load_manifest, load_pixels, open_rgb
 from .runtime import default_num_workers, pick_device
-from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore, ViewRows,
-                    unit_bounds)
+from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, StoreError, TeacherStore,
+                    ViewRows, open_root, unit_bounds)
 from .teachers import Teacher, TeacherSpec, create_teacher
 from .teachers.registry import check_teacher_name
 from .views import ViewSampling, crop_view, decode_size, sample_views
@@ -147,7 +148,7 @@ def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: Image
                    "failures": "failures"},
         "software": {"dune_cache": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "zarr": zarr.__version__},
-        "source": {"images": source},
+        "source": {"images": source, "checkpoint": str(checkpoint.resolve()) if checkpoint is not None else None},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if views is not None:
@@ -311,6 +312,51 @@ def bad_rows(cls: torch.Tensor, patch: torch.Tensor, dtype: str) -> torch.Tensor
     return bad
 
 
+def check_rows(cls: torch.Tensor, patch: torch.Tensor, indices: np.ndarray, manifest: ImageManifest,
+               spec: TeacherSpec, dtype: str) -> None:
+    """Refuse (:class:`NonFiniteFeaturesError` naming the images) a batch with :func:`bad_rows`."""
+    bad = bad_rows(cls, patch, dtype)
+    if bad.any():
+        ids = [manifest.ids[i] for i in indices[bad.cpu().numpy()]]
+        raise NonFiniteFeaturesError(
+            f"teacher {spec.name} gave non-finite features or values beyond {dtype} range "
+            f"for {len(ids)} image(s): {', '.join(ids[:20])}. Nothing was written for this batch; "
+            "earlier batches are kept. Try --dtype float32 or --no-amp.")
+
+
+def group_exists(root: str, name: str) -> bool:
+    """Whether cache ``root`` has a group ``name`` (complete or being created)."""
+    try:
+        return name in open_root(root, mode="r")
+    except StoreError:
+        return False
+
+
+def calibrate_encoding(cfg: ExtractConfig, teacher: Teacher, manifest: ImageManifest, geometry: Geometry,
+                       device: torch.device, workers: int) -> Encoding:
+    """``cfg.storage.encoding`` calibrated on the teacher's features (stored dtype precision) of
+    ``calibration_images`` images spread evenly over the manifest; unreadable ones are skipped."""
+    storage = cfg.storage
+    if not storage.encoding.needs_calibration:
+        return Encoding.calibrate(storage.encoding, teacher.spec.embed_dim, storage.dtype)
+    indices = calibration_indices(len(manifest), storage.encoding.calibration_images)
+    loader = DataLoader(ManifestImages(manifest, indices, geometry), batch_size=cfg.batch_size, num_workers=workers,
+                        collate_fn=collate_batch)
+    features: dict[str, list[np.ndarray]] = {"cls": [], "patch": []}
+    for batch in tqdm(loader, desc=f"calibrate {storage.encoding.name}", unit="batch", disable=not cfg.progress,
+                      dynamic_ncols=True):
+        if len(batch.indices):
+            cls, patch = teacher_features(teacher, batch.pixels, device, cfg.amp)
+            check_rows(cls, patch, batch.indices, manifest, teacher.spec, storage.dtype)
+            for kind, values in (("cls", cls), ("patch", patch)):
+                features[kind].append(values.to(getattr(torch, storage.dtype)).float().cpu().numpy())
+    if not features["cls"]:
+        raise EncodingError(f"none of the {len(indices)} calibration images of {cfg.images} could be read")
+    log.info("calibrating %s on %d images", storage.encoding, sum(map(len, features["cls"])))
+    samples = {kind: np.concatenate(values) for kind, values in features.items()}
+    return Encoding.calibrate(storage.encoding, teacher.spec.embed_dim, storage.dtype, samples)
+
+
 def run_extraction(cfg: ExtractConfig) -> ExtractResult:
     """Extract (or resume extracting) ``cfg.teacher`` features for ``cfg.images`` into ``cfg.out``."""
     check_teacher_name(cfg.teacher)
@@ -324,18 +370,24 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
     name = cfg.name or spec.name.replace(":", "-").replace("/", "-")
     if cfg.views < 0:
         raise ValueError(f"--views {cfg.views}: must be >= 0")
-    provenance = build_provenance(spec, cfg.checkpoint, manifest, str(cfg.images), geometry, cfg.storage,
-                                  cfg.view_sampling.to_json(cfg.views) if cfg.views else None)
-    store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
-                                        cfg.storage, overwrite=cfg.overwrite, views=cfg.views)
-    slot, slots = worker_slot(cfg.shard)
-    status = store.read_status()
-    todo = pending_indices(status, my_units(store.num_units, slot, slots), store.images_per_unit, cfg.retry_failed)
+    provenance = build_provenance(spec, cfg.checkpoint, manifest, str(Path(cfg.images).resolve()), geometry,
+                                  cfg.storage, cfg.view_sampling.to_json(cfg.views) if cfg.views else None)
     device = pick_device(cfg.device)
-    log.info("extract %s -> %s/%s: %d images (+%d views each), %d to do in slot %d/%d, %dx%d on %s", spec.name,
-             cfg.out, name, len(manifest), cfg.views, len(todo), slot, slots, *geometry.resolution, device)
     teacher.to(device)
     workers = default_num_workers(device) if cfg.num_workers is None else cfg.num_workers
+    slot, slots = worker_slot(cfg.shard)
+    creator = slot == 0  # only slot 0 creates (or replaces) the group; the others wait for it (store.py)
+    # a new group's encoding is calibrated here; an existing group keeps its stored calibration
+    encoding = (calibrate_encoding(cfg, teacher, manifest, geometry, device, workers)
+                if creator and (cfg.overwrite or not group_exists(cfg.out, name)) else None)
+    store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
+                                        cfg.storage, overwrite=cfg.overwrite, views=cfg.views, encoding=encoding,
+                                        creator=creator)
+    status = store.read_status()
+    todo = pending_indices(status, my_units(store.num_units, slot, slots), store.images_per_unit, cfg.retry_failed)
+    log.info("extract %s -> %s/%s: %d images (+%d views each), %d to do in slot %d/%d, %dx%d on %s, encoding %s",
+             spec.name, cfg.out, name, len(manifest), cfg.views, len(todo), slot, slots, *geometry.resolution,
+             device, store.encoding)
     start = time.perf_counter()
     processed, skipped = 0, []
     writer = FeatureWriter(store, status, manifest)
@@ -350,13 +402,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
             cls = patch = views = None
             if len(batch.indices):
                 cls_t, patch_t = forward_images_and_views(teacher, batch, device, cfg.amp)
-                bad = bad_rows(cls_t, patch_t, cfg.storage.dtype)
-                if bad.any():
-                    ids = [manifest.ids[i] for i in batch.indices[bad.cpu().numpy()]]
-                    raise NonFiniteFeaturesError(
-                        f"teacher {spec.name} gave non-finite features or values beyond {cfg.storage.dtype} range "
-                        f"for {len(ids)} image(s): {', '.join(ids[:20])}. Nothing was written for this batch; "
-                        "earlier batches are kept. Try --dtype float32 or --no-amp.")
+                check_rows(cls_t, patch_t, batch.indices, manifest, spec, cfg.storage.dtype)
                 np_dtype = torch.float16 if cfg.storage.dtype == "float16" else torch.float32
                 cls, patch = cls_t.to(np_dtype).cpu().numpy(), patch_t.to(np_dtype).cpu().numpy()
                 if batch.views is not None:

@@ -8,7 +8,7 @@ import numpy as np
 import zarr
 
 from .images import ImageManifest
-from .store import (ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, VIEW_ARRAYS, StoreError, TeacherStore,
+from .store import (ATTR_KEY, FEATURES, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StoreError, TeacherStore,
                     open_root)
 
 
@@ -20,15 +20,15 @@ def teacher_names(root: str) -> list[str]:
 
 
 def teacher_info(store: TeacherStore) -> dict:
-    """Counts, shapes, storage and provenance of one teacher group."""
+    """Counts, shapes, storage, encoding and provenance of one teacher group. ``raw_bytes``: the done images'
+    features (CLS and patch tokens, and cached views) as plain float16; ``compression_ratio`` = raw_bytes /
+    bytes_stored (everything the features take, calibration arrays included) whatever the encoding."""
     status = store.read_status()
     done = int((status == STATUS_DONE).sum())
     meta = store.provenance
-    views = [store.views["cls"], store.views["patch"]] if store.views is not None else []
-    values = sum(int(np.prod(array.shape[1:])) for array in [store.cls, store.patch, *views])
-    per_image = values * store.cls.dtype.itemsize
+    tokens_per_image = (1 + int(np.prod(store.patch.shape[1:3]))) * (1 + store.num_views)
     stored = store.nbytes_stored()
-    raw = done * per_image
+    raw = done * tokens_per_image * store.dim * 2
     return {
         "images": store.count,
         "done": done,
@@ -38,13 +38,15 @@ def teacher_info(store: TeacherStore) -> dict:
         "patch_shape": list(store.patch.shape),
         "views": store.num_views,
         "views_patch_shape": list(store.views["patch"].shape) if store.views is not None else None,
-        "dtype": str(store.cls.dtype),
+        "dtype": meta["storage"]["dtype"],
+        "encoding": store.encoding.to_json(),
         "codec": meta["storage"]["codec"],
         "level": meta["storage"]["level"],
         "shard_images": meta["storage"]["shard_images"],
         "bytes_stored": stored,
         "bytes_per_image": stored / done if done else 0.0,
         "raw_bytes": raw,
+        "raw_dtype": "float16",
         "compression_ratio": raw / stored if stored else 0.0,
         "provenance": meta,
     }
@@ -60,52 +62,98 @@ def cache_info(root: str) -> dict[str, dict]:
 
 @dataclass
 class VerifyReport:
-    """Problems found in one teacher group; ``ok`` when there are none."""
+    """Problems found in one teacher group; ``ok`` when there are none.
+
+    ``problems`` are the printed lines. The same, structured: ``inconsistent``, group-level problems
+    (shapes, dtype, manifest against provenance; not repairable); ``pending``, images not computed yet;
+    ``damaged``, each image whose stored data is wrong (a done image whose chunks do not decode or hold
+    invalid values, or whose failed status and failure record disagree) -> its problems: the images
+    ``dune-cache repair`` re-extracts.
+    """
 
     name: str
     checked: int = 0
     problems: list[str] = field(default_factory=list)
+    damaged: dict[int, list[str]] = field(default_factory=dict)
+    inconsistent: list[str] = field(default_factory=list)
+    pending: int = 0
+
+    def add_damage(self, index: int, problem: str) -> None:
+        self.damaged.setdefault(index, []).append(problem)
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
 
-def check_provenance(store: TeacherStore, status: np.ndarray, manifest: ImageManifest) -> list[str]:
-    """Array shapes, ``manifest`` and failure records agree with the recorded provenance (``status`` ``(N,)``)."""
+def check_feature_parts(store: TeacherStore, name: str, prefix: tuple[int, ...]) -> list[str]:
+    """Each stored part of feature array ``name`` exists with shape ``(*prefix, part.last)`` and the part's
+    dtype (for ``none``: ``(*prefix, D)`` in the storage dtype)."""
+    problems = []
+    group = store.group if "/" not in name else store.views
+    for part in store.encoding.parts(name):
+        key = name.rpartition("/")[2] + part.suffix
+        label = name + part.suffix
+        if key not in group:
+            problems.append(f"{label} is missing (encoding {store.encoding.name})")
+            continue
+        array, shape = group[key], (*prefix, part.last)
+        if tuple(array.shape) != shape:
+            problems.append(f"{label} shape {tuple(array.shape)} != {shape} from provenance")
+        if str(array.dtype) != part.dtype:
+            problems.append(f"{label} dtype {array.dtype} differs from {part.dtype} of provenance "
+                            f"(storage dtype {store.provenance['storage']['dtype']}, encoding {store.encoding.name})")
+    return problems
+
+
+def check_provenance(store: TeacherStore, manifest: ImageManifest) -> list[str]:
+    """Array shapes, dtypes and ``manifest`` agree with the recorded provenance."""
     meta, problems = store.provenance, []
-    dim = meta["teacher"]["embed_dim"]
     grid = tuple(meta["geometry"]["grid"])
     n = meta["images"]["count"]
-    if tuple(store.cls.shape) != (n, dim):
-        problems.append(f"cls shape {tuple(store.cls.shape)} != (images {n}, dim {dim}) in provenance")
-    if tuple(store.patch.shape) != (n, *grid, dim):
-        problems.append(f"patch shape {tuple(store.patch.shape)} != {(n, *grid, dim)} from provenance")
-    if str(store.cls.dtype) != meta["storage"]["dtype"] or str(store.patch.dtype) != meta["storage"]["dtype"]:
-        problems.append(f"array dtype differs from provenance dtype {meta['storage']['dtype']}")
+    problems += check_feature_parts(store, "cls", (n,)) + check_feature_parts(store, "patch", (n, *grid))
     if store.views is not None:
         k = store.num_views
-        expected = {"cls": (n, k, dim), "patch": (n, k, *grid, dim), "boxes": (n, k, 4), "flip": (n, k)}
+        problems += check_feature_parts(store, "views/cls", (n, k))
+        problems += check_feature_parts(store, "views/patch", (n, k, *grid))
+        expected = {"boxes": (n, k, 4), "flip": (n, k)}
         problems.extend(f"views/{name} shape {tuple(store.views[name].shape)} != {shape} from provenance"
                         for name, shape in expected.items() if tuple(store.views[name].shape) != shape)
     if len(manifest) != n:
         problems.append(f"manifest lists {len(manifest)} images, provenance says {n}")
     if manifest.sha256 != meta["images"]["manifest_sha256"]:
         problems.append("manifest sha256 differs from provenance (manifest altered?)")
-    failed = set(np.flatnonzero(status == STATUS_FAILED).tolist())
-    recorded = {r["index"] for r in store.read_failures()}
-    if failed != recorded:
-        problems.append(f"{len(failed ^ recorded)} images differ between failed status and failure records")
-    pending = int((status == STATUS_PENDING).sum())
-    if pending:
-        problems.append(f"incomplete: {pending} of {n} images pending (re-run the same extract command to finish)")
     return problems
 
 
+def failure_record_mismatches(store: TeacherStore, status: np.ndarray) -> list[int]:
+    """Sorted images whose failed ``status`` ``(N,)`` and failure records disagree (one without the other)."""
+    failed = set(np.flatnonzero(status == STATUS_FAILED).tolist())
+    recorded = {r["index"] for r in store.read_failures()}
+    return sorted(failed ^ recorded)
+
+
+def feature_names(store: TeacherStore) -> list[str]:
+    """The group's feature arrays: ``cls``, ``patch`` and, with cached views, ``views/cls``, ``views/patch``."""
+    return [name for name in FEATURES if not name.startswith("views/") or store.views is not None]
+
+
 def checked_arrays(store: TeacherStore) -> dict[str, zarr.Array]:
-    """Every per-image array whose rows ``verify`` decodes: features, and cached views with boxes and flips."""
-    views = {f"views/{name}": store.views[name] for name in VIEW_ARRAYS} if store.views is not None else {}
-    return {"cls": store.cls, "patch": store.patch, **views}
+    """Every stored per-image array: each part of the feature arrays (see the group's encoding) and, with
+    cached views, the boxes and flips."""
+    parts = {name + suffix: array for name in feature_names(store) for suffix, array in store.stored_arrays(name).items()}
+    views = {f"views/{name}": store.views[name] for name in ("boxes", "flip")} if store.views is not None else {}
+    return {**parts, **views}
+
+
+def checked_reads(store: TeacherStore) -> dict[str, Callable[[slice], np.ndarray]]:
+    """What ``verify`` reads per block of rows: each feature array decoded through the group's encoding (a
+    chunk never written decodes to NaN), and the views' boxes and flips as stored."""
+    reads: dict[str, Callable[[slice], np.ndarray]] = {
+        name: (lambda rows, name=name: store.read_features(name, rows)) for name in feature_names(store)}
+    if store.views is not None:
+        reads.update({f"views/{name}": store.views[name].__getitem__ for name in ("boxes", "flip")})
+    return reads
 
 
 def invalid_rows(values: np.ndarray) -> tuple[np.ndarray, str]:
@@ -119,18 +167,18 @@ def invalid_rows(values: np.ndarray) -> tuple[np.ndarray, str]:
 
 def unreadable_or_nonfinite(store: TeacherStore, indices: np.ndarray) -> list[tuple[int, str]]:
     """``[(index, problem)]`` for images among sorted ``indices`` (one block) whose chunks do not decode
-    or hold invalid values (:func:`invalid_rows`), in any of :func:`checked_arrays`."""
+    or hold invalid values (:func:`invalid_rows`), in any of :func:`checked_reads`."""
     lo, hi = int(indices[0]), int(indices[-1]) + 1
     wanted = set(indices.tolist())
     problems: list[tuple[int, str]] = []
-    for name, array in checked_arrays(store).items():
+    for name, read in checked_reads(store).items():
         try:
-            rows = [(lo, array[lo:hi])]
+            rows = [(lo, read(slice(lo, hi)))]
         except Exception:  # noqa: BLE001 - read image by image to name the broken ones
             rows = []
             for i in indices.tolist():
                 try:
-                    rows.append((i, array[i:i + 1]))
+                    rows.append((i, read(slice(i, i + 1))))
                 except Exception as exc:  # noqa: BLE001
                     problems.append((i, f"{name}: chunk does not decode: {type(exc).__name__}: {exc}"))
         for start, values in rows:
@@ -143,7 +191,17 @@ def unreadable_or_nonfinite(store: TeacherStore, indices: np.ndarray) -> list[tu
 def verify_teacher(store: TeacherStore, block: int = 64, progress: Callable[[int], None] | None = None) -> VerifyReport:
     """Full check of one teacher group: provenance consistency, every done image decodes and is finite."""
     status, manifest = store.read_status(), store.manifest()
-    report = VerifyReport(name=store.group.basename, problems=check_provenance(store, status, manifest))
+    inconsistent = check_provenance(store, manifest)
+    report = VerifyReport(name=store.group.basename, problems=list(inconsistent), inconsistent=inconsistent,
+                          pending=int((status == STATUS_PENDING).sum()))
+    if report.pending:
+        report.problems.append(f"incomplete: {report.pending} of {store.count} images pending "
+                               "(re-run the same extract command to finish)")
+    mismatched = failure_record_mismatches(store, status)
+    if mismatched:
+        report.problems.append(f"{len(mismatched)} images differ between failed status and failure records")
+    for index in mismatched:
+        report.add_damage(index, "failed status and failure record disagree")
     done = np.flatnonzero(status == STATUS_DONE)  # sorted
     ids = manifest.ids
     for start in range(0, store.count, block):
@@ -151,6 +209,7 @@ def verify_teacher(store: TeacherStore, block: int = 64, progress: Callable[[int
         if len(indices):
             for index, problem in unreadable_or_nonfinite(store, indices):
                 report.problems.append(f"image {index} ({ids[index] if index < len(ids) else '?'}): {problem}")
+                report.add_damage(index, problem)
             report.checked += len(indices)
         if progress:
             progress(min(block, store.count - start))

@@ -6,6 +6,10 @@ The trainer touches caches only through :class:`CacheReader`. Sample ``i`` is im
 extracted with ``--views K`` also serve, per sample, one of its K cached views (``read(indices, views)``)
 and that view's crop box and flip (``view_boxes``), so the trainer can show the student the same crop.
 
+Groups stored with an encoding (docs/cache-format.md, "Encodings") are read as their stored parts and
+decoded to float targets with torch: in the reading process (``read``), or later on the training device
+(``read(..., decode=False)`` in DataLoader workers, then ``decode(batch, device)``).
+
 Backends decode the same Zarr v3 arrays: ``tensorstore`` (driver ``zarr3``), ``zarrs`` (the Rust
 codec pipeline of the ``zarrs`` package plugged into zarr-python) and ``zarr`` (plain
 zarr-python ``oindex``). ``backend="auto"`` takes the fastest installed one for the output dtype
@@ -25,6 +29,9 @@ import numpy as np
 import torch
 import zarr
 
+from . import location
+from .chunk_cache import ArrayMirror, group_directory
+from .encodings import Encoding, Part
 from .inspect import teacher_names
 from .stats import TeacherStats, read_stats
 from .store import STATUS_DONE, STATUS_PENDING, StoreError, TeacherStore
@@ -40,12 +47,30 @@ BACKENDS = ("tensorstore", "zarrs", "zarr", "memory")
 #   busy machine (0.74-0.79 vs 0.64-0.66). zarr-python itself: 0.14-0.18 either way.
 AUTO_BACKEND_ORDER = {torch.float32: ("tensorstore", "zarrs", "zarr"), torch.float16: ("zarrs", "tensorstore", "zarr")}
 ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
+REMOTE_BACKENDS = ("zarrs", "zarr", "memory")  # zarr-python based: they read over fsspec (dune_cache.location)
 FEATURE_ARRAYS = ("cls", "patch")
 FULL_IMAGE = -1  # the view index of the whole image (the group's cls/patch arrays)
 
 
 class ReaderError(StoreError):
-    """A cache cannot be read as asked (missing teacher group, incomplete group, unknown backend)."""
+    """A cache cannot be read as asked (missing teacher group, incomplete group, unknown backend, a chunk
+    that does not decode)."""
+
+
+@dataclass
+class EncodedBatch:
+    """Targets of ``B`` samples as stored, before decoding (:meth:`CacheReader.read` with ``decode=False``).
+
+    cls:   teacher -> {part suffix: ``(B, C)``}, patch: teacher -> {part suffix: ``(B, h_t, w_t, C)``}: each
+           stored part of the group's encoding (``""``: the array itself; ``C`` the part's last dimension) in
+           its stored dtype (``CacheReader.dtype`` for encodings without a decode step), zeros where the mask
+           is False. Parts of the patch tokens share the token grid, so a crop cuts them all alike.
+    mask:  ``(B, T)`` bool, columns in ``CacheReader.teachers`` order
+    """
+
+    cls: dict[str, dict[str, torch.Tensor]]
+    patch: dict[str, dict[str, torch.Tensor]]
+    mask: torch.Tensor
 
 
 @dataclass
@@ -77,10 +102,13 @@ class TensorstoreRows:
 
         self.ts = tensorstore
 
-    def open(self, path: str, dtype: torch.dtype | None) -> Any:
-        """The array read-only, cast to ``dtype`` (``None``: the stored dtype)."""
-        kvstore = path if "://" in path else {"driver": "file", "path": path}
-        array = self.ts.open({"driver": "zarr3", "kvstore": kvstore}, read=True).result()
+    def open(self, url: str, dtype: torch.dtype | None) -> Any:
+        """The array read-only, cast to ``dtype`` (``None``: the stored dtype). Local paths only: its s3
+        driver is not verified against our test server, so remote caches are read with ``zarr``."""
+        path = location.local_path(url)
+        if path is None:
+            raise ReaderError(f"backend tensorstore reads local caches only, not {url}; use backend zarr")
+        array = self.ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}, read=True).result()
         return array if dtype is None else self.ts.cast(array, self.ts.dtype(str(dtype).removeprefix("torch.")))
 
     def read(self, requests: list[tuple[Any, tuple]]) -> list[np.ndarray]:
@@ -96,11 +124,12 @@ class ZarrRows:
         self.name, self.codec_pipeline = name, codec_pipeline
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-reader")
 
-    def open(self, path: str, dtype: torch.dtype | None) -> Any:
-        """The array read-only (values come out in the stored dtype; the reader casts them)."""
+    def open(self, url: str, dtype: torch.dtype | None) -> Any:
+        """The array read-only (values come out in the stored dtype; the reader casts them). zarrs decodes
+        local arrays; zarr-python's own pipeline takes over for remote ones."""
         settings = {"codec_pipeline.path": self.codec_pipeline} if self.codec_pipeline else {}
         with zarr.config.set(settings):  # the pipeline is bound to the array when it is opened
-            return zarr.open_array(store=path, mode="r")
+            return location.open_array(url, mode="r")
 
     def read(self, requests: list[tuple[Any, tuple]]) -> list[np.ndarray]:
         futures = [self.pool.submit(self.read_one, array, index) for array, index in requests]
@@ -126,8 +155,8 @@ class MemoryRows:
 
     name = "memory"
 
-    def open(self, path: str, dtype: torch.dtype | None) -> np.ndarray:
-        return zarr.open_array(store=path, mode="r")[...]
+    def open(self, url: str, dtype: torch.dtype | None) -> np.ndarray:
+        return location.open_array(url, mode="r")[...]
 
     def read(self, requests: list[tuple[np.ndarray, tuple]]) -> list[np.ndarray]:
         return [array[index] for array, index in requests]
@@ -156,14 +185,24 @@ def backend_installed(name: str) -> bool:
     return name == "memory" or importlib.util.find_spec(name) is not None
 
 
-def resolve_backend(backend: str, dtype: torch.dtype) -> str:
+def resolve_backend(backend: str, dtype: torch.dtype, remote: bool = False, chunk_cache: bool = False) -> str:
     """The named backend if installed, or for ``"auto"`` the first installed one of
-    :data:`AUTO_BACKEND_ORDER` for the output ``dtype``."""
+    :data:`AUTO_BACKEND_ORDER` for the output ``dtype``. A ``remote`` cache (a URL) is read by one of
+    :data:`REMOTE_BACKENDS`; ``auto`` takes zarrs when a ``chunk_cache`` keeps local copies (it decodes
+    those, zarr-python's pipeline the remote objects), else zarr."""
+    if backend == "auto" and remote:
+        chosen = "zarrs" if chunk_cache and backend_installed("zarrs") else "zarr"
+        log.info("remote cache: backend %s (tensorstore reads local paths only here; remote objects are decoded "
+                 "by zarr-python over fsspec%s)", chosen, ", chunk-cache copies by zarrs" if chosen == "zarrs" else "")
+        return chosen
     if backend == "auto":
         order = AUTO_BACKEND_ORDER.get(dtype, BACKENDS)
         return next(name for name in order if backend_installed(name))  # zarr always is
     if backend not in BACKENDS:
         raise ReaderError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
+    if remote and backend not in REMOTE_BACKENDS:
+        raise ReaderError(f"reader backend {backend!r} reads local caches only; for a remote cache use "
+                          f"{', '.join(REMOTE_BACKENDS)} (or auto)")
     if not backend_installed(backend):
         raise ReaderError(f"reader backend {backend!r} is not installed (pip install {backend})")
     return backend
@@ -244,23 +283,36 @@ class CacheReader:
     ``zarr`` | ``memory`` (whole arrays in RAM); the one used is in ``self.backend`` and logged. ``dtype``: dtype of the returned
     tensors; ``torch.float16`` skips the host-side widening of float16 caches (about half the CPU
     cost of a batch, docs/benchmarks.md) when the conversion can happen on the GPU instead.
+
+    ``root`` is a path or an fsspec URL (``s3://bucket/cache.zarr``, see :mod:`dune_cache.location`); a remote
+    cache is read by zarr-python over fsspec. ``chunk_cache``: a local folder keeping copies of the remote
+    cache's feature chunks as they are read, decoded by zarrs (:mod:`dune_cache.chunk_cache`; e.g.
+    ``chunk_cache.default_directory()``); ignored for local caches and the memory backend.
     """
 
     def __init__(self, root: str, teachers: Sequence[str] | None = None, backend: str = "auto",
-                 allow_partial: bool = False, dtype: torch.dtype = torch.float32):
+                 allow_partial: bool = False, dtype: torch.dtype = torch.float32,
+                 chunk_cache: str | os.PathLike | None = None):
         self.root = str(root)
+        remote = location.is_remote(self.root)
         stores = open_teacher_stores(self.root, teachers)
         self.teachers: list[str] = list(stores)
         self.provenance: dict[str, dict] = {name: s.provenance for name, s in stores.items()}
         self.grids: dict[str, tuple[int, int]] = {name: tuple(s.patch.shape[1:3]) for name, s in stores.items()}
-        self.dims: dict[str, int] = {name: int(s.patch.shape[3]) for name, s in stores.items()}
+        self.dims: dict[str, int] = {name: s.dim for name, s in stores.items()}  # the teacher's embed dim
+        self.encodings: dict[str, Encoding] = {name: s.encoding for name, s in stores.items()}
         self.num_views: dict[str, int] = {name: s.num_views for name, s in stores.items()}  # K, 0 without views
         self.done_counts: dict[str, int] = {}
+        self.chunk_cache: str | None = os.fspath(chunk_cache) if chunk_cache and remote else None
+        self._done_masks: dict[str, np.ndarray] = {}  # group rows done now: the chunk cache keeps only those
         groups = []
         for name, store in stores.items():
             done = done_rows(store, name, allow_partial)
             manifest = store.manifest()
             self.done_counts[name] = len(done)
+            if self.chunk_cache:
+                self._done_masks[name] = np.zeros(store.count, dtype=bool)
+                self._done_masks[name][done] = True
             groups.append((list(manifest.ids), list(manifest.tags), done))
         alignment = align_groups(groups)
         self.image_ids: list[str] = alignment.image_ids
@@ -269,10 +321,13 @@ class CacheReader:
         if not dtype.is_floating_point:
             raise ReaderError(f"dtype {dtype} is not a floating point dtype")
         self.dtype = dtype
-        self.backend: str = resolve_backend(backend, dtype)
+        self.backend: str = resolve_backend(backend, dtype, remote, self.chunk_cache is not None)
         self._handles: tuple[int, Any, dict[str, Any]] | None = None  # (pid, backend, arrays opened so far)
-        log.info("CacheReader %s: %d samples, teachers %s, backend %s", self.root, len(self.image_ids),
-                 ", ".join(f"{t} ({self.done_counts[t]} done)" for t in self.teachers), self.backend)
+        log.info("CacheReader %s: %d samples, teachers %s, backend %s%s", self.root, len(self.image_ids),
+                 ", ".join(f"{t} ({self.done_counts[t]} done)" for t in self.teachers), self.backend,
+                 f", chunk cache {self.chunk_cache}" if self.chunk_cache else "")
+        if chunk_cache and not remote:
+            log.info("chunk cache %s not used: %s is a local cache", chunk_cache, self.root)
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -292,15 +347,33 @@ class CacheReader:
             self._handles = (os.getpid(), BACKEND_FACTORIES[self.backend](), {})
         return self._handles[1], self._handles[2]
 
-    def _array(self, teacher: str, array: str) -> Any:
-        """Handle of ``<teacher>/<array>`` (e.g. ``patch``, ``views/boxes``), opened on first use; feature
-        arrays come out in ``self.dtype``, boxes and flips in their stored dtype."""
+    def _array(self, teacher: str, array: str, dtype: torch.dtype | None = None) -> Any:
+        """Handle of ``<teacher>/<array>`` (e.g. ``patch``, ``patch_scale``, ``views/boxes``), opened on first
+        use; values come out in ``dtype`` (``None``: the stored dtype)."""
         io, arrays = self._open_here()
         path = f"{teacher}/{array}"
         if path not in arrays:
-            dtype = self.dtype if array.rpartition("/")[2] in FEATURE_ARRAYS else None
-            arrays[path] = io.open(f"{self.root}/{path}", dtype)
+            arrays[path] = io.open(location.join(self.root, teacher, array), dtype)
         return arrays[path]
+
+    def _mirror(self, teacher: str, array: str, dtype: torch.dtype | None) -> tuple[ArrayMirror, Any] | None:
+        """The chunk-cache mirror of ``<teacher>/<array>`` and a handle on it (read with the local decoder), or
+        ``None`` without a chunk cache or for arrays it does not keep (see :mod:`dune_cache.chunk_cache`)."""
+        if self.chunk_cache is None or self.backend == "memory":
+            return None
+        io, arrays = self._open_here()
+        key = f"{teacher}/{array}@mirror"
+        if key not in arrays:
+            folder = group_directory(self.chunk_cache, location.join(self.root, teacher), self.provenance[teacher])
+            mirror = ArrayMirror.create(location.join(self.root, teacher, array), folder / array,
+                                        self._done_masks[teacher])
+            arrays[key] = (mirror, io.open(str(mirror.folder), dtype)) if mirror is not None else None
+        return arrays[key]
+
+    def _part_dtype(self, teacher: str, part: Part) -> torch.dtype:
+        """Dtype a stored part is read in: ``self.dtype`` for encodings without a decode step (the backend
+        casts), the stored dtype otherwise."""
+        return self.dtype if self.encodings[teacher].passthrough else getattr(torch, part.dtype)
 
     def views_per_image(self) -> int:
         """K, the number of cached views per image, shared by all teachers read (with the same boxes: the
@@ -336,38 +409,146 @@ class CacheReader:
             raise IndexError(f"sample indices must lie in [0, {len(self)})")
         return self.rows[indices]
 
-    def read(self, indices: np.ndarray, views: np.ndarray | None = None) -> TargetBatch:
+    def read(self, indices: np.ndarray, views: np.ndarray | None = None,
+             decode: bool = True) -> TargetBatch | EncodedBatch:
         """Targets of samples ``indices`` ``(B,)`` (any order, repeats allowed), returned in that order.
 
         views: ``(B,)`` which cached view of each sample (``0 .. K-1``; ``-1`` the whole image); ``None``:
         the whole images. Every teacher then returns the targets of that view.
+        decode: ``False`` returns the stored parts (:class:`EncodedBatch`), e.g. in DataLoader workers, for
+        :meth:`decode` on the training device.
         """
         indices = np.asarray(indices, dtype=np.int64)
         rows = self._sample_rows(indices)  # (B, T)
         views = self._check_views(indices, views)
-        mask = rows >= 0
-        parts = [(name, prefix, array, selected, index) for t, name in enumerate(self.teachers)
-                 for prefix, selected, index in split_reads(rows[:, t], views) for array in FEATURE_ARRAYS]
-        io, _ = self._open_here()
-        values = io.read([(self._array(name, prefix + array), index) for name, prefix, array, _, index in parts])
-        decoded: dict[tuple[str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
-        for (name, _, array, selected, _), value in zip(parts, values):
-            decoded.setdefault((name, array), []).append((value, selected))
+        reads = [(name, prefix, kind, part, selected, index) for t, name in enumerate(self.teachers)
+                 for prefix, selected, index in split_reads(rows[:, t], views) for kind in FEATURE_ARRAYS
+                 for part in self.encodings[name].parts(kind)]
+        values = self._read_checked([(name, prefix + kind + part.suffix, self._part_dtype(name, part), index)
+                                     for name, prefix, kind, part, _, index in reads])
+        gathered: dict[tuple[str, str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
+        for (name, _, kind, part, selected, _), value in zip(reads, values):
+            gathered.setdefault((name, kind, part.suffix), []).append((value, selected))
         n = len(indices)
-        cls = {name: self.assemble(decoded.get((name, "cls"), []), (n, self.dims[name])) for name in self.teachers}
-        patch = {name: self.assemble(decoded.get((name, "patch"), []), (n, *self.grids[name], self.dims[name]))
-                 for name in self.teachers}
-        return TargetBatch(cls=cls, patch=patch, mask=torch.from_numpy(mask))
+        stored = {kind: {name: {part.suffix: self.assemble(gathered.get((name, kind, part.suffix), []),
+                                                           (n, *self._token_shape(name, kind), part.last),
+                                                           self._part_dtype(name, part))
+                                for part in self.encodings[name].parts(kind)}
+                         for name in self.teachers}
+                  for kind in FEATURE_ARRAYS}
+        batch = EncodedBatch(cls=stored["cls"], patch=stored["patch"], mask=torch.from_numpy(rows >= 0))
+        return self.decode(batch) if decode else batch
 
-    def assemble(self, parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, ...]) -> torch.Tensor:
-        """Tensor ``shape`` of ``self.dtype``: each part's values ``(selected.sum(), ...)`` at its ``selected``
-        rows (bool ``(B,)``), zeros elsewhere."""
+    def _read_checked(self, requests: list[tuple[str, str, torch.dtype | None, tuple]]) -> list[np.ndarray]:
+        """:meth:`_read_routed`, and when a chunk does not decode (crc32c mismatch, corrupt or truncated object)
+        the chunk-cache copies of the requested rows are dropped and read again once; then a
+        :class:`ReaderError` names the teacher, array and image."""
+        try:
+            return self._read_routed(requests)
+        except Exception as exc:  # noqa: BLE001 - located (and maybe fetched again) below
+            error = exc
+        if self._forget_kept(requests):
+            try:
+                return self._read_routed(requests)
+            except Exception as exc:  # noqa: BLE001
+                error = exc
+        located = self._locate_bad_chunk(requests)
+        if located is None:
+            raise error
+        raise located from error
+
+    def _read_routed(self, requests: list[tuple[str, str, torch.dtype | None, tuple]]) -> list[np.ndarray]:
+        """The backend's read of ``(teacher, array, dtype, index)`` requests (see :meth:`_array`), each index
+        ``(rows,)`` or ``(rows, views)``. With a chunk cache, rows it keeps are fetched into it first and read
+        from it; the other rows come from the remote store."""
+        io, _ = self._open_here()
+        reads, routes = [], []  # routes: per request, the bool (B,) rows of each of its reads
+        for teacher, array, dtype, index in requests:
+            mirrored = self._mirror(teacher, array, dtype)
+            kept = mirrored[0].kept(index[0]) if mirrored else np.zeros(len(index[0]), dtype=bool)
+            route = []
+            if kept.any():
+                mirrored[0].fetch(index[0][kept])
+                reads.append((mirrored[1], tuple(part[kept] for part in index)))
+                route.append(kept)
+            if not kept.all():
+                reads.append((self._array(teacher, array, dtype), tuple(part[~kept] for part in index)))
+                route.append(~kept)
+            routes.append(route)
+        values = iter(io.read(reads))
+        out = []
+        for route in routes:
+            parts = [next(values) for _ in route]
+            if len(parts) == 1:
+                out.append(parts[0])
+                continue
+            merged = np.empty((len(route[0]), *parts[0].shape[1:]), dtype=parts[0].dtype)
+            for rows, value in zip(route, parts):
+                merged[rows] = value
+            out.append(merged)
+        return out
+
+    def _forget_kept(self, requests: list[tuple]) -> bool:
+        """Drop the chunk-cache copies of every requested row; whether there were any."""
+        forgotten = 0
+        for teacher, array, dtype, index in requests:
+            mirrored = self._mirror(teacher, array, dtype)
+            if mirrored:
+                forgotten += mirrored[0].forget(index[0][mirrored[0].kept(index[0])])
+        if forgotten:
+            log.warning("dropped %d chunk(s) from the local chunk cache that did not decode; reading them again",
+                        forgotten)
+        return forgotten > 0
+
+    def _locate_bad_chunk(self, requests: list[tuple]) -> ReaderError | None:
+        """Read the requests sample by sample; the error naming the first that fails (``None``: none does)."""
+        for teacher, array, dtype, index in requests:
+            for j in range(len(index[0])):
+                try:
+                    self._read_routed([(teacher, array, dtype, tuple(part[j:j + 1] for part in index))])
+                except Exception as exc:  # noqa: BLE001
+                    row = int(index[0][j])
+                    column = self.teachers.index(teacher)
+                    image = self.image_ids[int(np.flatnonzero(self.rows[:, column] == row)[0])]
+                    return ReaderError(
+                        f"teacher {teacher}: {array} of image {row} ({image}) cannot be read or does not decode "
+                        f"({type(exc).__name__}: {exc}); a corrupt or truncated chunk is listed by `dune-cache "
+                        f"verify {self.root}` and rewritten by `dune-cache repair {self.root}`")
+        return None
+
+    def _token_shape(self, teacher: str, kind: str) -> tuple[int, ...]:
+        """Per-sample shape of ``kind`` without the channels: ``()`` for cls, the grid for patch."""
+        return () if kind == "cls" else self.grids[teacher]
+
+    def decode(self, batch: EncodedBatch, device: torch.device | str | None = None) -> TargetBatch:
+        """Float targets (``self.dtype``) of an :class:`EncodedBatch` on ``device`` (default: where the parts
+        are), zeros where the mask is False; only the calibration arrays of the encodings are needed, so any
+        process holding a reader of the same cache can decode (e.g. the trainer on its GPU)."""
+        decoded: dict[str, dict[str, torch.Tensor]] = {"cls": {}, "patch": {}}
+        for t, name in enumerate(self.teachers):
+            encoding = self.encodings[name]
+            absent = ~batch.mask[:, t]
+            for kind, parts in (("cls", batch.cls[name]), ("patch", batch.patch[name])):
+                if encoding.passthrough:  # read in self.dtype, absent rows already zero
+                    decoded[kind][name] = parts[""].to(device, self.dtype)
+                    continue
+                values = encoding.decode(kind, parts, device).to(self.dtype)
+                if absent.any():
+                    values[absent.to(values.device)] = 0
+                decoded[kind][name] = values
+        return TargetBatch(cls=decoded["cls"], patch=decoded["patch"], mask=batch.mask)
+
+    def assemble(self, parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, ...],
+                 dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Tensor ``shape`` of ``dtype`` (default ``self.dtype``): each part's values ``(selected.sum(), ...)``
+        at its ``selected`` rows (bool ``(B,)``), zeros elsewhere."""
+        dtype = dtype or self.dtype
         if len(parts) == 1 and parts[0][1].all():
-            return torch.from_numpy(parts[0][0]).to(self.dtype)
-        out = torch.empty(shape, dtype=self.dtype)
+            return torch.from_numpy(parts[0][0]).to(dtype)
+        out = torch.empty(shape, dtype=dtype)
         uncovered = np.ones(shape[0], dtype=bool)
         for values, selected in parts:  # index_copy_: several times faster than boolean-mask assignment
-            out.index_copy_(0, torch.from_numpy(np.flatnonzero(selected)), torch.from_numpy(values).to(self.dtype))
+            out.index_copy_(0, torch.from_numpy(np.flatnonzero(selected)), torch.from_numpy(values).to(dtype))
             uncovered &= ~selected
         return out.index_fill_(0, torch.from_numpy(np.flatnonzero(uncovered)), 0)
 
@@ -387,9 +568,8 @@ class CacheReader:
         parts = [(name, selected, index) for t, name in enumerate(self.teachers)
                  for prefix, selected, index in split_reads(np.where(first == t, rows[:, t], -1), views)
                  if prefix == "views/"]
-        io, _ = self._open_here()
-        values = io.read([(self._array(name, f"views/{array}"), index) for name, _, index in parts
-                          for array in ("boxes", "flip")])
+        values = self._read_checked([(name, f"views/{array}", None, index) for name, _, index in parts
+                                     for array in ("boxes", "flip")])  # stored dtypes
         for (_, selected, _), box, flip in zip(parts, values[::2], values[1::2]):
             boxes[selected], flips[selected] = box, flip.astype(bool)
         return boxes, flips

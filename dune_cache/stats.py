@@ -21,9 +21,10 @@ from dataclasses import dataclass
 import dask
 import dask.array as da
 import numpy as np
-import zarr
 import zarr.codecs
 
+from . import location
+from .location import CacheNotFoundError
 from .store import ATTR_KEY, STATUS_DONE, STATUS_PENDING, StoreError, TeacherStore
 
 log = logging.getLogger(__name__)
@@ -121,12 +122,20 @@ def phis_transform(covariance: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # Out-of-core moments
 # ---------------------------------------------------------------------------------------
-def masked_rows(array: zarr.Array, done: np.ndarray, block_images: int) -> da.Array:
-    """``array`` ``(N, ...)`` as float64 dask rows, blocks of ``block_images``; rows not done are 0
-    (they may hold the NaN fill value)."""
-    x = da.from_zarr(array, chunks=(block_images, *array.shape[1:])).astype(np.float64)
-    keep = da.from_array(done, chunks=(block_images,)).reshape(-1, *[1] * (x.ndim - 1))
-    return da.where(keep, x, 0.0)
+def masked_rows(store: TeacherStore, name: str, done: np.ndarray, block_images: int) -> da.Array:
+    """Feature array ``name`` (``cls``/``patch``) decoded through the group's encoding, as float64 dask rows
+    ``(N, ..., D)`` in blocks of ``block_images`` (``map_blocks``); rows not done are 0 (they may hold the
+    NaN fill value)."""
+    tail = (*store.group[name].shape[1:-1], store.dim)
+
+    def decoded(indices: np.ndarray) -> np.ndarray:
+        values = store.read_features(name, slice(int(indices[0]), int(indices[-1]) + 1)).astype(np.float64)
+        values[~done[indices]] = 0.0
+        return values
+
+    rows = da.arange(store.count, chunks=block_images)
+    return rows.map_blocks(decoded, dtype=np.float64, new_axis=list(range(1, 1 + len(tail))),
+                           chunks=(rows.chunks[0], *((size,) for size in tail)))
 
 
 def compute_stats(root: str, teacher: str, block_images: int = DEFAULT_BLOCK_IMAGES) -> TeacherStats:
@@ -141,9 +150,9 @@ def compute_stats(root: str, teacher: str, block_images: int = DEFAULT_BLOCK_IMA
     if (status == STATUS_PENDING).any():
         log.warning("%s: %d images pending; statistics cover the %d done ones",
                     teacher, int((status == STATUS_PENDING).sum()), count)
-    dim = int(store.patch.shape[-1])
-    cls = masked_rows(store.cls, done, block_images)
-    tokens = masked_rows(store.patch, done, block_images).reshape(-1, dim)
+    dim = store.dim
+    cls = masked_rows(store, "cls", done, block_images)
+    tokens = masked_rows(store, "patch", done, block_images).reshape(-1, dim)
     n_tokens = count * int(np.prod(store.patch.shape[1:3]))
     cls_sum, cls_sq, tok_sum, tok_sq, tok_outer = dask.compute(
         cls.sum(0), (cls ** 2).sum(0), tokens.sum(0), (tokens ** 2).sum(0), tokens.T @ tokens)
@@ -173,8 +182,8 @@ def write_stats(root: str, teacher: str, stats: TeacherStats) -> None:
 def read_stats(root: str, teacher: str) -> TeacherStats | None:
     """The stored statistics of ``teacher``, or ``None`` if ``dune-cache stats`` has not written them."""
     try:
-        group = zarr.open_group(root, path=f"{teacher}/{STATS_GROUP}", mode="r")
-    except FileNotFoundError:
+        group = location.open_group(root, path=f"{teacher}/{STATS_GROUP}", mode="r")
+    except CacheNotFoundError:
         return None
     meta = group.attrs.get(ATTR_KEY)
     if not meta:

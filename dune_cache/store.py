@@ -15,17 +15,23 @@ Every object is written by exactly one work unit's owner, so concurrent writers 
 """
 from __future__ import annotations
 
+import datetime as dt
 import json
+import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields, replace
 from typing import Any, Iterable
 
 import numpy as np
 import zarr
 import zarr.codecs
-from zarr.errors import ContainsArrayError, ContainsGroupError
 
+from . import location
+from .encodings import Encoding, EncodingConfig
 from .images import ImageManifest
+from .location import CacheNotFoundError, StoreError
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ATTR_KEY = "dune_cache"
@@ -37,12 +43,12 @@ FLOAT16_MAX = 65504.0
 # ``views`` is absent in groups without cached views.
 IDENTITY_SECTIONS = ("teacher", "checkpoint", "images", "geometry", "storage", "views")
 VIEW_ARRAYS = ("cls", "patch", "boxes", "flip")
+FEATURES = ("cls", "patch", "views/cls", "views/patch")  # feature arrays, stored through the group's encoding
+ENCODING_GROUP = "encoding"  # calibration arrays of the group's encoding (docs/cache-format.md, "Encodings")
 FLIP_UNWRITTEN = 255  # fill value of ``views/flip``: never written
-CREATION_WAIT_S = 120.0
-
-
-class StoreError(RuntimeError):
-    """A cache store cannot be used as asked."""
+CREATION_WAIT_S = 600.0  # how long a non-creator slot waits for slot 0 to create a teacher group
+CREATION_POLL_S = 0.5
+FRESH_GROUP_S = 10.0  # with --overwrite, a group this much older than a slot's own provenance is the old one
 
 
 class StoreMismatchError(StoreError):
@@ -60,6 +66,8 @@ class StorageConfig:
     level: int = 5
     unit_size: int = 64
     shard_images: int = 0
+    encoding: EncodingConfig = EncodingConfig()
+    checksum: bool = True  # crc32c of every feature chunk (groups made before this key read as False)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -74,20 +82,54 @@ class StorageConfig:
         return self.shard_images or self.unit_size
 
     def to_json(self) -> dict:
-        return asdict(self)
+        """Provenance ``storage`` section; ``encoding`` (name and params) only when not ``none``, so groups
+        without an encoding read and compare as before."""
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "encoding"}
+        return {**data, "encoding": self.encoding.to_json()} if self.encoding.name != "none" else data
+
+    @classmethod
+    def from_json(cls, section: dict) -> "StorageConfig":
+        """From a provenance ``storage`` section (keys this version does not know are ignored)."""
+        known = {f.name for f in fields(cls)} - {"encoding"}
+        return cls(**{"checksum": False, **{k: v for k, v in section.items() if k in known}},
+                   encoding=EncodingConfig.from_json(section.get("encoding")))
 
 
 def build_compressors(storage: StorageConfig) -> tuple:
-    """Core zarr v3 codecs only, so zarr-python, tensorstore and other v3 readers all open the store."""
+    """Core zarr v3 codecs only, so zarr-python, tensorstore and other v3 readers all open the store; with
+    ``storage.checksum`` a final ``crc32c`` codec, so a corrupted chunk fails to decode instead of reading
+    as wrong values (in sharded arrays it checks each inner chunk; the shard index has its own crc32c)."""
     itemsize = np.dtype(storage.dtype).itemsize
+    checksum = (zarr.codecs.Crc32cCodec(),) if storage.checksum else ()
     if storage.codec == "none":
-        return ()
+        return checksum
     if storage.codec == "zstd":
-        return (zarr.codecs.ZstdCodec(level=storage.level),)
+        return (zarr.codecs.ZstdCodec(level=storage.level), *checksum)
     if storage.codec == "gzip":
-        return (zarr.codecs.GzipCodec(level=storage.level),)
+        return (zarr.codecs.GzipCodec(level=storage.level), *checksum)
     cname = storage.codec.split("-", 1)[1]
-    return (zarr.codecs.BloscCodec(cname=cname, clevel=storage.level, shuffle="shuffle", typesize=itemsize),)
+    return (zarr.codecs.BloscCodec(cname=cname, clevel=storage.level, shuffle="shuffle", typesize=itemsize),
+            *checksum)
+
+
+def part_compressors(storage: StorageConfig, dtype: str) -> tuple:
+    """:func:`build_compressors` for an encoded part of ``dtype`` (blosc's typesize follows the part)."""
+    itemsize = np.dtype(dtype).itemsize
+    return tuple(replace(codec, typesize=itemsize) if isinstance(codec, zarr.codecs.BloscCodec) else codec
+                 for codec in build_compressors(storage))
+
+
+def create_feature_array(group: zarr.Group, name: str, prefix: tuple[int, ...], inner: tuple[int, ...],
+                         shards: tuple[int, ...] | None, dimension_names: tuple[str, ...], storage: StorageConfig,
+                         encoding: Encoding) -> None:
+    """The stored parts of feature array ``name`` (``cls``, ``patch``, ``views/...``): each
+    ``name + part.suffix`` of shape ``(*prefix, part.last)``, chunks ``(*inner, part.last)`` and, when
+    ``shards`` is given, shards ``(*shards, part.last)``."""
+    for part in encoding.parts(name):
+        group.create_array(name.rpartition("/")[2] + part.suffix, shape=(*prefix, part.last),
+                           chunks=(*inner, part.last), shards=(*shards, part.last) if shards else None,
+                           dtype=part.dtype, fill_value=part.fill, compressors=part_compressors(storage, part.dtype),
+                           dimension_names=dimension_names)
 
 
 @dataclass
@@ -132,7 +174,9 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 def provenance_differences(stored: dict, requested: dict) -> list[str]:
     """Human-readable ``field: store has X, this run has Y`` lines over the identity sections."""
     def identity(meta: dict) -> dict:  # JSON round trip: tuples and lists compare equal
-        return flatten(json.loads(json.dumps({k: meta.get(k, {}) for k in IDENTITY_SECTIONS})))
+        flat = flatten(json.loads(json.dumps({k: meta.get(k, {}) for k in IDENTITY_SECTIONS})))
+        # an encoding's per-kind calibration results are derived from the data, not chosen: not identity
+        return {k: v for k, v in flat.items() if not k.startswith("storage.encoding.kinds.")}
 
     a, b = identity(stored), identity(requested)
     return [
@@ -142,19 +186,17 @@ def provenance_differences(stored: dict, requested: dict) -> list[str]:
     ]
 
 
-def create_view_arrays(group: zarr.Group, n: int, views: int, grid: tuple[int, int], dim: int,
-                       storage: StorageConfig) -> None:
-    """The arrays of a ``views/`` subgroup. Features: one object per image (or per shard of ``S`` images)
-    holding its K views, one inner chunk per view, so reading one view decodes only that view. Boxes and
-    flips: one chunk per work unit, like ``status``."""
+def create_view_arrays(group: zarr.Group, n: int, views: int, grid: tuple[int, int], storage: StorageConfig,
+                       encoding: Encoding) -> None:
+    """The arrays of a ``views/`` subgroup. Features (each part of them, see :func:`create_feature_array`):
+    one object per image (or per shard of ``S`` images) holding its K views, one inner chunk per view, so
+    reading one view decodes only that view. Boxes and flips: one chunk per work unit, like ``status``."""
     per = storage.images_per_unit
-    feature_args = dict(dtype=storage.dtype, compressors=build_compressors(storage), fill_value=float("nan"))
     shard_images = storage.shard_images or 1
-    group.create_array("cls", shape=(n, views, dim), chunks=(1, 1, dim), shards=(shard_images, views, dim),
-                       dimension_names=("image", "view", "channel"), **feature_args)
-    group.create_array("patch", shape=(n, views, *grid, dim), chunks=(1, 1, *grid, dim),
-                       shards=(shard_images, views, *grid, dim),
-                       dimension_names=("image", "view", "y", "x", "channel"), **feature_args)
+    create_feature_array(group, "views/cls", (n, views), (1, 1), (shard_images, views),
+                         ("image", "view", "channel"), storage, encoding)
+    create_feature_array(group, "views/patch", (n, views, *grid), (1, 1, *grid), (shard_images, views, *grid),
+                         ("image", "view", "y", "x", "channel"), storage, encoding)
     small_args = dict(compressors=(zarr.codecs.ZstdCodec(level=3),))
     group.create_array("boxes", shape=(n, views, 4), chunks=(per, views, 4), dtype="float32",
                        fill_value=float("nan"), dimension_names=("image", "view", "coordinate"), **small_args)
@@ -163,14 +205,30 @@ def create_view_arrays(group: zarr.Group, n: int, views: int, grid: tuple[int, i
 
 
 def open_root(root: str, mode: str = "a") -> zarr.Group:
-    """Open (``mode="a"`` creating if needed) a cache root group."""
-    try:
-        group = zarr.open_group(root, mode=mode)
-    except FileNotFoundError as exc:
-        raise StoreError(f"no cache at {root}") from exc
+    """Open a cache root (a path or URL, see :mod:`dune_cache.location`): ``mode="r"`` read-only, never
+    writing (:class:`CacheNotFoundError` when there is none); ``"a"`` creating it if needed (a
+    :class:`StoreError` when the location refuses writes)."""
+    group = location.open_group(root, mode=mode)
     if mode != "r" and ATTR_KEY not in group.attrs:
         group.attrs[ATTR_KEY] = {"format_version": FORMAT_VERSION, "kind": "cache_root"}
     return group
+
+
+def is_fresh(created: str | None, own_created: str | None) -> bool:
+    """Whether a group ``created`` (ISO-8601) at most :data:`FRESH_GROUP_S` before ``own_created``."""
+    if not created or not own_created:
+        return False
+    age = dt.datetime.fromisoformat(own_created) - dt.datetime.fromisoformat(created)
+    return age.total_seconds() <= FRESH_GROUP_S
+
+
+def check_same_settings(store: "TeacherStore", provenance: dict, url: str) -> None:
+    """Refuse (:class:`StoreMismatchError`, listing each difference) a group made with other settings."""
+    diffs = provenance_differences(store.provenance, provenance)
+    if diffs:
+        raise StoreMismatchError(
+            f"cache {url} was made with different settings; refusing to mix them "
+            f"(use --overwrite to replace it, or another --out/--name):\n  " + "\n  ".join(diffs))
 
 
 class TeacherStore:
@@ -183,8 +241,12 @@ class TeacherStore:
             raise StoreError(f"{group.path or group.store}: not a dune_cache teacher group (no provenance)")
         if meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{group.path}: format version {meta.get('format_version')}, this package reads {FORMAT_VERSION}")
+        meta["storage"].setdefault("checksum", False)  # groups made before checksums (in memory only)
         self.provenance: dict = meta
-        self.cls = group["cls"]
+        self.dim = int(meta["teacher"]["embed_dim"])
+        self.encoding = Encoding.load(meta["storage"].get("encoding"), self.dim, meta["storage"]["dtype"],
+                                      lambda key: group[f"{ENCODING_GROUP}/{key}"][...])
+        self.cls = group["cls"]  # stored values (codes under an encoding with a decode step): see read_features
         self.patch = group["patch"]
         self.status = group["status"]
         self.count = int(self.cls.shape[0])
@@ -194,69 +256,135 @@ class TeacherStore:
 
     # ---- creation / opening ---------------------------------------------------------
     @classmethod
-    def open(cls, root: str, name: str, mode: str = "r", wait_s: float = 0.0) -> "TeacherStore":
-        """Open teacher group ``name``; waits up to ``wait_s`` for another process to finish creating it."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                group = zarr.open_group(root, path=name, mode="r+" if mode != "r" else "r")
-                if ATTR_KEY in group.attrs or time.monotonic() >= deadline:
-                    return cls(group)
-            except FileNotFoundError as exc:
-                if time.monotonic() >= deadline:
-                    raise StoreError(f"cache {root} has no teacher group {name!r}") from exc
-            time.sleep(0.5)
+    def open(cls, root: str, name: str, mode: str = "r") -> "TeacherStore":
+        """Open teacher group ``name`` of cache ``root`` (a path or URL); ``mode="r"`` never writes."""
+        try:
+            group = location.open_group(root, path=name, mode="r+" if mode != "r" else "r")
+        except CacheNotFoundError as exc:
+            raise CacheNotFoundError(f"cache {root} has no teacher group {name!r}") from exc
+        return cls(group)
 
     @classmethod
     def create(cls, root: str, name: str, provenance: dict, manifest: ImageManifest,
-               grid: tuple[int, int], dim: int, storage: StorageConfig, views: int = 0) -> "TeacherStore":
-        """Create teacher group ``name`` (with a ``views/`` subgroup of ``views`` views per image when > 0);
-        provenance is written last and marks the group complete."""
+               grid: tuple[int, int], dim: int, storage: StorageConfig, views: int = 0,
+               encoding: Encoding | None = None) -> "TeacherStore":
+        """Create teacher group ``name`` (with a ``views/`` subgroup of ``views`` views per image when > 0).
+        ``encoding``: ``storage.encoding`` calibrated (:meth:`Encoding.calibrate`; may be omitted for
+        encodings that need no calibration); its arrays go to ``encoding/`` and its description to provenance
+        ``storage.encoding``. Provenance is written last and marks the group complete."""
+        encoding = encoding or Encoding.calibrate(storage.encoding, dim, storage.dtype)
+        if encoding.config != storage.encoding:
+            raise StoreError(f"encoding {encoding} differs from the storage's {storage.encoding}")
         parent = open_root(root)
         group = parent.create_group(name)
         n, per = len(manifest), storage.images_per_unit
-        compressors = build_compressors(storage)
-        feature_args = dict(dtype=storage.dtype, compressors=compressors, fill_value=float("nan"))
-        shards = (lambda *rest: (storage.shard_images, *rest)) if storage.shard_images else (lambda *rest: None)
-        group.create_array("cls", shape=(n, dim), chunks=(1, dim), shards=shards(dim),
-                           dimension_names=("image", "channel"), **feature_args)
-        group.create_array("patch", shape=(n, *grid, dim), chunks=(1, *grid, dim), shards=shards(*grid, dim),
-                           dimension_names=("image", "y", "x", "channel"), **feature_args)
+        shards = (storage.shard_images,) if storage.shard_images else None
+        create_feature_array(group, "cls", (n,), (1,), shards, ("image", "channel"), storage, encoding)
+        create_feature_array(group, "patch", (n, *grid), (1, *grid), shards and (*shards, *grid),
+                             ("image", "y", "x", "channel"), storage, encoding)
         group.create_array("status", shape=(n,), chunks=(per,), dtype="uint8", fill_value=STATUS_PENDING,
                            compressors=(zarr.codecs.ZstdCodec(level=3),), dimension_names=("image",))
         if views:
-            create_view_arrays(group.create_group("views"), n, views, grid, dim, storage)
+            create_view_arrays(group.create_group("views"), n, views, grid, storage, encoding)
+        calibration = group.create_group(ENCODING_GROUP)
+        for key, value in encoding.arrays().items():
+            calibration.create_array(key, data=value, chunks=tuple(max(1, s) for s in value.shape),
+                                     compressors=(zarr.codecs.ZstdCodec(level=3),))
         text = np.frombuffer(manifest.to_text().encode("utf-8"), dtype=np.uint8)
         group.create_array("manifest", data=text, chunks=(min(max(len(text), 1), 1 << 22),),
                            compressors=(zarr.codecs.ZstdCodec(level=3),))
         group.create_group("failures")
-        group.attrs[ATTR_KEY] = provenance
+        section = {k: v for k, v in provenance["storage"].items() if k != "encoding"}
+        if encoding.name != "none":
+            section["encoding"] = encoding.to_json()
+        group.attrs[ATTR_KEY] = {**provenance, "storage": section}
         return cls(group)
 
     @classmethod
     def open_or_create(cls, root: str, name: str, provenance: dict, manifest: ImageManifest,
                        grid: tuple[int, int], dim: int, storage: StorageConfig,
-                       overwrite: bool = False, views: int = 0) -> "TeacherStore":
-        """Resume a matching store, create a missing one, or refuse a mismatching one (unless ``overwrite``)."""
-        parent = open_root(root)
-        if name in parent and overwrite:
-            del parent[name]
-        if name not in parent:
-            try:
-                return cls.create(root, name, provenance, manifest, grid, dim, storage, views)
-            except (ContainsGroupError, ContainsArrayError):
-                pass  # another process created it concurrently: open and compare below
-        store = cls.open(root, name, mode="a", wait_s=CREATION_WAIT_S)
-        diffs = provenance_differences(store.provenance, provenance)
-        if diffs:
-            raise StoreMismatchError(
-                f"cache {root}/{name} was made with different settings; refusing to mix them "
-                f"(use --overwrite to replace it, or another --out/--name):\n  " + "\n  ".join(diffs))
+                       overwrite: bool = False, views: int = 0, encoding: Encoding | None = None,
+                       creator: bool = True, wait_s: float = CREATION_WAIT_S) -> "TeacherStore":
+        """Resume a matching store, create a missing one, or refuse a mismatching one (unless ``overwrite``).
+        ``encoding``: the calibrated encoding for a group created here (see :meth:`create`); a resumed
+        group keeps its stored one.
+
+        Several processes filling one store (``--shard i/n``, torchrun ranks) never race on creation, also on
+        object stores, which have no atomic create-if-absent: only the ``creator`` (slot 0) creates, or with
+        ``overwrite`` replaces, the group; every other process writes no metadata and waits up to ``wait_s``
+        for the creator's provenance (written last), see :meth:`wait_for_creator`."""
+        if not creator:
+            store = cls.wait_for_creator(root, name, provenance, overwrite, wait_s)
+        else:
+            parent = open_root(root)
+            if name in parent and overwrite:
+                del parent[name]
+            if name not in parent:
+                return cls.create(root, name, provenance, manifest, grid, dim, storage, views, encoding)
+            if ATTR_KEY not in parent[name].attrs:
+                raise StoreError(f"{location.join(root, name)} has no provenance: its creation was interrupted; "
+                                 "re-run with --overwrite to create it again")
+            store = cls.open(root, name, mode="a")
+        check_same_settings(store, provenance, location.join(root, name))
         return store
+
+    @classmethod
+    def wait_for_creator(cls, root: str, name: str, provenance: dict, overwrite: bool, wait_s: float
+                         ) -> "TeacherStore":
+        """A non-creator's view of group ``name``: polls until it exists with its provenance (written last),
+        logging once what it waits for; a :class:`StoreError` after ``wait_s``. With ``overwrite`` it takes
+        only a group the creator (re)made for this run, one that appeared or changed while polling or was
+        created at most :data:`FRESH_GROUP_S` before this process's own provenance: an older group is about
+        to be replaced, and writing into it would lose work."""
+        url = location.join(root, name)
+        deadline = time.monotonic() + wait_s
+        first_seen: str | None = None
+        poll = 0
+        while True:
+            store = cls.open_if_complete(root, name)
+            created = store.provenance.get("created") if store is not None else None
+            first_seen = created if poll == 0 else first_seen
+            if store is not None and (not overwrite or created != first_seen
+                                      or is_fresh(created, provenance.get("created"))):
+                return store
+            waiting_for = (f"slot 0 to replace the group created {created} (--overwrite)" if store is not None
+                           else "slot 0 (--shard 0/n, torchrun rank 0) to create it")
+            if time.monotonic() >= deadline:
+                hint = ", or run this slot without --overwrite to join the existing group" if store is not None else ""
+                raise StoreError(f"gave up after {wait_s:.0f} s waiting for {waiting_for}: {url}. Start the "
+                                 f"slot-0 process (only it creates groups){hint}.")
+            if poll == 0:
+                log.info("waiting up to %.0f s for %s: %s", wait_s, waiting_for, url)
+            poll += 1
+            time.sleep(CREATION_POLL_S)
+
+    @classmethod
+    def open_if_complete(cls, root: str, name: str) -> "TeacherStore | None":
+        """Group ``name`` opened for writing, or ``None`` while it is missing or has no provenance yet."""
+        try:
+            complete = ATTR_KEY in location.open_group(root, path=name, mode="r").attrs
+        except CacheNotFoundError:
+            return None
+        return cls.open(root, name, mode="a") if complete else None
 
     # ---- reading ------------------------------------------------------------------------
     def manifest(self) -> ImageManifest:
         return ImageManifest.from_text(bytes(self.group["manifest"][:]).decode("utf-8"))
+
+    def stored_arrays(self, name: str) -> dict[str, zarr.Array]:
+        """``{part suffix: zarr array}`` of feature array ``name`` (one of :data:`FEATURES`)."""
+        group = self.group if "/" not in name else self.group[name.rpartition("/")[0]]
+        base = name.rpartition("/")[2]
+        return {part.suffix: group[base + part.suffix] for part in self.encoding.parts(name)}
+
+    def read_features(self, name: str, rows: int | slice | np.ndarray) -> np.ndarray:
+        """Decoded float32 features of feature array ``name`` (``cls``, ``patch``, ``views/cls``,
+        ``views/patch``) at image ``rows`` (an index, a slice or an index array; ``(..., D)``). Chunks never
+        written decode to NaN."""
+        if name not in FEATURES or (name.startswith("views/") and self.views is None):
+            raise StoreError(f"{self.group.path}: no feature array {name!r}")
+        parts = {suffix: array.oindex[rows] for suffix, array in self.stored_arrays(name).items()}
+        return self.encoding.decode_numpy(name, parts)
 
     def read_status(self) -> np.ndarray:
         return np.asarray(self.status[:], dtype=np.uint8)
@@ -283,10 +411,18 @@ class TeacherStore:
         for start, stop, offset in contiguous_runs(indices):
             rows = slice(offset, offset + stop - start)
             if views is not None:
-                for name in VIEW_ARRAYS:
+                for name in ("boxes", "flip"):
                     self.views[name][start:stop] = getattr(views, name)[rows]
-            self.patch[start:stop] = patch[rows]
-            self.cls[start:stop] = cls[rows]
+                self.write_features("views/cls", start, views.cls[rows])
+                self.write_features("views/patch", start, views.patch[rows])
+            self.write_features("patch", start, patch[rows])
+            self.write_features("cls", start, cls[rows])
+
+    def write_features(self, name: str, start: int, values: np.ndarray) -> None:
+        """Encode float ``values`` ``(B, ..., D)`` and store them at images ``start .. start + B``."""
+        arrays = self.stored_arrays(name)
+        for suffix, encoded in self.encoding.encode(name, values).items():
+            arrays[suffix][start:start + len(values)] = encoded
 
     def write_unit_status(self, unit: int, status: np.ndarray) -> None:
         """Rewrite the status chunk of ``unit`` from the full in-memory ``status`` ``(N,)``."""
@@ -306,6 +442,11 @@ class TeacherStore:
                               compressors=(), overwrite=True)
 
     def nbytes_stored(self) -> int:
-        """Bytes the feature arrays (and cached views) occupy in the store."""
-        views = [self.views[name] for name in VIEW_ARRAYS] if self.views is not None else []
-        return int(sum(array.nbytes_stored() for array in [self.cls, self.patch, *views]))
+        """Bytes the feature arrays (every stored part), the encoding's calibration arrays and cached views
+        (with boxes and flips) occupy in the store."""
+        names = [name for name in FEATURES if not name.startswith("views/") or self.views is not None]
+        arrays = [array for name in names for array in self.stored_arrays(name).values()]
+        arrays += [self.views[name] for name in ("boxes", "flip")] if self.views is not None else []
+        if ENCODING_GROUP in self.group:
+            arrays += [array for _, array in self.group[ENCODING_GROUP].arrays()]
+        return int(sum(array.nbytes_stored() for array in arrays))

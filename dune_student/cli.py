@@ -37,6 +37,10 @@ def train(
     live_teachers: Optional[bool] = typer.Option(None, "--live-teachers/--cached-targets",
                                                  help="= live_teachers (baseline: run the teachers in the loop)"),
     device: Optional[str] = typer.Option(None, help="= device"),
+    allow_partial: bool = typer.Option(False, "--allow-partial", help="= data.allow_partial=true (train on the done "
+                                       "images of a cache still being extracted)"),
+    chunk_cache: Optional[str] = typer.Option(None, help="= data.chunk_cache: local folder keeping the chunks of a "
+                                              "remote (s3://, gs://) cache, or `default` (~/.cache/dune_cache/chunks)"),
     progress: bool = typer.Option(True, help="= progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -44,6 +48,7 @@ def train(
     setup_logging(verbose)
     flags = {"data.cache": cache, "data.images": images, "out": out, "steps": steps, "data.batch_size": batch_size,
              "student.attention": attention, "live_teachers": live_teachers, "device": device,
+             "data.allow_partial": True if allow_partial else None, "data.chunk_cache": chunk_cache,
              "progress": progress}
     pairs = list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
     try:
@@ -99,6 +104,42 @@ def export(
     except _user_errors() as exc:
         fail(exc)
     typer.echo(f"encoder written to {path}")
+
+
+@app.command()
+def show(
+    run: Path = typer.Argument(..., help="Run directory (or its checkpoint.pt)."),
+    out: Path = typer.Option(..., help="Folder for the PNGs (one per image, and grid.png)."),
+    cache: Optional[str] = typer.Option(None, help="Cache of the run's teachers (default: the run's data.cache; "
+                                        "a held-out cache tells more)."),
+    images: Optional[List[str]] = typer.Option(None, help="Image id to show (repeatable)."),
+    first: Optional[int] = typer.Option(None, min=1, help="Show the first N images instead (default 4)."),
+    image_root: Optional[Path] = typer.Option(None, help="Image folder or list file, when the images moved since "
+                                              "extraction (default: the cache's provenance)."),
+    cell: int = typer.Option(224, min=8, help="Size in pixels of each picture."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """PNGs of the student's projected patch features next to each teacher's (joint PCA-RGB maps)."""
+    setup_logging(False)
+    try:
+        from .show import show_run
+
+        result = show_run(run, out, cache, images, first, image_root, cell, device)
+    except _user_errors() as exc:
+        fail(exc)
+    typer.echo(f"wrote {len(result.rows)} row PNGs and {result.grid}")
+
+
+@app.command()
+def curves(run: Path = typer.Argument(..., help="Run directory (holding metrics.jsonl).")) -> None:
+    """Redraw RUN/curves.png (training loss, learning rate, held-out fidelity) from RUN/metrics.jsonl."""
+    try:
+        from .curves import plot_curves
+
+        path = plot_curves(run)
+    except _user_errors() as exc:
+        fail(exc)
+    typer.echo(f"curves written to {path}")
 
 
 if __name__ == "__main__":  # torchrun -m dune_student.cli train ...

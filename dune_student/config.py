@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dune_cache.location import is_remote
+
 from .augment import AUGMENT_MODES, AugmentConfig
 from .heads import HeadConfig
 from .model import StudentConfig
@@ -34,6 +36,7 @@ class DataConfig:
     shuffle_block: int = 64              # images per shuffled block (a cache work unit)
     shuffle_buffer: int = 65536          # shuffle buffer of sample indices (free; docs/benchmarks.md "Shuffle")
     reader_backend: str = "auto"         # auto | tensorstore | zarrs | zarr | memory (whole cache in RAM)
+    chunk_cache: str = ""                # remote cache: local copies of its chunks ("default": ~/.cache/...)
     holdout: int = 0                     # last N images (manifest order) kept out of training for eval
 
 
@@ -66,6 +69,7 @@ class TrainConfig:
     amp: bool = True                     # bf16 autocast on CUDA
     log_every: int = 10
     checkpoint_every: int = 500
+    eval_every: int = 0                  # held-out fidelity every N steps and at the end, on data.holdout; 0: off
     live_teachers: bool = False          # run the teachers in the loop instead of reading the cache (baseline)
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)  # teacher group -> checkpoint (live mode)
     progress: bool = True
@@ -200,6 +204,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("data.cache: required (the cache root to train from)")
     if not cfg.data.images:
         raise ConfigError("data.images: required (the image directory or list holding the cache's image ids)")
+    if is_remote(cfg.out):
+        raise ConfigError(f"out: run directories are local paths (caches may be URLs); got {cfg.out}")
     if cfg.steps < 1:
         raise ConfigError("steps: must be >= 1")
     if cfg.data.batch_size < 1:
@@ -208,6 +214,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("loss.drop_p: must be in [0, 1)")
     if not 0 <= cfg.optim.warmup_fraction < 1:
         raise ConfigError("optim.warmup_fraction: must be in [0, 1)")
+    if cfg.eval_every < 0 or (cfg.eval_every and cfg.data.holdout < 1):
+        raise ConfigError("eval_every: must be 0 (off) or > 0 with data.holdout > 0 (the held-out images it evaluates)")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

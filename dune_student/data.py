@@ -21,7 +21,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from dune_cache.images import ImageDecodeError, load_manifest, open_rgb
-from dune_cache.reader import FULL_IMAGE, CacheReader, ReaderError, TargetBatch
+from dune_cache.reader import FULL_IMAGE, CacheReader, EncodedBatch, ReaderError
 from dune_cache.shuffle import block_shuffled_order
 
 from .augment import (AugmentConfig, GridCrop, crop_pixels, crop_tokens, crop_view_pixels, full_grid_crop,
@@ -40,7 +40,9 @@ class TrainBatch:
     clean_pixels: ``(B, 3, S, S)`` uint8 the same crops before photometric augmentation (live teachers);
     cls: teacher -> ``(B, D_t)``; patch: teacher -> ``(B, h, w, D_t)`` cropped targets;
     mask: ``(B, T)`` bool teacher has a target; tags: dataset tag per sample;
-    views: ``(B,)`` the cached view each sample shows (``-1``: the whole image, every mode but ``views``).
+    views: ``(B,)`` the cached view each sample shows (``-1``: the whole image, every mode but ``views``);
+    encoded: when targets are decoded on the training device, the cropped stored targets (``cls``/``patch``
+    are then empty until the trainer decodes them with ``CacheReader.decode``).
     """
 
     step: int
@@ -53,6 +55,7 @@ class TrainBatch:
     tags: list[str]
     crops: list[GridCrop]
     views: np.ndarray
+    encoded: EncodedBatch | None = None
 
 
 # Independent random streams of a step (see step_generator).
@@ -140,10 +143,11 @@ class BatchSource(Dataset):
 
     def __init__(self, cache: str, teachers: list[str] | None, allow_partial: bool, backend: str, images: str,
                  samples: np.ndarray, batch_size: int, resolution: int, augment: AugmentConfig, seed: int,
-                 shuffle_block: int, shuffle_buffer: int, rank: int = 0, world: int = 1, read_targets: bool = True):
+                 shuffle_block: int, shuffle_buffer: int, rank: int = 0, world: int = 1, read_targets: bool = True,
+                 decode_on_device: bool = False, chunk_cache: str | None = None):
         # float16 targets (half the bytes through the loader); the trainer widens them on the device
         self.reader_args = dict(root=cache, teachers=teachers or None, backend=backend, allow_partial=allow_partial,
-                                dtype=torch.float16)
+                                dtype=torch.float16, chunk_cache=chunk_cache)
         reader = CacheReader(**self.reader_args)
         self.paths = image_paths(reader, images)
         self.tags = reader.tags
@@ -153,6 +157,8 @@ class BatchSource(Dataset):
         self.order = EpochOrder(len(samples), shuffle_block, shuffle_buffer, seed)
         self.batch_size, self.resolution, self.augment, self.seed = batch_size, resolution, augment, seed
         self.rank, self.world, self.read_targets = rank, world, read_targets
+        # targets leave the workers as stored (e.g. int8 codes) and are decoded on the GPU by the trainer
+        self.decode_on_device = decode_on_device
         self._reader: tuple[int, CacheReader] | None = (os.getpid(), reader)
 
     def reader(self) -> CacheReader:
@@ -181,9 +187,10 @@ class BatchSource(Dataset):
         pixels = clean_pixels
         if self.augment.photometric:
             pixels = photometric(clean_pixels, step_generator(self.seed, step, PHOTOMETRIC_STREAM, self.rank))
-        cls, patch, mask = self.cropped_targets(indices, crops, views)
+        cls, patch, mask, encoded = self.cropped_targets(indices, crops, views)
         return TrainBatch(step=step, indices=indices, pixels=pixels, clean_pixels=clean_pixels, cls=cls,
-                          patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops, views=views)
+                          patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops, views=views,
+                          encoded=encoded)
 
     def crop_size(self, generator: torch.Generator) -> tuple[int, int]:
         """This step's crop size in grid cells (the whole grid without grid-crop)."""
@@ -210,11 +217,22 @@ class BatchSource(Dataset):
         return crop_view_pixels(self.open_image(index), box, flip, (self.resolution, self.resolution))
 
     def cropped_targets(self, indices: np.ndarray, crops: list[GridCrop], views: np.ndarray):
+        """``(cls, patch, mask, None)`` decoded targets with patch tokens cropped, or with ``decode_on_device``
+        ``({}, {}, mask, EncodedBatch)`` whose patch parts are cropped alike."""
         if not self.read_targets:
-            return {}, {}, torch.ones(len(indices), 0, dtype=torch.bool)
-        targets: TargetBatch = self.reader().read(indices, views)
-        patch = {t: torch.stack([crop_tokens(p, c) for p, c in zip(targets.patch[t], crops)]) for t in targets.patch}
-        return targets.cls, patch, targets.mask
+            return {}, {}, torch.ones(len(indices), 0, dtype=torch.bool), None
+        targets = self.reader().read(indices, views, decode=not self.decode_on_device)
+        if self.decode_on_device:
+            patch = {t: {suffix: crop_batch(part, crops) for suffix, part in parts.items()}
+                     for t, parts in targets.patch.items()}
+            return {}, {}, targets.mask, EncodedBatch(cls=targets.cls, patch=patch, mask=targets.mask)
+        patch = {t: crop_batch(p, crops) for t, p in targets.patch.items()}
+        return targets.cls, patch, targets.mask, None
+
+
+def crop_batch(tokens: torch.Tensor, crops: list[GridCrop]) -> torch.Tensor:
+    """Sample ``k``'s tokens ``(B, h, w, C)`` cut by ``crops[k]`` (all crops of a batch have one size)."""
+    return torch.stack([crop_tokens(p, c) for p, c in zip(tokens, crops)])
 
 
 def batch_loader(source: BatchSource, first_step: int, steps: int, workers: int, pin: bool) -> DataLoader:

@@ -15,11 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dune_cache.images import load_manifest, load_pixels
+from dune_cache.images import load_pixels
 from dune_cache.reader import CacheReader
 
 from .config import TrainConfig, set_field
-from .data import DataError
+from .data import DataError, image_paths
 from .heads import TeacherHeads
 from .losses import Standardizer, use_cls_from_provenance
 from .model import Student
@@ -81,29 +81,28 @@ def check_same_teachers(run: LoadedRun, reader: CacheReader) -> None:
         raise DataError("eval cache does not match the run's teachers:\n  " + "\n  ".join(problems))
 
 
+def project(run: LoadedRun, pixels: torch.Tensor, grids: dict[str, tuple[int, int]]
+            ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """uint8 pixels ``(B, 3, S, S)`` on the run's device -> teacher -> projected (CLS ``(B, D_t)``, patch
+    ``(B, h_t, w_t, D_t)`` on ``grids[teacher]``), in the run's standardised target space."""
+    out = run.student(run.student.normalize(pixels), return_blocks=run.heads.needs_blocks)
+    return run.heads(out, grids)
+
+
 @torch.inference_mode()
-def evaluate(checkpoint: str | Path, cache: str, images: str, batch_size: int = 16, device: str = "cpu",
-             backend: str = "auto") -> dict[str, dict[str, float]]:
-    """``{teacher: {"cls": mean cosine, "patch": mean cosine, "images": n}}`` over the eval cache's images
-    (``cls`` is None for teachers whose CLS was not distilled, e.g. a mean-of-patches CLS)."""
-    dev = torch.device(device)
-    run = load_run(checkpoint, dev)
-    reader = CacheReader(cache, run.teachers, backend)
-    check_same_teachers(run, reader)
-    manifest = load_manifest(images)
-    paths = {image_id: manifest.path(i) for i, image_id in enumerate(manifest.ids)}
-    missing = [i for i in reader.image_ids if i not in paths]
-    if missing:
-        raise DataError(f"{images}: {len(missing)} eval image ids missing (e.g. {missing[:3]})")
+def fidelity(run: LoadedRun, reader: CacheReader, paths: list[Path], indices: np.ndarray,
+             batch_size: int = 16) -> dict[str, dict[str, float]]:
+    """``{teacher: {"cls": mean cosine, "patch": mean cosine, "images": n}}`` over samples ``indices`` of
+    ``reader`` (``paths[i]``: image of sample ``i``), the modules as they are (call ``.eval()`` first).
+    ``cls`` is None for teachers whose CLS was not distilled (e.g. a mean-of-patches CLS)."""
+    dev = next(run.student.parameters()).device
     sums = {t: {"cls": 0.0, "patch": 0.0, "images": 0} for t in run.teachers}
     size = (run.resolution, run.resolution)
-    for lo in range(0, len(reader), batch_size):
-        indices = np.arange(lo, min(lo + batch_size, len(reader)))
-        pixels = torch.stack([torch.from_numpy(load_pixels(paths[reader.image_ids[i]], size, "squash"))
-                              for i in indices]).to(dev)
-        targets = reader.read(indices)
-        out = run.student(run.student.normalize(pixels), return_blocks=run.cfg.heads.kind == "ladder")
-        preds = run.heads(out, reader.grids)
+    for lo in range(0, len(indices), batch_size):
+        batch = np.asarray(indices[lo:lo + batch_size])
+        pixels = torch.stack([torch.from_numpy(load_pixels(paths[i], size, "squash")) for i in batch]).to(dev)
+        targets = reader.read(batch)
+        preds = project(run, pixels, reader.grids)
         for k, t in enumerate(run.teachers):
             have = targets.mask[:, k].to(dev)
             cls_t, patch_t = run.standardizer.standardize(t, targets.cls[t].to(dev), targets.patch[t].to(dev))
@@ -115,3 +114,12 @@ def evaluate(checkpoint: str | Path, cache: str, images: str, batch_size: int = 
     distilled_cls = use_cls_from_provenance(run.provenance)
     return {t: {"cls": s["cls"] / max(s["images"], 1) if distilled_cls[t] else None,
                 "patch": s["patch"] / max(s["images"], 1), "images": s["images"]} for t, s in sums.items()}
+
+
+def evaluate(checkpoint: str | Path, cache: str, images: str, batch_size: int = 16, device: str = "cpu",
+             backend: str = "auto") -> dict[str, dict[str, float]]:
+    """:func:`fidelity` of a run's checkpoint over all images of the eval ``cache`` (files in ``images``)."""
+    run = load_run(checkpoint, torch.device(device))
+    reader = CacheReader(cache, run.teachers, backend)
+    check_same_teachers(run, reader)
+    return fidelity(run, reader, image_paths(reader, images), np.arange(len(reader)), batch_size)

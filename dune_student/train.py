@@ -16,18 +16,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dune_cache.chunk_cache import resolve_directory
 from dune_cache.reader import CacheReader
 from dune_cache.runtime import default_num_workers, pick_device
 from dune_cache.teachers import create_teacher
 
 from .config import TrainConfig, config_to_dict
+from .curves import write_curves_safely
 from .data import TEACHER_DROP_STREAM, BatchSource, DataError, TrainBatch, batch_loader, step_generator
+from .evaluate import LoadedRun, fidelity
 from .heads import TeacherHeads
 from .losses import Standardizer, drop_teachers, ema_momentum, sharing_mask, teacher_losses, use_cls_from_provenance
 from .model import Student
@@ -74,8 +78,38 @@ def check_cache_fits(cfg: TrainConfig, reader: CacheReader) -> None:
         if sp is not None and sp != cfg.student.patch_size:
             problems.append(f"{t}: cache made for student patch {sp}, config student.patch_size is "
                             f"{cfg.student.patch_size}")
+    recorded = {t: p["geometry"].get("student_resolution") for t, p in reader.provenance.items()}
+    if not cfg.data.resolution and len({json.dumps(r) for r in recorded.values() if r is not None}) > 1:
+        problems.append(f"teacher groups were extracted for different student resolutions {recorded}: set "
+                        "data.resolution to the one to train at")
+    empty = [t for t, n in reader.done_counts.items() if n == 0]
+    if empty:
+        problems.append(f"teacher group(s) {', '.join(empty)} have no done images (nothing to train on): "
+                        "extract some first, or leave them out with data.teachers")
     if problems:
         raise DataError("cache does not fit the config:\n  " + "\n  ".join(problems))
+
+
+RESUME_FIELDS = (("images", "manifest_sha256"), ("images", "count"), ("checkpoint", "sha256"))
+
+
+def cache_changes(saved: dict, reader: CacheReader) -> list[str]:
+    """How the cache ``reader`` reads differs from the one a checkpoint (``saved``: its ``teachers`` and
+    per-teacher ``provenance``) was trained on: teacher groups, image manifest, teacher checkpoint or geometry.
+    More or fewer done images of the same manifest are not a difference (data.allow_partial)."""
+    if list(saved["teachers"]) != list(reader.teachers):
+        return [f"teacher groups: the checkpoint was trained on {saved['teachers']}, the cache has {reader.teachers}"]
+    changes = []
+    for t in reader.teachers:
+        old, new = saved["provenance"][t], reader.provenance[t]
+        geometry = [("geometry", k) for k in sorted(set(old["geometry"]) | set(new["geometry"]))]
+        for section, key in [*RESUME_FIELDS, *geometry]:
+            if section in old:  # checkpoints of earlier versions did not keep the images section
+                before, now = old[section].get(key), new[section].get(key)
+                if json.dumps(before) != json.dumps(now):
+                    changes.append(f"teacher {t}: {section}.{key}: the checkpoint was trained on {before!r}, "
+                                   f"the cache has {now!r}")
+    return changes
 
 
 def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
@@ -183,11 +217,17 @@ class Trainer:
         if cfg.data.batch_size % self.world:
             raise DataError(f"data.batch_size {cfg.data.batch_size} is not divisible by {self.world} processes")
         torch.manual_seed(cfg.seed)
+        chunk_cache = resolve_directory(cfg.data.chunk_cache)  # local copies of a remote cache's chunks
         self.reader = CacheReader(cfg.data.cache, cfg.data.teachers or None, cfg.data.reader_backend,
-                                  cfg.data.allow_partial)
+                                  cfg.data.allow_partial, chunk_cache=chunk_cache)
         log.info("cache %s: teachers %s, %d images, reader backend %s", cfg.data.cache, self.reader.teachers,
                  len(self.reader), self.reader.backend)
         check_cache_fits(cfg, self.reader)
+        if cfg.data.allow_partial:
+            counts = {t: f"{n} of {self.reader.provenance[t]['images']['count']}"
+                      for t, n in self.reader.done_counts.items()}
+            log.info("data.allow_partial: training on the done images only (%d samples): %s", len(self.reader),
+                     ", ".join(f"{t} {c}" for t, c in counts.items()))
         self.teachers = list(self.reader.teachers)
         self.use_cls = use_cls_from_provenance(self.reader.provenance)
         self.resolution = student_resolution(cfg, self.reader)
@@ -212,7 +252,8 @@ class Trainer:
             cfg.data.cache, cfg.data.teachers or None, cfg.data.allow_partial, cfg.data.reader_backend,
             cfg.data.images, torch.arange(n_train).numpy(), cfg.data.batch_size, self.resolution, cfg.augment,
             cfg.seed, cfg.data.shuffle_block, cfg.data.shuffle_buffer, self.rank, self.world,
-            read_targets=not cfg.live_teachers)
+            read_targets=not cfg.live_teachers, decode_on_device=self.device.type == "cuda",
+            chunk_cache=str(chunk_cache) if chunk_cache else None)
         self.out = Path(cfg.out)
         self.step = 0
 
@@ -222,8 +263,10 @@ class Trainer:
             "config": config_to_dict(self.cfg), "step": self.step, "teachers": self.teachers,
             "resolution": self.resolution, "dims": self.reader.dims,
             "grids": {t: list(g) for t, g in self.reader.grids.items()},
-            "provenance": {t: {k: self.reader.provenance[t][k] for k in ("teacher", "checkpoint", "geometry")}
+            "provenance": {t: {k: self.reader.provenance[t][k] for k in ("teacher", "checkpoint", "images",
+                                                                          "geometry")}
                            for t in self.teachers},
+            "done_counts": self.reader.done_counts,
             "student": self.student.state_dict(), "heads": self.heads.state_dict(),
             "standardizer": self.standardizer.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
@@ -237,11 +280,12 @@ class Trainer:
         tmp = self.out / (CHECKPOINT + ".tmp")
         torch.save(self.state(), tmp)
         tmp.replace(self.out / CHECKPOINT)  # atomic: a crash never leaves a half-written checkpoint
+        write_curves_safely(self.out)
 
     def load(self, ckpt: dict) -> None:
         """Restore everything but the RNG (restored once the data iterator exists, see :meth:`run`)."""
         ours, theirs = config_to_dict(self.cfg), ckpt["config"]
-        ignored = {"progress", "log_every", "checkpoint_every", "steps"}
+        ignored = {"progress", "log_every", "checkpoint_every", "eval_every", "steps"}
         diffs = [f"{k}: checkpoint has {theirs.get(k)!r}, this run has {ours[k]!r}"
                  for k in ours if k not in ignored and json.dumps(ours[k]) != json.dumps(theirs.get(k))]
         if ckpt["config"]["steps"] != self.cfg.steps:
@@ -250,6 +294,16 @@ class Trainer:
         if diffs:
             raise RunMismatchError(f"{self.out} holds a run with another configuration; use another --out:\n  "
                                    + "\n  ".join(diffs))
+        changes = cache_changes(ckpt, self.reader)
+        if changes:
+            raise RunMismatchError(f"{self.out} was trained on another cache than {self.cfg.data.cache} holds now; "
+                                   "resume with the cache it was trained on, or use another --out:\n  "
+                                   + "\n  ".join(changes))
+        done_then = ckpt.get("done_counts", self.reader.done_counts)
+        if done_then != self.reader.done_counts:
+            log.info("resuming on the same images with other done counts (then -> now: %s): training goes on over "
+                     "all done images now, so the sample order differs from an uninterrupted run",
+                     ", ".join(f"{t} {done_then.get(t)} -> {n}" for t, n in self.reader.done_counts.items()))
         self.student.load_state_dict(ckpt["student"])
         self.heads.load_state_dict(ckpt["heads"])
         self.standardizer.load_state_dict(ckpt["standardizer"])
@@ -257,11 +311,27 @@ class Trainer:
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = ckpt["step"]
 
+    def held_out_fidelity(self) -> dict:
+        """Metrics record of the cosine fidelity on the last ``data.holdout`` images (eval mode, no RNG drawn)."""
+        run = LoadedRun(self.cfg, self.student, self.heads, self.standardizer, self.teachers, self.resolution,
+                        self.reader.provenance, self.step)
+        held_out = np.arange(len(self.reader) - self.cfg.data.holdout, len(self.reader))
+        self.model.eval()
+        try:
+            result = fidelity(run, self.reader, self.source.paths, held_out, self.cfg.data.batch_size)
+        finally:
+            self.model.train()
+        return {"step": self.step, **{f"fidelity/{t}/{kind}": r[kind] for t, r in result.items()
+                                      for kind in ("patch", "cls") if r[kind] is not None}}
+
     # ---- training ------------------------------------------------------------------
     def train_step(self, batch: TrainBatch) -> dict:
         cfg, device = self.cfg, self.device
         if self.live is not None:
             live_targets(self.live, batch, cfg.student.patch_size, device, cfg.amp)
+        if batch.encoded is not None:  # stored targets (e.g. int8 codes) decoded here, on the device
+            decoded = self.reader.decode(batch.encoded, device)
+            batch.cls, batch.patch = decoded.cls, decoded.patch
         pixels = self.student.normalize(batch.pixels.to(device, non_blocking=True))
         mask = batch.mask.to(device)
         targets = {}
@@ -322,6 +392,9 @@ class Trainer:
                     if self.rank == 0:
                         metrics.write(json.dumps(record) + "\n")
                         metrics.flush()
+                if cfg.eval_every and self.rank == 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    metrics.write(json.dumps(self.held_out_fidelity()) + "\n")
+                    metrics.flush()
                 if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
                     self.save()
         bar.close()

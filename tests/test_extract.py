@@ -1,6 +1,8 @@
 """Extraction end to end on a tiny teacher and real photos: values, resume, bad input, mismatches, sharding."""
 from __future__ import annotations
 
+import datetime as dt
+import logging
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import zarr
 from dune_cache.extract import ExtractConfig, NonFiniteFeaturesError, run_extraction
 from dune_cache.images import load_manifest, load_pixels
 from dune_cache.inspect import cache_info, verify_cache
-from dune_cache.store import STATUS_DONE, STATUS_FAILED, StorageConfig, StoreMismatchError, TeacherStore
+from dune_cache.store import STATUS_DONE, STATUS_FAILED, StorageConfig, StoreError, StoreMismatchError, TeacherStore
 from dune_cache.teachers import create_teacher
 
 TESTS = Path(__file__).parent
@@ -193,21 +195,44 @@ def test_shards_fill_one_store_like_a_single_run(tmp_path, images, tiny_checkpoi
         np.testing.assert_array_equal(a, b)
 
 
-def test_concurrent_processes_write_one_store(tmp_path, images, tiny_checkpoint):
-    """Two OS processes (like two machines with --shard i/2) extract into one store at the same time."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_concurrent_processes_write_one_store(tmp_path, images, tiny_checkpoint, where, request):
+    """Three OS processes (like three machines with --shard i/3) extract into one store at the same time, on a
+    local disk or an S3 bucket; only slot 0 creates the group, the others wait for its provenance."""
+    out = request.getfixturevalue("s3").url("concurrent.zarr") if where == "s3" else str(tmp_path / "c")
     script = (
         "import sys; sys.path.insert(0, {tests!r}); import conftest; from dune_cache.cli import app; app()"
     ).format(tests=str(TESTS))
-    common = ["extract", "--teacher", "tiny_test_teacher", "--images", str(images), "--out", str(tmp_path / "c"),
+    common = ["extract", "--teacher", "tiny_test_teacher", "--images", str(images), "--out", out,
               "--checkpoint", str(tiny_checkpoint), "--batch-size", "1", "--num-workers", "0", "--unit-size", "2",
               "--no-progress"]
-    procs = [subprocess.Popen([sys.executable, "-c", script, *common, "--shard", f"{i}/2"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, *common, "--shard", f"{i}/3"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(3)]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
+    failed = [f"--- shard {i}/3 exited {p.returncode}:\n{text}" for i, (p, text) in enumerate(zip(procs, outputs))
+              if p.returncode != 0]
+    print(*failed, sep="\n")  # shown in full under "Captured stdout" (assertion messages get truncated)
+    assert not failed, f"{len(failed)} of 3 extraction processes failed"
     run_extraction(config(images, tmp_path / "single", tiny_checkpoint, storage=StorageConfig(unit_size=2)))
-    for a, b in zip(read_all(tmp_path / "single"), read_all(tmp_path / "c")):
+    for a, b in zip(read_all(tmp_path / "single"), read_all(out)):
         np.testing.assert_array_equal(a, b)
+    single, shared = (TeacherStore.open(str(root), "tiny_test_teacher") for root in (tmp_path / "single", out))
+    assert single.read_failures() == shared.read_failures()
+
+
+def test_other_slots_never_create_a_group_and_wait_for_slot_0(tmp_path, images, tiny_checkpoint, caplog):
+    caplog.set_level(logging.INFO, logger="dune_cache.store")
+    with pytest.raises(StoreError, match="gave up after 1 s waiting for slot 0 .* to create it: .*/c/tiny"):
+        TeacherStore.wait_for_creator(str(tmp_path / "c"), "tiny", {}, overwrite=False, wait_s=0.6)
+    assert "waiting up to 1 s for slot 0" in caplog.text and not (tmp_path / "c").exists()  # wrote nothing
+    run_extraction(config(images, tmp_path / "c", tiny_checkpoint))
+    store = TeacherStore.open(str(tmp_path / "c"), "tiny_test_teacher")
+    created = dt.datetime.fromisoformat(store.provenance["created"])
+    later = {"created": (created + dt.timedelta(minutes=5)).isoformat()}
+    with pytest.raises(StoreError, match="replace the group created .* without --overwrite to join"):
+        TeacherStore.wait_for_creator(str(tmp_path / "c"), "tiny_test_teacher", later, overwrite=True, wait_s=0.6)
+    soon = {"created": (created + dt.timedelta(seconds=3)).isoformat()}  # slot 0 of this very run made it
+    assert TeacherStore.wait_for_creator(str(tmp_path / "c"), "tiny_test_teacher", soon, overwrite=True, wait_s=0)
 
 
 def test_sharded_storage_round_trips_and_reports(tmp_path, images, tiny_checkpoint):

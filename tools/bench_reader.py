@@ -1,6 +1,8 @@
 """Reader throughput per backend, and randomness quality of the block + buffer shuffle.
 
     python tools/bench_reader.py [--cache DIR] [--images 2000] [--grid 16] [--dim 1024] [--batch 256]
+    python tools/bench_reader.py [--cache DIR] ... --encodings none bitround int8-channel int8-token pca:rank=D/4
+    python tools/bench_reader.py --real-caches e2e/encodings
     python tools/bench_reader.py --shuffle-quality [--n 100000] [--batch 256]
 
 Reader: random batches (indices drawn without replacement, unsorted) from a cache with realistic
@@ -12,11 +14,22 @@ full ``TargetBatch``, as float32 tensors (the default) or float16 (``dtype=torch
 Decoded bytes count the stored float16 CLS + patch values.
 Rounds alternate between methods (a noisy machine hits all alike); medians are reported, as wall
 GB/s, wall GB/s per core, and GB per CPU-second (all threads of the process). Page cache warm.
+
+Encodings (``--encodings SPEC ...``, ``EncodingConfig.parse`` syntax; ``D`` in ``rank=D/4`` is the
+feature dimension): the synthetic cache is recompressed (``dune_cache.recompress``) into each encoding,
+once, under ``<cache>.encodings/`` (reused by later runs), and ``CacheReader(backend="auto")`` is timed
+on each with float32 and float16 out, and with ``decode=False`` (the stored parts, as DataLoader workers
+read them when the decode runs on the GPU), beside plain zarr-python oindex on the float16 cache.
+``none`` (the source cache) is always measured. Decoded bytes are still the float16 size of the
+targets delivered, whatever the encoding stores. ``--real-caches DIR`` measures ``DIR/<encoding>/train.zarr``
+as they are (``none``: ``DIR/none/train.zarr`` or else ``DIR/../train.zarr``), all their teachers.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
+import shutil
 import statistics
 import tempfile
 import time
@@ -27,10 +40,13 @@ import numpy as np
 import torch
 import zarr
 
+from dune_cache.encodings import EncodingConfig, encoding_summary
 from dune_cache.extract import build_provenance
 from dune_cache.geometry import Geometry
 from dune_cache.images import ImageManifest
+from dune_cache.inspect import teacher_names
 from dune_cache.reader import BACKENDS, CacheReader, backend_installed
+from dune_cache.recompress import RecompressConfig, recompress
 from dune_cache.shuffle import block_shuffled_order
 from dune_cache.store import STATUS_DONE, StorageConfig, TeacherStore
 from dune_cache.teachers.base import TeacherSpec
@@ -73,10 +89,10 @@ def warm_page_cache(root: str) -> None:
             path.read_bytes()
 
 
-def plain_zarr_reader(root: str) -> Callable[[np.ndarray], object]:
-    cls = zarr.open_array(store=f"{root}/{TEACHER}/cls", mode="r")
-    patch = zarr.open_array(store=f"{root}/{TEACHER}/patch", mode="r")
-    return lambda rows: (cls.oindex[rows], patch.oindex[rows])
+def plain_zarr_reader(root: str, teachers: tuple[str, ...] = (TEACHER,)) -> Callable[[np.ndarray], object]:
+    arrays = [zarr.open_array(store=f"{root}/{teacher}/{kind}", mode="r") for teacher in teachers
+              for kind in ("cls", "patch")]
+    return lambda rows: [array.oindex[rows] for array in arrays]
 
 
 def time_batches(read: Callable[[np.ndarray], object], batches: list[np.ndarray]) -> tuple[float, float]:
@@ -123,6 +139,120 @@ def bench_reader(args: argparse.Namespace) -> None:
         per_cpu = statistics.median(total / cpu for _, cpu in runs)
         base = base or gbps
         print(f"| {name} | {gbps:.2f} | {gbps / cores:.2f} | {per_cpu:.2f} | {gbps / base:.1f}x |")
+
+
+# ---------------------------------------------------------------------------------------
+# Reader throughput per encoding
+# ---------------------------------------------------------------------------------------
+def resolve_spec(text: str, dim: int) -> str:
+    """``text`` with ``D`` (``rank=D``, ``rank=D/4``) replaced by ``dim`` (``D/4`` kept as a note)."""
+    resolved = re.sub(r"=D(?:/(\d+))?\b", lambda m: f"={dim // int(m.group(1) or 1)}", text)
+    return resolved if resolved == text else f"{resolved} ({text.partition(':')[2]})"
+
+
+def encoded_cache(root: str, config: EncodingConfig) -> str:
+    """``root`` recompressed into ``config``, kept at ``<root>.encodings/<config>.zarr`` (made once: written
+    to a temporary folder, renamed when complete)."""
+    if config.name == "none":
+        return root
+    out = Path(f"{root.rstrip('/')}.encodings") / (re.sub(r"[^A-Za-z0-9.-]+", "_", str(config)) + ".zarr")
+    if not out.exists():
+        partial = out.with_name(out.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
+        recompress(RecompressConfig(cache=root, out=str(partial), encoding=config, progress=False))
+        partial.rename(out)
+        print(f"recompressed into {config} in {time.perf_counter() - start:.0f} s: {out}")
+    return str(out)
+
+
+def real_caches(folder: str) -> dict[str, str]:
+    """``{encoding folder name: cache root}`` of ``folder/<name>/train.zarr``; ``none`` first."""
+    base = Path(folder)
+    found = {p.parent.name: str(p) for p in sorted(base.glob("*/train.zarr"))}
+    if "none" not in found and (base.parent / "train.zarr").exists():
+        found["none"] = str(base.parent / "train.zarr")
+    if "none" not in found:
+        raise SystemExit(f"{folder}: no none/train.zarr nor ../train.zarr to compare with")
+    return {"none": found.pop("none"), **found}
+
+
+def stored_bytes(root: str) -> int:
+    """Stored bytes of every teacher group of ``root`` (features, encoding parts, calibration arrays)."""
+    return sum(TeacherStore.open(root, name, mode="r").nbytes_stored() for name in teacher_names(root))
+
+
+def bench_encoded(title: str, caches: dict[str, str], args: argparse.Namespace) -> None:
+    """Time ``CacheReader(backend="auto")`` on each of ``caches`` (``{label: root}``, ``none`` first) beside
+    plain zarr-python oindex on the ``none`` one, rounds alternating, and print a markdown table."""
+    for root in caches.values():
+        warm_page_cache(root)
+    reference = CacheReader(caches["none"])
+    teachers = tuple(reference.teachers)
+    per_sample = sum(2 * reference.dims[t] * (1 + int(np.prod(reference.grids[t]))) for t in teachers)
+    images = len(reference)
+    batch = min(args.batch, images)
+    sizes = {label: stored_bytes(root) for label, root in caches.items()}
+    print(f"\n{title}: {images} images, teachers {', '.join(teachers)}, "
+          f"{per_sample / 2**20:.3f} MiB of float16 targets per sample")
+    for label, root in caches.items():
+        reader = CacheReader(root)
+        print(f"  {label}: {sizes[label] / 1e6:.1f} MB stored ({sizes['none'] / sizes[label]:.2f}x smaller than none); "
+              + "; ".join(f"{t}: {encoding_summary(reader.provenance[t]['storage'].get('encoding'))}"
+                          for t in reader.teachers))
+    # (label, out, method): out is "fp32", "fp16" or "fp16 parts" (read(decode=False))
+    methods: list[tuple[str, str, str, Callable[[np.ndarray], object]]] = [
+        ("none", "fp16", "zarr-python oindex", plain_zarr_reader(caches["none"], teachers))]
+    for label, root in caches.items():
+        for out, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+            reader = CacheReader(root, teachers, backend="auto", dtype=dtype)
+            methods.append((label, out, f"CacheReader auto ({reader.backend})", reader.read))
+        reader = CacheReader(root, teachers, backend="auto", dtype=torch.float16)
+        if not all(reader.encodings[t].passthrough for t in teachers):
+            methods.append((label, "fp16 parts", f"CacheReader auto ({reader.backend}), decode=False",
+                            lambda rows, read=reader.read: read(rows, decode=False)))
+    rng = np.random.default_rng(1)
+    results: list[list[tuple[float, float]]] = [[] for _ in methods]
+    for *_, read in methods:  # warm-up (opens, thread pools, calibration arrays)
+        read(rng.choice(images, batch, replace=False))
+    for _ in range(args.rounds):
+        batches = [rng.choice(images, batch, replace=False) for _ in range(args.batches)]
+        for runs, (*_, read) in zip(results, methods):
+            runs.append(time_batches(read, batches))
+    total = per_sample * batch * args.batches / 1e9
+    medians = [(statistics.median(total / wall for wall, _ in runs), statistics.median(total / cpu for _, cpu in runs))
+               for runs in results]
+    base = medians[0][0]
+    of_none = {out: medians[i] for i, (label, out, method, _) in enumerate(methods)
+               if label == "none" and method.startswith("CacheReader")}
+    of_none["fp16 parts"] = of_none["fp16"]
+    cores = len(os.sched_getaffinity(0))
+    print(f"\n{cores} cores, load average {os.getloadavg()[0]:.1f} at the end, batch {batch}, "
+          f"{args.batches} batches x {args.rounds} rounds, medians\n")
+    print(f"| encoding | stored (÷ none) | out | method | GB/s | GB per CPU-s | cores for 4 GB/s | vs none GB/s "
+          f"| vs none GB/CPU-s | vs zarr-python GB/s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for (label, out, method, _), (gbps, per_cpu) in zip(methods, medians):
+        none_gbps, none_cpu = of_none[out] if method.startswith("CacheReader") else (gbps, per_cpu)
+        print(f"| {label} | {sizes[label] / 1e6:.0f} MB ({sizes['none'] / sizes[label]:.2f}x) | {out} | {method} "
+              f"| {gbps:.2f} | {per_cpu:.2f} | {4 / per_cpu:.1f} | {gbps / none_gbps:.2f}x | {per_cpu / none_cpu:.2f}x "
+              f"| {gbps / base:.1f}x |")
+
+
+def bench_encodings(args: argparse.Namespace) -> None:
+    if args.encodings:
+        root = args.cache or str(Path(tempfile.mkdtemp(prefix="bench_reader_")) / "cache.zarr")
+        if not Path(root, TEACHER).exists():
+            print(f"building {args.images} x {args.grid}x{args.grid}x{args.dim} float16 cache at {root} ...")
+            build_cache(root, args.images, args.grid, args.dim)
+        dim = zarr.open_array(store=f"{root}/{TEACHER}/patch", mode="r").shape[-1]
+        specs = ["none"] + [spec for spec in args.encodings if spec != "none"]
+        labels = [resolve_spec(spec, dim) for spec in specs]
+        caches = {label: encoded_cache(root, EncodingConfig.parse(label.partition(" ")[0])) for label in labels}
+        bench_encoded(f"synthetic cache {root}", caches, args)
+    if args.real_caches:
+        bench_encoded(f"real caches {args.real_caches}", real_caches(args.real_caches), args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -173,11 +303,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--batches", type=int, default=4, help="Batches per round.")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--encodings", nargs="+", metavar="SPEC",
+                        help="Encodings (NAME[:key=value,...]; D = feature dim, e.g. pca:rank=D/4) to recompress "
+                             "the cache into and read side by side with none.")
+    parser.add_argument("--real-caches", metavar="DIR",
+                        help="Read DIR/<encoding>/train.zarr side by side (none: DIR/none or DIR/../train.zarr).")
     parser.add_argument("--shuffle-quality", action="store_true", help="Measure the shuffle instead of the reader.")
     parser.add_argument("--n", type=int, default=100_000, help="Samples for --shuffle-quality.")
     parser.add_argument("--block", type=int, default=64, help="Block size for --shuffle-quality.")
     args = parser.parse_args()
-    bench_shuffle(args) if args.shuffle_quality else bench_reader(args)
+    if args.shuffle_quality:
+        bench_shuffle(args)
+    elif args.encodings or args.real_caches:
+        bench_encodings(args)
+    else:
+        bench_reader(args)
 
 
 if __name__ == "__main__":

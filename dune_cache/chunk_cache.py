@@ -1,0 +1,149 @@
+"""Local read-through copy of a remote cache's feature chunks, to train from object storage at disk speed.
+
+``CacheReader(url, chunk_cache=DIR)`` keeps, per per-image array of a remote cache (``s3://``, ``gs://``,
+...), an :class:`ArrayMirror`: a folder holding the array's ``zarr.json`` and the chunk objects fetched
+so far, in the store's own layout, so it is itself a Zarr array that the fast local backends (zarrs)
+read. Before a batch is read, its missing objects are downloaded concurrently and written atomically;
+later reads (also by other DataLoader workers and later runs) come from local disk.
+
+**What is kept**: only chunk objects (``c/...``) of per-image arrays (first dimension named ``image``)
+whose images were all *done* when the reader was built, and those arrays' ``zarr.json`` (shape, chunks,
+codecs: fixed when the group is created). Such an object never changes afterwards: extraction writes an
+image's chunk before marking it done and never recomputes done images. Group attributes (provenance),
+``status``, ``manifest``, ``failures`` and ``stats`` are always read from the remote store (they change
+while a cache is filled), and so are objects that also hold pending or failed images (a shard being
+filled). An object missing remotely is not kept (it reads as the fill value either way).
+
+**Invalidation**: ``dune-cache repair`` rewrites only objects that are missing (never kept) or that do not
+decode; when a kept object fails to decode (crc32c mismatch, truncated file), the reader drops the copies
+of the rows it was reading and fetches them again once (:meth:`ArrayMirror.forget`). The folder of a group
+is keyed by its URL, provenance ``created`` time and manifest hash, so a group replaced with
+``--overwrite`` gets a new folder. Nothing is evicted: delete ``DIR`` (or one folder, each with a
+``source.json`` naming its group) to reclaim space.
+
+Layout: ``DIR/<sha256(group URL, created, manifest sha256)[:16]>/<array>/{zarr.json, c/...}``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.common import concurrent_map
+from zarr.core.sync import sync
+
+from . import location
+
+METADATA_KEY = "zarr.json"
+FETCH_CONCURRENCY = 64  # simultaneous downloads of chunk objects
+
+
+def default_directory() -> Path:
+    """``$XDG_CACHE_HOME/dune_cache/chunks`` (``~/.cache/dune_cache/chunks`` without it)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dune_cache" / "chunks"
+
+
+def resolve_directory(value: str | os.PathLike | None) -> Path | None:
+    """A chunk-cache setting as a folder: ``""``/``None`` off, ``"default"`` :func:`default_directory`."""
+    if not value:
+        return None
+    return default_directory() if str(value) == "default" else Path(value).expanduser()
+
+
+def group_directory(base: str | os.PathLike, group_url: str, provenance: dict) -> Path:
+    """The folder of one teacher group's kept chunks (created, with a ``source.json``, on first use)."""
+    identity = "\n".join([group_url, str(provenance.get("created")), str(provenance["images"]["manifest_sha256"])])
+    folder = Path(base).expanduser() / hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+    if not (folder / "source.json").exists():
+        source = {"url": group_url, "created": provenance.get("created"),
+                  "manifest_sha256": provenance["images"]["manifest_sha256"]}
+        write_atomically(folder / "source.json", json.dumps(source, indent=2).encode("utf-8"))
+    return folder
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary sibling, then rename it over ``path`` (readers never see a partial file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+class ArrayMirror:
+    """Local copy, in ``folder``, of the remote per-image array at ``url``; ``done``: bool ``(N,)`` images done
+    when the reader was built. Build with :meth:`create` (``None`` for arrays that cannot be mirrored)."""
+
+    def __init__(self, url: str, folder: Path, done: np.ndarray, rows_per_object: int, ndim: int):
+        self.url, self.folder, self.done = url, folder, done
+        self.rows_per_object = rows_per_object  # chunk (or shard) extent along the image axis
+        self.key_tail = "/0" * (ndim - 1)  # objects span every other dimension whole
+        objects = -(-len(done) // rows_per_object)
+        padded = np.ones(objects * rows_per_object, dtype=bool)
+        padded[:len(done)] = done
+        self.complete = padded.reshape(objects, rows_per_object).all(axis=1)  # (objects,) every image done
+        self.present: set[int] = set()  # objects known to be in the folder (this process)
+
+    @classmethod
+    def create(cls, url: str, folder: Path, done: np.ndarray) -> "ArrayMirror | None":
+        """The mirror of the array at ``url`` (its ``zarr.json`` copied into ``folder`` on first use), or ``None``
+        when it is not a per-image array whose objects are ``c/<i>/0/...`` (one row of objects per image block)."""
+        path = folder / METADATA_KEY
+        if not path.exists():
+            value = sync(location.open_store(url, "r").get(METADATA_KEY, default_buffer_prototype()))
+            if value is None:
+                raise location.CacheNotFoundError(f"no array at {url}")
+            write_atomically(path, value.to_bytes())
+        meta = json.loads(path.read_bytes())
+        shape, chunks = meta["shape"], meta["chunk_grid"]["configuration"]["chunk_shape"]
+        encoding = meta.get("chunk_key_encoding", {})
+        if ((meta.get("dimension_names") or [None])[0] != "image" or list(chunks[1:]) != list(shape[1:])
+                or encoding.get("name") != "default" or encoding.get("configuration", {}).get("separator", "/") != "/"):
+            return None
+        return cls(url, folder, done, int(chunks[0]), len(shape))
+
+    def key(self, index: int) -> str:
+        return f"c/{index}{self.key_tail}"
+
+    def kept(self, rows: np.ndarray) -> np.ndarray:
+        """Bool ``(B,)``: rows served from the mirror (their object holds done images only)."""
+        return self.complete[np.asarray(rows) // self.rows_per_object]
+
+    def fetch(self, rows: np.ndarray) -> None:
+        """Download the objects of ``rows`` (all :meth:`kept`) that the folder lacks, concurrently."""
+        wanted = set(np.unique(np.asarray(rows) // self.rows_per_object).tolist()) - self.present
+        missing = [o for o in sorted(wanted) if not (self.folder / self.key(o)).exists()]
+        self.present |= (wanted - set(missing)) | self.download(missing)
+
+    def download(self, objects: list[int]) -> set[int]:
+        """Copy ``objects`` from the remote store into the folder; returns those that exist remotely."""
+        if not objects:
+            return set()
+        store = location.open_store(self.url, "r")
+        prototype = default_buffer_prototype()
+
+        async def get(index: int):
+            return index, await store.get(self.key(index), prototype)
+
+        written = set()
+        for index, value in sync(concurrent_map([(o,) for o in objects], get, limit=FETCH_CONCURRENCY)):
+            if value is not None:  # missing remotely: reads as the fill value, nothing to keep
+                write_atomically(self.folder / self.key(index), value.to_bytes())
+                written.add(index)
+        return written
+
+    def forget(self, rows: np.ndarray) -> int:
+        """Drop the kept objects holding image ``rows``; returns how many were removed."""
+        removed = 0
+        for index in np.unique(np.asarray(rows) // self.rows_per_object).tolist():
+            self.present.discard(index)
+            folder = self.folder / "c" / str(index)
+            if folder.exists():
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        return removed

@@ -1,0 +1,253 @@
+"""``dune-cache show``: pictures of cached features, each teacher's patch tokens as a PCA-RGB map beside the input.
+
+For a few images of a cache, one PNG row per image: the input image as the teachers saw it (resized per
+the first shown group's geometry), then one map per teacher group; plus ``grid.png`` stacking all rows.
+A map colours every patch token by its first three principal components -> R, G, B. The PCA of a teacher
+is fitted jointly over the patch tokens of all the images shown, so colours compare across images (not
+across teachers); each component is scaled from its 1st..99th percentile to 0..255 and the map is
+upsampled (nearest) to the cell. Features are read through :class:`~dune_cache.reader.CacheReader`, so
+every storage encoding is shown decoded.
+
+Input images are found where the cache's provenance says they were read from (``source.images`` of the
+first group holding the image, a directory or list file; ids resolve against it as at extraction) or
+under ``image_root``. An unreachable
+image is reported and drawn as a placeholder cell; its features are still shown.
+
+The layout helpers (:func:`feature_columns`, :class:`Panel`, :func:`write_pictures`) are shared with
+``dune-student show``.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from .images import ImageDecodeError, open_rgb, resize_image
+from .reader import CacheReader
+
+log = logging.getLogger(__name__)
+
+LABEL_HEIGHT = 16          # pixels of the label strip above every panel
+DEFAULT_FIRST = 4          # images shown when neither ids nor a count are given
+PERCENTILES = (1.0, 99.0)  # robust range of each principal component mapped to 0..255
+PLACEHOLDER_GREY = 128
+
+
+class ShowError(ValueError):
+    """The pictures cannot be made as asked (unknown image ids, no images, bad cell size)."""
+
+
+@dataclass
+class Panel:
+    """One cell of a row: ``pixels`` uint8 ``(h, w, 3)`` at any size (resized to the cell when drawn,
+    nearest for feature maps, bicubic for photos) under a one-line ``label``."""
+
+    pixels: np.ndarray
+    label: str
+    nearest: bool = True
+
+
+@dataclass
+class ShowResult:
+    """Files written: one PNG per image row, the grid of all rows, and notes on unreachable images."""
+
+    rows: list[Path]
+    grid: Path
+    missing_images: list[str]
+
+
+# ---------------------------------------------------------------------------------------
+# Which images, and where their files are
+# ---------------------------------------------------------------------------------------
+def select_samples(reader: CacheReader, ids: Sequence[str] | None, first: int | None) -> list[int]:
+    """Sample indices of ``reader`` for the image ``ids`` (in that order), or its first ``first`` samples
+    (:data:`DEFAULT_FIRST` when both are empty). Unknown ids are an error listing some available ones."""
+    if ids and first is not None:
+        raise ShowError("give image ids or a count of first images, not both")
+    if not ids:
+        count = DEFAULT_FIRST if first is None else first
+        if count < 1:
+            raise ShowError(f"the number of images to show must be >= 1, got {count}")
+        if not len(reader):
+            raise ShowError(f"cache {reader.root} has no done images to show")
+        return list(range(min(count, len(reader))))
+    index = {image_id: i for i, image_id in enumerate(reader.image_ids)}
+    unknown = [i for i in ids if i not in index]
+    if unknown:
+        raise ShowError(f"image id(s) not among the done images of cache {reader.root}: {', '.join(unknown[:5])}; "
+                        f"available ({len(reader)}) e.g. {', '.join(reader.image_ids[:5])}")
+    return [index[i] for i in ids]
+
+
+def image_base(provenance: dict, image_root: str | Path | None) -> Path | None:
+    """Folder image ids resolve against: ``image_root`` if given, else the provenance's ``source.images``
+    (a directory, or a list file whose folder holds its relative paths); ``None`` if neither is known."""
+    source = image_root if image_root is not None else provenance.get("source", {}).get("images")
+    if source is None:
+        return None
+    source = Path(source)
+    return source.parent if source.is_file() else source
+
+
+def image_path(base: Path | None, image_id: str) -> Path:
+    """File of ``image_id`` (absolute ids stay as they are)."""
+    path = Path(image_id)
+    return path if path.is_absolute() or base is None else base / path
+
+
+def sample_paths(reader: CacheReader, indices: Sequence[int], image_root: str | Path | None) -> list[Path]:
+    """Image file of each sample: its id under ``image_root``, else under the source of the first teacher
+    group holding it (groups may come from different image folders)."""
+    bases = [image_base(reader.provenance[t], image_root) for t in reader.teachers]
+    return [image_path(bases[int(np.argmax(reader.rows[i] >= 0))], reader.image_ids[i]) for i in indices]
+
+
+# ---------------------------------------------------------------------------------------
+# Panels
+# ---------------------------------------------------------------------------------------
+def placeholder(text: str, label: str) -> Panel:
+    """A grey cell saying ``text`` (an input image that cannot be read, a teacher without features)."""
+    image = Image.new("RGB", (160, 160), (PLACEHOLDER_GREY,) * 3)
+    ImageDraw.Draw(image).multiline_text((8, 64), text, fill=(255, 255, 255))
+    return Panel(np.asarray(image), label, nearest=False)
+
+
+def input_panel(path: Path, geometry: dict, label: str) -> tuple[Panel, str | None]:
+    """The image at ``path`` resized like the cache's ``geometry`` (resolution, resize mode) and a note
+    (``None`` if it was read, else why not: the panel is then a placeholder)."""
+    try:
+        pixels = resize_image(open_rgb(path), tuple(geometry["resolution"]), geometry["resize"])
+    except ImageDecodeError as exc:
+        note = f"{label}: input image not drawn ({exc}); pass --image-root to point at the images"
+        return placeholder("image not\nreachable", label), note
+    return Panel(pixels, label, nearest=False), None
+
+
+def fit_pca(tokens: np.ndarray, components: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and the first ``components`` principal axes ``(k, D)`` of ``tokens`` ``(N, D)``
+    (``k = min(components, N, D)``), each axis signed so its projections have positive skew
+    (deterministic colours)."""
+    mean = tokens.mean(axis=0)
+    centred = tokens - mean
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    axes = vt[:components]
+    skew = ((centred @ axes.T) ** 3).sum(axis=0)
+    return mean, axes * np.where(skew < 0, -1.0, 1.0)[:, None]
+
+
+def pca_rgb(maps: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Token maps ``(h_i, w_i, D)`` of one feature space -> uint8 RGB maps ``(h_i, w_i, 3)``.
+
+    One PCA over all maps' tokens; component ``c`` -> channel ``c``, scaled from its
+    :data:`PERCENTILES` over all tokens to 0..255 (channels past the number of components stay 0).
+    """
+    tokens = np.concatenate([m.reshape(-1, m.shape[-1]) for m in maps]).astype(np.float64)
+    mean, axes = fit_pca(tokens)
+    projected = (tokens - mean) @ axes.T  # (N, k)
+    low, high = np.percentile(projected, PERCENTILES, axis=0)
+    scaled = np.clip((projected - low) / np.maximum(high - low, 1e-12), 0.0, 1.0)
+    rgb = np.zeros((len(tokens), 3), dtype=np.uint8)
+    rgb[:, :scaled.shape[1]] = np.round(scaled * 255).astype(np.uint8)
+    sizes = np.cumsum([m.shape[0] * m.shape[1] for m in maps])[:-1]
+    return [part.reshape(*m.shape[:2], 3) for part, m in zip(np.split(rgb, sizes), maps)]
+
+
+def feature_columns(columns: Sequence[dict[int, np.ndarray]], labels: Sequence[Sequence[str]],
+                    count: int) -> list[list[Panel]]:
+    """Panels ``[column][row]`` of ``count`` rows for columns of maps in one feature space (each column:
+    row -> ``(h, w, D)``), coloured by one PCA fitted jointly over all of them; ``labels[column][row]``.
+    Rows a column has no map for get a placeholder."""
+    keys = [(c, r) for c, column in enumerate(columns) for r in sorted(column)]
+    colours = dict(zip(keys, pca_rgb([columns[c][r] for c, r in keys]))) if keys else {}
+    return [[Panel(colours[c, r], labels[c][r]) if (c, r) in colours else placeholder("no features", labels[c][r])
+             for r in range(count)] for c in range(len(columns))]
+
+
+# ---------------------------------------------------------------------------------------
+# Drawing and writing
+# ---------------------------------------------------------------------------------------
+def fitted_text(draw: ImageDraw.ImageDraw, text: str, width: int, font) -> str:
+    """``text`` cut (with an ellipsis) to fit ``width`` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def render_panel(panel: Panel, cell: tuple[int, int]) -> np.ndarray:
+    """uint8 ``(LABEL_HEIGHT + cell_h, cell_w, 3)``: the label strip over the panel resized to ``cell``."""
+    height, width = cell
+    canvas = Image.new("RGB", (width, LABEL_HEIGHT + height), (255, 255, 255))
+    picture = Image.fromarray(np.ascontiguousarray(panel.pixels, dtype=np.uint8))
+    canvas.paste(picture.resize((width, height), Image.NEAREST if panel.nearest else Image.BICUBIC),
+                 (0, LABEL_HEIGHT))
+    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default()
+    draw.text((3, 2), fitted_text(draw, panel.label, width - 6, font), fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def render_row(panels: Sequence[Panel], cell: tuple[int, int]) -> np.ndarray:
+    """uint8 ``(LABEL_HEIGHT + cell_h, len(panels) * cell_w, 3)``: the panels side by side."""
+    return np.concatenate([render_panel(p, cell) for p in panels], axis=1)
+
+
+def file_stem(position: int, image_id: str) -> str:
+    """File name of a row: its position and the image id without extension, path separators and odd
+    characters made ``_`` (the position keeps names unique)."""
+    return f"{position:02d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(image_id).with_suffix("")))
+
+
+def write_pictures(rows: Sequence[Sequence[Panel]], image_ids: Sequence[str], out: str | Path,
+                   cell: tuple[int, int], missing: list[str]) -> ShowResult:
+    """One PNG per row (``<out>/<NN>_<id>.png``) and ``<out>/grid.png`` with all rows stacked."""
+    if cell[0] < 1 or cell[1] < 1:
+        raise ShowError(f"cell size must be positive, got {cell}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rendered = [render_row(panels, cell) for panels in rows]
+    paths = []
+    for position, (image_id, row) in enumerate(zip(image_ids, rendered)):
+        paths.append(out / f"{file_stem(position, image_id)}.png")
+        Image.fromarray(row).save(paths[-1])
+    grid = out / "grid.png"
+    Image.fromarray(np.concatenate(rendered, axis=0)).save(grid)
+    return ShowResult(rows=paths, grid=grid, missing_images=missing)
+
+
+def cell_shape(cell: int, resolution: Sequence[int]) -> tuple[int, int]:
+    """``(cell, cell · W / H)``: cells keep the aspect of the ``(H, W)`` input."""
+    return cell, max(1, round(cell * resolution[1] / resolution[0]))
+
+
+def show_cache(cache: str, out: str | Path, images: Sequence[str] | None = None, first: int | None = None,
+               teachers: Sequence[str] | None = None, image_root: str | Path | None = None,
+               cell: int = 224) -> ShowResult:
+    """Write the pictures of ``images`` (ids) or the ``first`` images of ``cache`` to ``out`` (see module doc).
+
+    Row layout: ``[input image, teacher 1 map, ..., teacher T map]``, each panel ``cell`` pixels high
+    under a :data:`LABEL_HEIGHT` label; images lacking a teacher's features get a placeholder there.
+    """
+    reader = CacheReader(cache, teachers or None, allow_partial=True)
+    indices = select_samples(reader, images, first)
+    ids = [reader.image_ids[i] for i in indices]
+    geometry = reader.provenance[reader.teachers[0]]["geometry"]
+    if len({p["geometry"]["resize"] for p in reader.provenance.values()}) > 1:
+        log.warning("teacher groups were resized differently; the input shown is %s's (%s)",
+                    reader.teachers[0], geometry["resize"])
+    inputs = [input_panel(path, geometry, image_id)
+              for path, image_id in zip(sample_paths(reader, indices, image_root), ids)]
+    missing = [note for _, note in inputs if note is not None]
+    targets = reader.read(np.asarray(indices))
+    columns = []
+    for k, teacher in enumerate(reader.teachers):
+        have = targets.mask[:, k].numpy()
+        maps = {r: targets.patch[teacher][r].numpy() for r in range(len(ids)) if have[r]}
+        columns += feature_columns([maps], [[teacher] * len(ids)], len(ids))
+    rows = [[panel, *(column[r] for column in columns)] for r, (panel, _) in enumerate(inputs)]
+    return write_pictures(rows, ids, out, cell_shape(cell, geometry["resolution"]), missing)

@@ -2,6 +2,8 @@
 with and without the local chunk cache, statistics and training from the bucket, read-only access."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -52,6 +54,12 @@ def test_extract_to_s3_reads_like_local_with_and_without_chunk_cache(s3, tmp_pat
     assert info.exit_code == 0 and "6 done" in info.output and "crc32c yes" in info.output, info.output
     verify = runner.invoke(cache_app, ["verify", url, "--no-progress"])
     assert verify.exit_code == 0 and "OK: 6 images checked" in verify.output, verify.output
+    listing = runner.invoke(cache_app, ["ls", s3.url(""), "--json"])  # the catalog of the whole bucket
+    assert listing.exit_code == 0, listing.output
+    [entry] = [e for e in json.loads(listing.output) if e["path"].rstrip("/").endswith("extract.zarr")]
+    [group] = entry["groups"]
+    assert (group["teacher"], group["done"], group["failed"], group["pending"]) == (TEACHER, 6, 0, 0)
+    assert group["bytes"] > 0 and group["error"] is None
 
     before = snapshot(served)
     expected = read_everything(CacheReader(local_cache))

@@ -360,10 +360,11 @@ class TeacherStore:
 
     @classmethod
     def open_if_complete(cls, root: str, name: str) -> "TeacherStore | None":
-        """Group ``name`` opened for writing, or ``None`` while it is missing or has no provenance yet."""
+        """Group ``name`` opened for writing, or ``None`` while it is missing, has no provenance yet, or its
+        metadata is being rewritten (some object stores serve a partly uploaded object: truncated JSON)."""
         try:
             complete = ATTR_KEY in location.open_group(root, path=name, mode="r").attrs
-        except CacheNotFoundError:
+        except (CacheNotFoundError, json.JSONDecodeError):
             return None
         return cls.open(root, name, mode="a") if complete else None
 

@@ -153,15 +153,13 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
     """Compute per-channel mean/std and PHI-S of each teacher group (out of core) and store them in the cache."""
     import numpy as np
 
-    from .inspect import teacher_names
+    from .inspect import select_teachers
     from .location import check_writable
     from .stats import compute_stats, write_stats
 
     setup_logging(verbose)
     try:
-        names = teacher or teacher_names(cache)
-        if not names:
-            raise StoreError(f"{cache}: no teacher groups (is this a dune_cache cache?)")
+        names = select_teachers(cache, teacher or None)
         check_writable(cache)  # a read-only location fails before the (long) computation
         for name in names:
             result = compute_stats(cache, name)

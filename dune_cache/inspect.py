@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import zarr
@@ -17,6 +17,21 @@ def teacher_names(root: str) -> list[str]:
     group = open_root(root, mode="r")
     return sorted(name for name, child in group.groups()
                   if child.attrs.get(ATTR_KEY, {}).get("kind") == "teacher_features")
+
+
+def select_teachers(root: str, wanted: Sequence[str] | None = None,
+                    error: type[StoreError] = StoreError) -> list[str]:
+    """The teacher groups ``wanted`` (all of ``root``'s when ``None``); an ``error`` naming the missing ones and
+    the available ones, or saying that ``root`` has none."""
+    available = teacher_names(root)
+    names = list(wanted) if wanted is not None else available
+    missing = [name for name in names if name not in available]
+    if missing:
+        raise error(f"cache {root} has no teacher group {', '.join(map(repr, missing))}; "
+                    f"available: {', '.join(available) or '(none)'}")
+    if not names:
+        raise error(f"{root}: no teacher groups (is this a dune_cache cache?)")
+    return names
 
 
 def teacher_info(store: TeacherStore) -> dict:
@@ -54,10 +69,7 @@ def teacher_info(store: TeacherStore) -> dict:
 
 def cache_info(root: str) -> dict[str, dict]:
     """``{teacher group: teacher_info}`` for every teacher group in the cache."""
-    names = teacher_names(root)
-    if not names:
-        raise StoreError(f"{root}: no teacher groups (is this a dune_cache cache?)")
-    return {name: teacher_info(TeacherStore.open(root, name)) for name in names}
+    return {name: teacher_info(TeacherStore.open(root, name)) for name in select_teachers(root)}
 
 
 @dataclass

@@ -32,7 +32,7 @@ import zarr
 from . import location
 from .chunk_cache import ArrayMirror, group_directory
 from .encodings import Encoding, Part
-from .inspect import teacher_names
+from .inspect import select_teachers
 from .stats import TeacherStats, read_stats
 from .store import STATUS_DONE, STATUS_PENDING, StoreError, TeacherStore
 
@@ -213,15 +213,7 @@ def resolve_backend(backend: str, dtype: torch.dtype, remote: bool = False, chun
 # ---------------------------------------------------------------------------------------
 def open_teacher_stores(root: str, teachers: Sequence[str] | None) -> dict[str, TeacherStore]:
     """Read-only stores of the requested teacher groups (all when ``None``)."""
-    available = teacher_names(root)
-    wanted = list(teachers) if teachers is not None else available
-    missing = [t for t in wanted if t not in available]
-    if missing:
-        raise ReaderError(f"cache {root} has no teacher group {', '.join(map(repr, missing))}; "
-                          f"available: {', '.join(available) or '(none)'}")
-    if not wanted:
-        raise ReaderError(f"cache {root} has no teacher groups")
-    return {name: TeacherStore.open(root, name, mode="r") for name in wanted}
+    return {name: TeacherStore.open(root, name, mode="r") for name in select_teachers(root, teachers, ReaderError)}
 
 
 def done_rows(store: TeacherStore, name: str, allow_partial: bool) -> np.ndarray:

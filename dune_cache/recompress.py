@@ -21,9 +21,9 @@ import numpy as np
 from dask.callbacks import Callback
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, location
 from .encodings import Encoding, EncodingConfig, calibration_indices
-from .inspect import teacher_names
+from .inspect import select_teachers
 from .stats import read_stats, write_stats
 from .store import STATUS_DONE, StorageConfig, StoreError, TeacherStore, ViewRows, open_root, unit_bounds
 
@@ -154,9 +154,8 @@ def recompress_teacher(cfg: RecompressConfig, name: str) -> RecompressResult:
 
 def canonical_root(root: str) -> str:
     """A cache root location for comparison: local paths (or ``file://`` URLs) resolved, URLs as given."""
-    if "://" in root and not root.startswith("file://"):
-        return root.rstrip("/")
-    return str(Path(root.removeprefix("file://")).resolve())
+    path = location.local_path(root)
+    return str(Path(path).resolve()) if path is not None else root.rstrip("/")
 
 
 def recompress(cfg: RecompressConfig) -> list[RecompressResult]:
@@ -164,12 +163,4 @@ def recompress(cfg: RecompressConfig) -> list[RecompressResult]:
     if canonical_root(cfg.cache) == canonical_root(cfg.out):
         raise StoreError(f"--out {cfg.out} is the source cache; recompress writes a new cache root and never "
                          "modifies its source")
-    available = teacher_names(cfg.cache)
-    names = cfg.teachers or available
-    missing = [n for n in names if n not in available]
-    if missing:
-        raise StoreError(f"cache {cfg.cache} has no teacher group {', '.join(map(repr, missing))}; "
-                         f"available: {', '.join(available) or '(none)'}")
-    if not names:
-        raise StoreError(f"{cfg.cache}: no teacher groups (is this a dune_cache cache?)")
-    return [recompress_teacher(cfg, name) for name in names]
+    return [recompress_teacher(cfg, name) for name in select_teachers(cfg.cache, cfg.teachers or None)]

@@ -33,7 +33,7 @@ from zarr.core.sync import sync
 from .extract import ExtractConfig, build_provenance, run_extraction
 from .geometry import resolve_geometry
 from .images import load_manifest
-from .inspect import VerifyReport, checked_arrays, teacher_names, verify_teacher
+from .inspect import VerifyReport, checked_arrays, select_teachers, verify_teacher
 from .store import (STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, StoreError, TeacherStore,
                     contiguous_runs, provenance_differences)
 from .teachers import TeacherSpec, create_teacher
@@ -245,13 +245,7 @@ def apply_repair(cfg: RepairConfig, plan: GroupRepair) -> None:
 def repair_cache(cfg: RepairConfig) -> list[GroupRepair]:
     """Plan every group first (any refusal happens before anything is written), then repair each (unless
     ``cfg.dry_run``)."""
-    available = teacher_names(cfg.cache)
-    if cfg.teacher is not None and cfg.teacher not in available:
-        raise RepairError(f"cache {cfg.cache} has no teacher group {cfg.teacher!r}; "
-                          f"available: {', '.join(available) or '(none)'}")
-    groups = [cfg.teacher] if cfg.teacher is not None else available
-    if not groups:
-        raise RepairError(f"{cfg.cache}: no teacher groups (is this a dune_cache cache?)")
+    groups = select_teachers(cfg.cache, [cfg.teacher] if cfg.teacher is not None else None, RepairError)
     plans = [plan_group(cfg, group) for group in groups]
     if not cfg.dry_run:
         for plan in plans:

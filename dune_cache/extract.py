@@ -230,10 +230,12 @@ def collate_batch(items) -> Batch:
 class FeatureWriter:
     """Writes batches in order; after each batch's features land, marks its images done/failed."""
 
-    def __init__(self, store: TeacherStore, status: np.ndarray, manifest: ImageManifest, max_pending: int = 3):
+    def __init__(self, store: TeacherStore, status: np.ndarray, manifest: ImageManifest, units: list[int],
+                 max_pending: int = 3):
+        """``units``: the units this process owns (and alone writes); ``status`` ``(N,)`` is read for them."""
         self.store, self.status, self.manifest = store, status, manifest
         self.failures: dict[int, dict[int, dict]] = {}
-        for record in store.read_failures():
+        for record in store.read_failures(units):  # never another slot's records: they may be mid-write
             self.failures.setdefault(record["index"] // store.images_per_unit, {})[record["index"]] = record
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
@@ -383,14 +385,15 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
     store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
                                         cfg.storage, overwrite=cfg.overwrite, views=cfg.views, encoding=encoding,
                                         creator=creator)
-    status = store.read_status()
-    todo = pending_indices(status, my_units(store.num_units, slot, slots), store.images_per_unit, cfg.retry_failed)
+    units = my_units(store.num_units, slot, slots)
+    status = store.read_status(units)
+    todo = pending_indices(status, units, store.images_per_unit, cfg.retry_failed)
     log.info("extract %s -> %s/%s: %d images (+%d views each), %d to do in slot %d/%d, %dx%d on %s, encoding %s",
              spec.name, cfg.out, name, len(manifest), cfg.views, len(todo), slot, slots, *geometry.resolution,
              device, store.encoding)
     start = time.perf_counter()
     processed, skipped = 0, []
-    writer = FeatureWriter(store, status, manifest)
+    writer = FeatureWriter(store, status, manifest, units)
     images = ManifestImages(manifest, todo, geometry, cfg.views, cfg.view_sampling)
     loader = DataLoader(images, batch_size=cfg.batch_size,
                         num_workers=workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",

@@ -149,6 +149,11 @@ def unit_bounds(unit: int, images_per_unit: int, count: int) -> tuple[int, int]:
     return lo, min(lo + images_per_unit, count)
 
 
+def failure_key(unit: int) -> str:
+    """Name of the failure-record object of ``unit`` under ``<teacher>/failures/``."""
+    return f"unit_{unit:08d}"
+
+
 def contiguous_runs(indices: np.ndarray) -> list[tuple[int, int, int]]:
     """Sorted indices -> ``[(start_index, stop_index, offset_in_input)]`` runs of consecutive values."""
     if len(indices) == 0:
@@ -387,14 +392,30 @@ class TeacherStore:
         parts = {suffix: array.oindex[rows] for suffix, array in self.stored_arrays(name).items()}
         return self.encoding.decode_numpy(name, parts)
 
-    def read_status(self) -> np.ndarray:
-        return np.asarray(self.status[:], dtype=np.uint8)
+    def read_status(self, units: Iterable[int] | None = None) -> np.ndarray:
+        """Status ``(N,)`` of every image; with ``units``, only those units' chunks are read and the other
+        entries are :data:`STATUS_PENDING` (an extraction slot reads only what it owns: other slots may be
+        writing the rest)."""
+        if units is None:
+            return np.asarray(self.status[:], dtype=np.uint8)
+        status = np.full(self.count, STATUS_PENDING, dtype=np.uint8)
+        for unit in units:
+            lo, hi = unit_bounds(unit, self.images_per_unit, self.count)
+            status[lo:hi] = self.status[lo:hi]
+        return status
 
-    def read_failures(self) -> list[dict]:
-        """All failure records, sorted by image index."""
+    def read_failures(self, units: Iterable[int] | None = None) -> list[dict]:
+        """Failure records of every unit (or of ``units`` only), sorted by image index. A record object whose
+        data is not written yet (another process is creating it: its metadata lands first) reads as none."""
+        failures = self.group["failures"]
+        if units is None:
+            arrays = [arr for _, arr in failures.arrays()]
+        else:
+            arrays = [failures[key] for key in map(failure_key, units) if key in failures]
         records: list[dict] = []
-        for _, arr in self.group["failures"].arrays():
-            records.extend(json.loads(line) for line in bytes(arr[:]).decode("utf-8").splitlines() if line)
+        for arr in arrays:
+            text = bytes(arr[:]).rstrip(b"\0").decode("utf-8")  # fill value 0 until the chunk lands
+            records.extend(json.loads(line) for line in text.splitlines() if line)
         return sorted(records, key=lambda r: r["index"])
 
     @property
@@ -432,7 +453,7 @@ class TeacherStore:
 
     def write_unit_failures(self, unit: int, records: Iterable[dict]) -> None:
         """Replace the failure records of ``unit`` (removes the object when there are none)."""
-        key = f"unit_{unit:08d}"
+        key = failure_key(unit)
         failures = self.group["failures"]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
         if not text:

@@ -220,6 +220,25 @@ def test_concurrent_processes_write_one_store(tmp_path, images, tiny_checkpoint,
     assert single.read_failures() == shared.read_failures()
 
 
+def test_a_slot_never_reads_another_slots_objects_while_they_are_written(tmp_path, images, tiny_checkpoint):
+    """The race CI once hit with 3 processes: a slot starting late read another slot's failure record between
+    that record's metadata and its data landing (zeros, not JSON). A slot now reads only the status and failure
+    objects of its own units, and a record caught mid-write reads as no records."""
+    out = tmp_path / "c"
+    run_extraction(config(images, out, tiny_checkpoint, shard="0/2"))  # units 0 and 2 of 3 (4 images each)
+    store = TeacherStore.open(str(out), "tiny_test_teacher", mode="a")
+    assert [r["image_id"] for r in store.read_failures([2])] == ["zz_truncated.jpg"]
+    store.group["failures"].create_array("unit_00000002", shape=(64,), dtype="uint8", chunks=(64,),
+                                         compressors=(), overwrite=True)  # being rewritten: metadata landed
+    assert store.read_failures([2]) == [] and store.read_failures() == []
+    result = run_extraction(config(images, out, tiny_checkpoint, shard="1/2"))  # unit 1 while unit 2 is in flight
+    assert (result.processed, result.failed) == (2, 2)
+    assert [r["image_id"] for r in store.read_failures([1])] == ["zz_empty.png", "zz_text.jpg"]
+    run_extraction(config(images, tmp_path / "single", tiny_checkpoint))
+    for a, b in zip(read_all(tmp_path / "single"), read_all(out)):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_other_slots_never_create_a_group_and_wait_for_slot_0(tmp_path, images, tiny_checkpoint, caplog):
     caplog.set_level(logging.INFO, logger="dune_cache.store")
     with pytest.raises(StoreError, match="gave up after 1 s waiting for slot 0 .* to create it: .*/c/tiny"):

@@ -14,6 +14,7 @@ import numpy as np
 
 from .encodings import EncodingConfig
 from .inspect import teacher_names
+from . import location
 from .location import filesystem, join
 from .store import ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StoreError, TeacherStore
 
@@ -98,7 +99,6 @@ def describe_group(cache: str, name: str) -> GroupEntry:
     meta = store.provenance
     counts = np.bincount(store.read_status(), minlength=3)
     geometry, storage = meta["geometry"], meta["storage"]
-    fs, path = filesystem(join(cache, name))
     return GroupEntry(
         group=name, teacher=meta["teacher"]["name"],
         checkpoint={"file": meta["checkpoint"]["file"], "sha256": meta["checkpoint"]["sha256"]},
@@ -108,7 +108,7 @@ def describe_group(cache: str, name: str) -> GroupEntry:
                  "shard_images": storage["shard_images"], "encoding": str(EncodingConfig.from_json(storage["encoding"]))
                  if storage.get("encoding") else None},
         done=int(counts[STATUS_DONE]), failed=int(counts[STATUS_FAILED]), pending=int(counts[STATUS_PENDING]),
-        bytes=int(fs.du(path, total=True)))
+        bytes=sum(location.object_sizes(store.group.store, store.group.path).values()))
 
 
 def catalog(root: str, depth: int = 3) -> list[CacheEntry]:

@@ -96,6 +96,24 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fsspec.core.url_to_fs(local_path(url) or url, **storage_options(url))
 
 
+def object_sizes(store: Store, prefix: str) -> dict[str, int]:
+    """``{key: bytes}`` of every object under ``prefix`` (keys relative to ``store``'s root) from one recursive
+    listing: a few paginated LIST requests on object storage, where zarr's ``nbytes_stored`` sends one
+    request per object (hours for a bucket of millions of chunks); a directory walk on disk."""
+    prefix = prefix.strip("/")
+    if isinstance(store, zarr.storage.LocalStore):
+        base = os.path.join(str(store.root), prefix)
+        return {os.path.relpath(os.path.join(folder, name), str(store.root)).replace(os.sep, "/"):
+                os.path.getsize(os.path.join(folder, name))
+                for folder, _, names in os.walk(base) for name in names}
+    if isinstance(store, zarr.storage.FsspecStore):
+        root = store.path.rstrip("/")
+        found = sync(store.fs._find(f"{root}/{prefix}" if prefix else root, detail=True))
+        return {path[len(root):].lstrip("/"): int(info["size"]) for path, info in found.items()
+                if info.get("type", "file") != "directory"}
+    raise TypeError(f"cannot list {type(store).__name__} (caches open as LocalStore or FsspecStore)")
+
+
 def open_store(url: str, mode: str = "r") -> Store:
     """The Zarr store rooted at ``url``: a ``LocalStore`` for paths and ``file://`` URLs, else an
     ``FsspecStore``; read-only for ``mode="r"``. Nothing is read or written."""

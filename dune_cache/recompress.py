@@ -5,8 +5,9 @@ evenly over the done ones, as extraction does over the image list), then blocks 
 decoded, encoded and written by dask tasks (threads), each followed by its units' ``status`` and failure
 records, so memory stays at a few blocks whatever the cache size. The new group keeps the source's
 provenance except ``storage`` (the new settings) and adds ``recompressed`` (the source cache and its
-storage section); manifest, status, failures, view boxes/flips and ``stats/`` are copied. The source is
-only read.
+storage section); manifest, status, failures and view boxes/flips are copied. When the source has
+``stats/``, they are computed again from the new group's decoded values (what a student trains on; a lossy
+encoding shifts them slightly). The source is only read.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from tqdm.auto import tqdm
 from . import __version__, location
 from .encodings import Encoding, EncodingConfig, calibration_indices
 from .inspect import select_teachers
-from .stats import read_stats, write_stats
+from .stats import compute_stats, read_stats, write_stats
 from .store import STATUS_DONE, StorageConfig, StoreError, TeacherStore, ViewRows, open_root, unit_bounds
 
 log = logging.getLogger(__name__)
@@ -145,9 +146,9 @@ def recompress_teacher(cfg: RecompressConfig, name: str) -> RecompressResult:
     with tqdm(total=target.count, unit="img", desc=f"recompress {name} -> {encoding.name}", disable=not cfg.progress,
               dynamic_ncols=True) as bar, ImagesDone(bar.update):
         dask.compute(*tasks, scheduler="threads", num_workers=cfg.workers)
-    stats = read_stats(cfg.cache, name)
-    if stats is not None:
-        write_stats(cfg.out, name, stats)
+    if read_stats(cfg.cache, name) is not None:
+        log.info("%s: statistics of the re-encoded values (the source has statistics)", name)
+        write_stats(cfg.out, name, compute_stats(cfg.out, name, cfg.block_images))
     return RecompressResult(teacher=name, images=source.count, done=int((status == STATUS_DONE).sum()),
                             bytes_before=source.nbytes_stored(), bytes_after=target.nbytes_stored())
 

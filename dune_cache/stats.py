@@ -169,7 +169,8 @@ def compute_stats(root: str, teacher: str, block_images: int = DEFAULT_BLOCK_IMA
 # ---------------------------------------------------------------------------------------
 def write_stats(root: str, teacher: str, stats: TeacherStats) -> None:
     """(Re)write ``<root>/<teacher>/stats/``: one float64 array (one chunk, zstd) per field, ``count``
-    in the attributes. The only writer of a cache's statistics is ``dune-cache stats``."""
+    in the attributes. Only explicit commands write statistics: ``dune-cache stats``, and ``dune-cache
+    recompress`` into the new cache it makes."""
     store = TeacherStore.open(root, teacher, mode="a")
     group = store.group.create_group(STATS_GROUP, overwrite=True)
     for name in STATS_ARRAYS:

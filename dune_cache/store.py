@@ -471,4 +471,6 @@ class TeacherStore:
         arrays += [self.views[name] for name in ("boxes", "flip")] if self.views is not None else []
         if ENCODING_GROUP in self.group:
             arrays += [array for _, array in self.group[ENCODING_GROUP].arrays()]
-        return int(sum(array.nbytes_stored() for array in arrays))
+        prefixes = tuple(array.path + "/" for array in arrays)
+        sizes = location.object_sizes(self.group.store, self.group.path)
+        return sum(size for key, size in sizes.items() if key.startswith(prefixes))

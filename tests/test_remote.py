@@ -15,7 +15,7 @@ from dune_cache.extract import ExtractConfig, run_extraction
 from dune_cache.location import filesystem
 from dune_cache.reader import CacheReader
 from dune_cache.stats import compute_stats, write_stats
-from dune_cache.store import StorageConfig, StoreError
+from dune_cache.store import StorageConfig, StoreError, TeacherStore
 from dune_student.config import load_config
 from dune_student.train import train
 from test_extract import images  # noqa: F401 - fixture: six photos and three unusable files
@@ -59,7 +59,11 @@ def test_extract_to_s3_reads_like_local_with_and_without_chunk_cache(s3, tmp_pat
     [entry] = [e for e in json.loads(listing.output) if e["path"].rstrip("/").endswith("extract.zarr")]
     [group] = entry["groups"]
     assert (group["teacher"], group["done"], group["failed"], group["pending"]) == (TEACHER, 6, 0, 0)
-    assert group["bytes"] > 0 and group["error"] is None
+    assert group["error"] is None
+    store = TeacherStore.open(url, TEACHER)  # sizes from one listing equal zarr's one request per object
+    per_object = sum(a.nbytes_stored() for name in ("cls", "patch") for a in store.stored_arrays(name).values())
+    assert store.nbytes_stored() == per_object == TeacherStore.open(local_cache, TEACHER).nbytes_stored()
+    assert group["bytes"] == sum(f.stat().st_size for f in (served / TEACHER).rglob("*") if f.is_file())
 
     before = snapshot(served)
     expected = read_everything(CacheReader(local_cache))

@@ -18,13 +18,21 @@ filled). An object missing remotely is not kept (it reads as the fill value eith
 decode; when a kept object fails to decode (crc32c mismatch, truncated file), the reader drops the copies
 of the rows it was reading and fetches them again once (:meth:`ArrayMirror.forget`). The folder of a group
 is keyed by its URL, provenance ``created`` time and manifest hash, so a group replaced with
-``--overwrite`` gets a new folder. Nothing is evicted: delete ``DIR`` (or one folder, each with a
-``source.json`` naming its group) to reclaim space.
+``--overwrite`` gets a new folder.
+
+**Size limit**: with ``limit`` bytes (:class:`SpaceLedger`; ``--chunk-cache-limit-gb``), the folder fills until
+it holds ``limit`` bytes, then objects not yet kept are read from the remote store on every epoch; nothing is
+evicted (training reads every sample once per epoch, so evicting the least recently used object to keep the
+next one would make every read a miss). The bytes kept are counted in ``DIR/usage`` (re-measured by walking
+``DIR`` when a reader is built), shared by every reading process under a file lock; each process may pass
+the limit by at most one batch of objects. Delete ``DIR`` (or one folder, each with a ``source.json``
+naming its group) to reclaim space.
 
 Layout: ``DIR/<sha256(group URL, created, manifest sha256)[:16]>/<array>/{zarr.json, c/...}``.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -75,12 +83,50 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+class SpaceLedger:
+    """Bytes held by the chunk-cache folder ``base``, counted in ``base/usage`` and shared by every process
+    reading through it (file lock); ``limit``: bytes it may hold, 0 for no limit."""
+
+    FILE = "usage"
+
+    def __init__(self, base: Path, limit: int):
+        self.path, self.limit = Path(base) / self.FILE, int(limit)
+
+    @classmethod
+    def measured(cls, base: Path, limit: int) -> "SpaceLedger":
+        """The ledger of ``base`` with its count set to the bytes the folder holds now (a directory walk)."""
+        ledger = cls(base, limit)
+        held = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(base)
+                   for name in names if os.path.join(folder, name) != str(ledger.path))
+        ledger._update(lambda _: held)
+        return ledger
+
+    def _update(self, change) -> int:
+        """Apply ``change(bytes held) -> bytes held`` under the lock; returns the new count."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a+b") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)  # released when the file closes
+            f.seek(0)
+            held = change(int(f.read().strip() or 0))
+            f.seek(0)
+            f.truncate()
+            f.write(str(held).encode("ascii"))
+            return held
+
+    def has_room(self) -> bool:
+        return self.limit <= 0 or self._update(lambda held: held) < self.limit
+
+    def add(self, nbytes: int) -> None:
+        self._update(lambda held: max(0, held + nbytes))
+
+
 class ArrayMirror:
     """Local copy, in ``folder``, of the remote per-image array at ``url``; ``done``: bool ``(N,)`` images done
     when the reader was built. Build with :meth:`create` (``None`` for arrays that cannot be mirrored)."""
 
-    def __init__(self, url: str, folder: Path, done: np.ndarray, rows_per_object: int, ndim: int):
-        self.url, self.folder, self.done = url, folder, done
+    def __init__(self, url: str, folder: Path, done: np.ndarray, rows_per_object: int, ndim: int,
+                 ledger: SpaceLedger):
+        self.url, self.folder, self.done, self.ledger = url, folder, done, ledger
         self.rows_per_object = rows_per_object  # chunk (or shard) extent along the image axis
         self.key_tail = "/0" * (ndim - 1)  # objects span every other dimension whole
         objects = -(-len(done) // rows_per_object)
@@ -90,7 +136,7 @@ class ArrayMirror:
         self.present: set[int] = set()  # objects known to be in the folder (this process)
 
     @classmethod
-    def create(cls, url: str, folder: Path, done: np.ndarray) -> "ArrayMirror | None":
+    def create(cls, url: str, folder: Path, done: np.ndarray, ledger: SpaceLedger) -> "ArrayMirror | None":
         """The mirror of the array at ``url`` (its ``zarr.json`` copied into ``folder`` on first use), or ``None``
         when it is not a per-image array whose objects are ``c/<i>/0/...`` (one row of objects per image block)."""
         path = folder / METADATA_KEY
@@ -105,7 +151,7 @@ class ArrayMirror:
         if ((meta.get("dimension_names") or [None])[0] != "image" or list(chunks[1:]) != list(shape[1:])
                 or encoding.get("name") != "default" or encoding.get("configuration", {}).get("separator", "/") != "/"):
             return None
-        return cls(url, folder, done, int(chunks[0]), len(shape))
+        return cls(url, folder, done, int(chunks[0]), len(shape), ledger)
 
     def key(self, index: int) -> str:
         return f"c/{index}{self.key_tail}"
@@ -114,11 +160,17 @@ class ArrayMirror:
         """Bool ``(B,)``: rows served from the mirror (their object holds done images only)."""
         return self.complete[np.asarray(rows) // self.rows_per_object]
 
-    def fetch(self, rows: np.ndarray) -> None:
-        """Download the objects of ``rows`` (all :meth:`kept`) that the folder lacks, concurrently."""
-        wanted = set(np.unique(np.asarray(rows) // self.rows_per_object).tolist()) - self.present
+    def fetch(self, rows: np.ndarray) -> np.ndarray:
+        """Download the objects of ``rows`` (all :meth:`kept`) that the folder lacks, concurrently, while the
+        ledger has room. Bool ``(B,)``: rows to read from the folder (the others: from the remote store)."""
+        objects = np.asarray(rows) // self.rows_per_object
+        wanted = set(np.unique(objects).tolist()) - self.present
         missing = [o for o in sorted(wanted) if not (self.folder / self.key(o)).exists()]
-        self.present |= (wanted - set(missing)) | self.download(missing)
+        self.present |= wanted - set(missing)
+        if not missing or self.ledger.has_room():
+            self.present |= self.download(missing)
+            return np.ones(len(objects), dtype=bool)  # an object missing remotely reads as the fill value here too
+        return ~np.isin(objects, missing)
 
     def download(self, objects: list[int]) -> set[int]:
         """Copy ``objects`` from the remote store into the folder; returns those that exist remotely."""
@@ -130,12 +182,14 @@ class ArrayMirror:
         async def get(index: int):
             return index, await store.get(self.key(index), prototype)
 
-        written = set()
+        written: dict[int, int] = {}
         for index, value in sync(concurrent_map([(o,) for o in objects], get, limit=FETCH_CONCURRENCY)):
             if value is not None:  # missing remotely: reads as the fill value, nothing to keep
-                write_atomically(self.folder / self.key(index), value.to_bytes())
-                written.add(index)
-        return written
+                data = value.to_bytes()
+                write_atomically(self.folder / self.key(index), data)
+                written[index] = len(data)
+        self.ledger.add(sum(written.values()))
+        return set(written)
 
     def forget(self, rows: np.ndarray) -> int:
         """Drop the kept objects holding image ``rows``; returns how many were removed."""
@@ -144,6 +198,8 @@ class ArrayMirror:
             self.present.discard(index)
             folder = self.folder / "c" / str(index)
             if folder.exists():
+                freed = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
                 shutil.rmtree(folder, ignore_errors=True)
+                self.ledger.add(-freed)
                 removed += 1
         return removed

@@ -23,6 +23,7 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 import zarr
 
 from . import location
-from .chunk_cache import ArrayMirror, group_directory
+from .chunk_cache import ArrayMirror, SpaceLedger, group_directory
 from .encodings import Encoding, Part
 from .inspect import select_teachers
 from .stats import TeacherStats, read_stats
@@ -280,11 +281,13 @@ class CacheReader:
     cache is read by zarr-python over fsspec. ``chunk_cache``: a local folder keeping copies of the remote
     cache's feature chunks as they are read, decoded by zarrs (:mod:`dune_cache.chunk_cache`; e.g.
     ``chunk_cache.default_directory()``); ignored for local caches and the memory backend.
+    ``chunk_cache_limit``: bytes the chunk cache folder may hold (0: no limit); once full, chunks not yet kept
+    are read from the remote store.
     """
 
     def __init__(self, root: str, teachers: Sequence[str] | None = None, backend: str = "auto",
                  allow_partial: bool = False, dtype: torch.dtype = torch.float32,
-                 chunk_cache: str | os.PathLike | None = None):
+                 chunk_cache: str | os.PathLike | None = None, chunk_cache_limit: int = 0):
         self.root = str(root)
         remote = location.is_remote(self.root)
         stores = open_teacher_stores(self.root, teachers)
@@ -296,6 +299,7 @@ class CacheReader:
         self.num_views: dict[str, int] = {name: s.num_views for name, s in stores.items()}  # K, 0 without views
         self.done_counts: dict[str, int] = {}
         self.chunk_cache: str | None = os.fspath(chunk_cache) if chunk_cache and remote else None
+        self._ledger = SpaceLedger.measured(Path(self.chunk_cache), chunk_cache_limit) if self.chunk_cache else None
         self._done_masks: dict[str, np.ndarray] = {}  # group rows done now: the chunk cache keeps only those
         groups = []
         for name, store in stores.items():
@@ -317,7 +321,8 @@ class CacheReader:
         self._handles: tuple[int, Any, dict[str, Any]] | None = None  # (pid, backend, arrays opened so far)
         log.info("CacheReader %s: %d samples, teachers %s, backend %s%s", self.root, len(self.image_ids),
                  ", ".join(f"{t} ({self.done_counts[t]} done)" for t in self.teachers), self.backend,
-                 f", chunk cache {self.chunk_cache}" if self.chunk_cache else "")
+                 f", chunk cache {self.chunk_cache}" + (f" (limit {chunk_cache_limit / 1e9:.1f} GB)"
+                                                          if chunk_cache_limit > 0 else "") if self.chunk_cache else "")
         if chunk_cache and not remote:
             log.info("chunk cache %s not used: %s is a local cache", chunk_cache, self.root)
 
@@ -358,7 +363,7 @@ class CacheReader:
         if key not in arrays:
             folder = group_directory(self.chunk_cache, location.join(self.root, teacher), self.provenance[teacher])
             mirror = ArrayMirror.create(location.join(self.root, teacher, array), folder / array,
-                                        self._done_masks[teacher])
+                                        self._done_masks[teacher], self._ledger)
             arrays[key] = (mirror, io.open(str(mirror.folder), dtype)) if mirror is not None else None
         return arrays[key]
 
@@ -460,7 +465,8 @@ class CacheReader:
             kept = mirrored[0].kept(index[0]) if mirrored else np.zeros(len(index[0]), dtype=bool)
             route = []
             if kept.any():
-                mirrored[0].fetch(index[0][kept])
+                kept[kept] = mirrored[0].fetch(index[0][kept])  # rows left out: no room in the chunk cache
+            if kept.any():
                 reads.append((mirrored[1], tuple(part[kept] for part in index)))
                 route.append(kept)
             if not kept.all():

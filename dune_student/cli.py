@@ -41,6 +41,8 @@ def train(
                                        "images of a cache still being extracted)"),
     chunk_cache: Optional[str] = typer.Option(None, help="= data.chunk_cache: local folder keeping the chunks of a "
                                               "remote (s3://, gs://) cache, or `default` (~/.cache/dune_cache/chunks)"),
+    chunk_cache_limit_gb: Optional[float] = typer.Option(None, help="= data.chunk_cache_limit_gb: GB the chunk "
+                                                         "cache may hold (0: no limit)"),
     progress: bool = typer.Option(True, help="= progress"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
@@ -49,7 +51,7 @@ def train(
     flags = {"data.cache": cache, "data.images": images, "out": out, "steps": steps, "data.batch_size": batch_size,
              "student.attention": attention, "live_teachers": live_teachers, "device": device,
              "data.allow_partial": True if allow_partial else None, "data.chunk_cache": chunk_cache,
-             "progress": progress}
+             "data.chunk_cache_limit_gb": chunk_cache_limit_gb, "progress": progress}
     pairs = list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
     try:
         cfg = load_config(config, pairs)

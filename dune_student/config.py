@@ -37,6 +37,7 @@ class DataConfig:
     shuffle_buffer: int = 65536          # shuffle buffer of sample indices (free; docs/benchmarks.md "Shuffle")
     reader_backend: str = "auto"         # auto | tensorstore | zarrs | zarr | memory (whole cache in RAM)
     chunk_cache: str = ""                # remote cache: local copies of its chunks ("default": ~/.cache/...)
+    chunk_cache_limit_gb: float = 0.0    # GB the chunk cache folder may hold (0: no limit); then read remotely
     holdout: int = 0                     # last N images (manifest order) kept out of training for eval
 
 
@@ -214,6 +215,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("loss.drop_p: must be in [0, 1)")
     if not 0 <= cfg.optim.warmup_fraction < 1:
         raise ConfigError("optim.warmup_fraction: must be in [0, 1)")
+    if cfg.data.chunk_cache_limit_gb < 0 or (cfg.data.chunk_cache_limit_gb and not cfg.data.chunk_cache):
+        raise ConfigError("data.chunk_cache_limit_gb: must be 0 (no limit) or > 0 with data.chunk_cache set")
     if cfg.eval_every < 0 or (cfg.eval_every and cfg.data.holdout < 1):
         raise ConfigError("eval_every: must be 0 (off) or > 0 with data.holdout > 0 (the held-out images it evaluates)")
 

@@ -144,10 +144,10 @@ class BatchSource(Dataset):
     def __init__(self, cache: str, teachers: list[str] | None, allow_partial: bool, backend: str, images: str,
                  samples: np.ndarray, batch_size: int, resolution: int, augment: AugmentConfig, seed: int,
                  shuffle_block: int, shuffle_buffer: int, rank: int = 0, world: int = 1, read_targets: bool = True,
-                 decode_on_device: bool = False, chunk_cache: str | None = None):
+                 decode_on_device: bool = False, chunk_cache: str | None = None, chunk_cache_limit: int = 0):
         # float16 targets (half the bytes through the loader); the trainer widens them on the device
         self.reader_args = dict(root=cache, teachers=teachers or None, backend=backend, allow_partial=allow_partial,
-                                dtype=torch.float16, chunk_cache=chunk_cache)
+                                dtype=torch.float16, chunk_cache=chunk_cache, chunk_cache_limit=chunk_cache_limit)
         reader = CacheReader(**self.reader_args)
         self.paths = image_paths(reader, images)
         self.tags = reader.tags

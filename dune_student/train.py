@@ -218,8 +218,9 @@ class Trainer:
             raise DataError(f"data.batch_size {cfg.data.batch_size} is not divisible by {self.world} processes")
         torch.manual_seed(cfg.seed)
         chunk_cache = resolve_directory(cfg.data.chunk_cache)  # local copies of a remote cache's chunks
+        chunk_cache_limit = round(cfg.data.chunk_cache_limit_gb * 1e9)
         self.reader = CacheReader(cfg.data.cache, cfg.data.teachers or None, cfg.data.reader_backend,
-                                  cfg.data.allow_partial, chunk_cache=chunk_cache)
+                                  cfg.data.allow_partial, chunk_cache=chunk_cache, chunk_cache_limit=chunk_cache_limit)
         log.info("cache %s: teachers %s, %d images, reader backend %s", cfg.data.cache, self.reader.teachers,
                  len(self.reader), self.reader.backend)
         check_cache_fits(cfg, self.reader)
@@ -253,7 +254,7 @@ class Trainer:
             cfg.data.images, torch.arange(n_train).numpy(), cfg.data.batch_size, self.resolution, cfg.augment,
             cfg.seed, cfg.data.shuffle_block, cfg.data.shuffle_buffer, self.rank, self.world,
             read_targets=not cfg.live_teachers, decode_on_device=self.device.type == "cuda",
-            chunk_cache=str(chunk_cache) if chunk_cache else None)
+            chunk_cache=str(chunk_cache) if chunk_cache else None, chunk_cache_limit=chunk_cache_limit)
         self.out = Path(cfg.out)
         self.step = 0
 

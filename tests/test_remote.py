@@ -3,6 +3,7 @@ with and without the local chunk cache, statistics and training from the bucket,
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +36,17 @@ def local_cache(tmp_path_factory, real_image_dir, tiny_checkpoint) -> str:
     out = str(tmp_path_factory.mktemp("local") / "cache.zarr")
     extract(out, real_image_dir, tiny_checkpoint)
     return out
+
+
+def kept_files(chunks: Path) -> list[str]:
+    """Files of a chunk cache folder, relative to their group's folder (the shared ``usage`` count left out)."""
+    return sorted(p.relative_to(chunks).as_posix().split("/", 1)[1] for p in chunks.rglob("*")
+                  if p.is_file() and p.parent != chunks)
+
+
+def kept_chunks(chunks: Path) -> list[str]:
+    """The chunk objects among :func:`kept_files` (``<array>/c/<image>/...``)."""
+    return [f for f in kept_files(chunks) if "/c/" in f]
 
 
 def read_everything(reader: CacheReader) -> tuple[np.ndarray, np.ndarray]:
@@ -75,7 +87,7 @@ def test_extract_to_s3_reads_like_local_with_and_without_chunk_cache(s3, tmp_pat
         for a, b in zip(expected, got):
             np.testing.assert_array_equal(a, b)
     assert snapshot(served) == before  # reading never writes, also remotely
-    kept = sorted(p.relative_to(chunks).as_posix().split("/", 1)[1] for p in chunks.rglob("*") if p.is_file())
+    kept = kept_files(chunks)
     assert kept == ["cls/c/0/0", "cls/c/1/0", "cls/c/2/0", "cls/c/3/0", "cls/c/4/0", "cls/c/5/0", "cls/zarr.json",
                     *[f"patch/c/{i}/0/0/0" for i in range(6)], "patch/zarr.json", "source.json"]
 
@@ -101,6 +113,26 @@ def test_a_corrupt_cached_chunk_is_fetched_again(s3, tmp_path, real_image_dir, t
     assert cached.read_bytes() != bytes(data)  # replaced by the good copy
 
 
+def test_a_full_chunk_cache_keeps_what_it_has_and_reads_the_rest_remotely(s3, tmp_path, real_image_dir,
+                                                                         tiny_checkpoint, local_cache):
+    url = s3.url("limited.zarr")
+    extract(url, real_image_dir, tiny_checkpoint)
+    expected = read_everything(CacheReader(local_cache))
+    chunks = tmp_path / "chunks"
+
+    for epoch in range(2):
+        limited = CacheReader(url, chunk_cache=chunks, chunk_cache_limit=1)  # full after the first download
+        for rows in (np.arange(0, 2), np.arange(2, 4), np.arange(4, 6)):
+            batch = limited.read(rows)
+            np.testing.assert_array_equal(batch.cls[TEACHER].numpy(), expected[0][rows])
+            np.testing.assert_array_equal(batch.patch[TEACHER].numpy(), expected[1][rows])
+        assert {int(f.split('/')[2]) for f in kept_chunks(chunks)} == {0, 1}  # one batch's objects passed the limit, nothing was kept after it
+    held = sum(p.stat().st_size for p in chunks.rglob("*") if p.is_file() and p.name != "usage")
+    assert int((chunks / "usage").read_text()) == held  # re-measured when the reader was built
+    np.testing.assert_array_equal(read_everything(CacheReader(url, chunk_cache=chunks))[1], expected[1])
+    assert {int(f.split('/')[2]) for f in kept_chunks(chunks)} == set(range(6))  # without a limit the rest is kept
+
+
 def test_stats_and_training_from_s3_match_local(s3, tmp_path, real_image_dir, tiny_checkpoint, local_cache):
     url = s3.url("train.zarr")
     extract(url, real_image_dir, tiny_checkpoint)
@@ -117,7 +149,11 @@ def test_stats_and_training_from_s3_match_local(s3, tmp_path, real_image_dir, ti
     local = run(local_cache, str(tmp_path / "local_run"))
     remote = run(url, str(tmp_path / "remote_run"), f"data.chunk_cache={tmp_path / 'chunks'}")
     assert remote.steps == 3 and remote.final_loss == pytest.approx(local.final_loss, rel=1e-6)
-    assert list((tmp_path / "chunks").rglob("patch/c/*/0/0/0"))  # training filled the chunk cache
+    assert len(kept_chunks(tmp_path / "chunks")) == 12  # training filled the chunk cache (CLS and patch of 6)
+    limited = run(url, str(tmp_path / "limited_run"), f"data.chunk_cache={tmp_path / 'small'}",
+                  "data.chunk_cache_limit_gb=1e-9")  # 1 byte: full after the first batch
+    assert limited.final_loss == pytest.approx(local.final_loss, rel=1e-6)
+    assert 0 < len(kept_chunks(tmp_path / "small")) < len(kept_chunks(tmp_path / "chunks"))
     with pytest.raises(ValueError, match="out: run directories are local paths"):
         load_config(None, [f"data.cache={url}", f"data.images={real_image_dir}", f"out={s3.url('runs/x')}"])
 
@@ -178,5 +214,5 @@ def test_chunk_cache_keeps_only_objects_whose_images_are_all_done(s3, tmp_path, 
     assert len(remote) == 6
     for a, b in zip(read_everything(remote), read_everything(CacheReader(str(tmp_path / "local.zarr")))):
         np.testing.assert_array_equal(a, b)
-    kept = sorted(p.relative_to(chunks).as_posix().split("/", 1)[1] for p in chunks.rglob("*") if p.is_file())
+    kept = kept_files(chunks)
     assert [k for k in kept if "/c/" in k] == ["cls/c/0/0", "patch/c/0/0/0/0"]

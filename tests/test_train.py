@@ -46,6 +46,8 @@ def test_config_errors_name_the_field(tmp_path):
         load_config(None, ["loss.sharing=mine"])
     with pytest.raises(ConfigError, match="data.cache: required"):
         load_config(None, [])
+    with pytest.raises(ConfigError, match="data.chunk_cache_limit_gb: must be 0 .* with data.chunk_cache set"):
+        load_config(None, ["data.cache=c", "data.images=i", "data.chunk_cache_limit_gb=50"])
     toml = tmp_path / "run.toml"
     toml.write_text('steps = 7\n[data]\ncache = "c"\nimages = "i"\n[optim]\nbetas = [0.8, 0.9]\n')
     cfg = load_config(toml, ["optim.base_lr=1e-4"])

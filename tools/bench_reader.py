@@ -230,8 +230,8 @@ def bench_encoded(title: str, caches: dict[str, str], args: argparse.Namespace) 
     cores = len(os.sched_getaffinity(0))
     print(f"\n{cores} cores, load average {os.getloadavg()[0]:.1f} at the end, batch {batch}, "
           f"{args.batches} batches x {args.rounds} rounds, medians\n")
-    print(f"| encoding | stored (÷ none) | out | method | GB/s | GB per CPU-s | cores for 4 GB/s | vs none GB/s "
-          f"| vs none GB/CPU-s | vs zarr-python GB/s |")
+    print("| encoding | stored (÷ none) | out | method | GB/s | GB per CPU-s | cores for 4 GB/s | vs none GB/s "
+          "| vs none GB/CPU-s | vs zarr-python GB/s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for (label, out, method, _), (gbps, per_cpu) in zip(methods, medians):
         none_gbps, none_cpu = of_none[out] if method.startswith("CacheReader") else (gbps, per_cpu)

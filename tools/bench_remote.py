@@ -13,6 +13,8 @@ like the trainer, with every method in turn:
 - ``s3://`` with a chunk cache that is empty when the round starts (cold: every chunk is downloaded once
   and written to the cache folder), then the same batches again (warm: every chunk from local disk); the
   reader then decodes with zarrs (backend auto), as training does
+- ``s3://`` with a chunk cache limited to half the bytes the round's batches read: one pass fills it,
+  then the timed pass reads about half the chunks locally and the rest from the bucket
 
 Medians over rounds, as decoded GB/s and samples/s. Loopback S3 has almost no latency and no bandwidth
 limit, and the page cache is warm for the local files, so remote numbers are an upper bound of what a real
@@ -37,13 +39,16 @@ from bench_reader import TEACHER, build_cache, time_batches, warm_page_cache  # 
 from conftest import s3_env, serve_s3  # noqa: E402  (the test suite's rclone S3 server)
 
 from dune_cache.reader import CacheReader  # noqa: E402
+from dune_cache.store import TeacherStore  # noqa: E402
 
 BUCKET = "bench"
 
 
-def reader(root: str, backend: str = "auto", chunk_cache: str | None = None) -> Callable[[np.ndarray], object]:
+def reader(root: str, backend: str = "auto", chunk_cache: str | None = None, chunk_cache_limit: int = 0
+           ) -> Callable[[np.ndarray], object]:
     """``read(rows)`` of a fresh CacheReader (float16 out, like the trainer)."""
-    return CacheReader(root, [TEACHER], backend=backend, dtype=torch.float16, chunk_cache=chunk_cache).read
+    return CacheReader(root, [TEACHER], backend=backend, dtype=torch.float16, chunk_cache=chunk_cache,
+                       chunk_cache_limit=chunk_cache_limit).read
 
 
 def bench(args: argparse.Namespace, scratch: Path) -> dict[str, list[float]]:
@@ -54,6 +59,7 @@ def bench(args: argparse.Namespace, scratch: Path) -> dict[str, list[float]]:
         print(f"building {args.images} x {args.grid}x{args.grid}x{args.dim} float16 cache at {local} ...")
         build_cache(str(local), args.images, args.grid, args.dim)
     warm_page_cache(str(local))
+    stored = TeacherStore.open(str(local), TEACHER).nbytes_stored()
     url = f"s3://{BUCKET}/cache.zarr"
     rng = np.random.default_rng(1)
     results: dict[str, list[float]] = {}
@@ -70,6 +76,10 @@ def bench(args: argparse.Namespace, scratch: Path) -> dict[str, list[float]]:
             cached = reader(url, chunk_cache=str(scratch / f"chunks{round_}"))  # empty: cold
             results.setdefault("s3 + chunk cache, cold", []).append(time_batches(cached, batches)[0])
             results.setdefault("s3 + chunk cache, warm", []).append(time_batches(cached, batches)[0])
+            limit = round(stored * args.batch * args.batches / args.images / 2)  # half of what the batches read
+            limited = reader(url, chunk_cache=str(scratch / f"limited{round_}"), chunk_cache_limit=limit)
+            time_batches(limited, batches)  # fills the chunk cache up to its limit
+            results.setdefault("s3 + chunk cache limited to half, warm", []).append(time_batches(limited, batches)[0])
     return results
 
 

@@ -24,7 +24,7 @@ are that teacher's own data under ``own_data`` and everybody's under ``own+gener
 Standardisation: per-channel mean/std from the cache's statistics (``channel``), PHI-S on patch
 tokens (``phis``, RADIO; CLS tokens keep the per-channel scheme since the cache holds PHI-S only for
 patches), ``none``, or ``ema``: UNIC's running per-channel mean/std updated from the batches
-(the fallback for a teacher whose cache has no statistics).
+(the fallback for a teacher whose cache has no statistics), pooled over every DDP rank.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -196,25 +197,35 @@ class TeacherStandardizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, cls: torch.Tensor, patch: torch.Tensor, available: torch.Tensor, momentum: float) -> None:
-        """EMA mode: ``stat ← (1 − momentum)·stat + momentum·batch_stat`` over the available samples.
+        """EMA mode: ``stat ← (1 − momentum)·stat + momentum·batch_stat`` over the available samples of the
+        global batch: under DDP the batch statistics pool every process's samples (one all-reduce of float64
+        sums), so all ranks keep the same statistics and standardise alike.
 
         cls ``(B, D)``, patch ``(B, h, w, D)``, available ``(B,)`` bool. CLS statistics need at least
         two available samples (otherwise only the patch statistics move). Other modes: no-op.
         """
         if self.mode != "ema":
             return
-        cls, patch = cls[available].float(), patch[available].float()
-        tokens = patch.reshape(-1, patch.shape[-1])
-        if len(tokens) >= 2:
-            self._blend("patch", tokens, momentum)
-        if len(cls) >= 2:
-            self._blend("cls", cls, momentum)
+        cls, tokens = cls[available].double(), patch[available].reshape(-1, patch.shape[-1]).double()
+        sums = torch.cat([cls.new_tensor([len(cls), len(tokens)]), cls.sum(0), cls.square().sum(0),
+                          tokens.sum(0), tokens.square().sum(0)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(sums)
+        n_cls, n_tokens = sums[:2].tolist()
+        cls_sum, cls_squares, token_sum, token_squares = sums[2:].view(4, -1)
+        if n_tokens >= 2:
+            self._blend("patch", n_tokens, token_sum, token_squares, momentum)
+        if n_cls >= 2:
+            self._blend("cls", n_cls, cls_sum, cls_squares, momentum)
 
-    def _blend(self, prefix: str, rows: torch.Tensor, momentum: float) -> None:
-        """Move ``<prefix>_mean/std`` toward the statistics of ``rows`` ``(N, D)``."""
+    def _blend(self, prefix: str, count: float, total: torch.Tensor, squares: torch.Tensor, momentum: float) -> None:
+        """Move ``<prefix>_mean/std`` toward the mean and unbiased std of ``count`` rows with per-channel
+        ``total`` and sum of ``squares`` ``(D,)``."""
         mean, std = getattr(self, f"{prefix}_mean"), getattr(self, f"{prefix}_std")
-        mean.lerp_(rows.mean(dim=0), momentum)
-        std.lerp_(rows.std(dim=0), momentum)
+        batch_mean = total / count
+        batch_var = (squares - count * batch_mean.square()).clamp_min(0) / (count - 1)
+        mean.lerp_(batch_mean.to(mean.dtype), momentum)
+        std.lerp_(batch_var.sqrt().to(std.dtype), momentum)
 
 
 class Standardizer(nn.Module):

@@ -221,6 +221,37 @@ def test_missing_statistics_fall_back_to_ema_which_tracks_available_samples(capl
     assert torch.allclose(standardizer.teachers["dino"].patch_mean, before + 2.5, atol=1e-4)
 
 
+def _observe_my_half(rank: int, init: str, cls, patch, available, out: str) -> None:
+    """One of two gloo processes (as torchrun ranks): observes its half of the global batch."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    half = slice(rank * 8, rank * 8 + 8)
+    standardizer = Standardizer({"dino": 8}, {}, "ema")
+    standardizer.observe("dino", cls[half], patch[half], available[half], momentum=1.0)
+    torch.save(standardizer.state_dict(), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ema_statistics_pool_the_global_batch_under_ddp(tmp_path):
+    """Two ranks each see half the batch (uneven availability) and end with the statistics one process
+    computes over the whole batch; unpooled, each would standardise with its own half's statistics."""
+    patch = correlated_tokens(16, 8, seed=5).float()
+    patch[8:] += 3.0  # the two halves differ
+    cls = patch.mean(dim=(1, 2))
+    available = torch.tensor([True] * 3 + [False] * 5 + [True] * 8)
+    torch.multiprocessing.spawn(_observe_my_half, args=(f"file://{tmp_path}/init", cls, patch, available,
+                                                        str(tmp_path)), nprocs=2)
+    single = Standardizer({"dino": 8}, {}, "ema")
+    single.observe("dino", cls, patch, available, momentum=1.0)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key, want in single.state_dict().items():
+        for state in ranks:
+            torch.testing.assert_close(state[key], want, rtol=1e-5, atol=1e-6)
+    mine = Standardizer({"dino": 8}, {}, "ema")
+    mine.observe("dino", cls[:8], patch[:8], available[:8], momentum=1.0)
+    assert not torch.allclose(mine.state_dict()["teachers.dino.patch_mean"], single.state_dict()["teachers.dino.patch_mean"])
+
+
 def test_statistics_are_buffers_saved_in_the_state_dict():
     patch = correlated_tokens(16, 8, seed=4).float()
     cls = patch.mean(dim=(1, 2))

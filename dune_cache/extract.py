@@ -9,6 +9,7 @@ dealt round-robin over ``torchrun`` ranks and ``--shard i/n`` machines; re-runni
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 import logging
 import os
@@ -119,7 +120,15 @@ def pending_indices(status: np.ndarray, units: list[int], per_unit: int, retry_f
 # ---------------------------------------------------------------------------------------
 # Provenance
 # ---------------------------------------------------------------------------------------
-def file_sha256(path: Path, block: int = 1 << 24) -> str:
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime): a process hashes a checkpoint once (``repair``
+    checks it before resuming the extraction that records it)."""
+    stat = os.stat(path)
+    return hashed_file(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def hashed_file(path: str, size: int, mtime_ns: int, block: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(block):

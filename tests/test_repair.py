@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app
 from dune_cache.encodings import EncodingConfig
-from dune_cache.extract import ExtractConfig, run_extraction
+from dune_cache.extract import ExtractConfig, file_sha256, hashed_file, run_extraction
 from dune_cache.images import load_manifest
 from dune_cache.store import StorageConfig, TeacherStore
 
@@ -114,6 +114,15 @@ def test_undecodable_shard_is_re_extracted_whole(tmp_path, images, tiny_checkpoi
     assert_same_group(clean, out)
 
 
+def test_a_changed_file_is_hashed_again(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(b"one")
+    first = file_sha256(path)
+    assert file_sha256(path) == first
+    path.write_bytes(b"other")
+    assert file_sha256(path) != first
+
+
 def test_lost_failure_record_is_restored(tmp_path, images, tiny_checkpoint):
     clean, out = tmp_path / "clean.zarr", tmp_path / "cache.zarr"
     extract(images, clean, tiny_checkpoint)
@@ -122,8 +131,10 @@ def test_lost_failure_record_is_restored(tmp_path, images, tiny_checkpoint):
     checked = verify(out)
     assert checked.exit_code == 1 and "1 images differ between failed status and failure records" in checked.output
 
+    hashed_file.cache_clear()
     fixed = repair(out)
     assert fixed.exit_code == 0, fixed.output
+    assert (hashed_file.cache_info().misses, hashed_file.cache_info().hits) == (1, 1)  # checkpoint read once
     assert "image 0 (aa_text.jpg): failed status and failure record disagree" in fixed.output
     assert verify(out).exit_code == 0
     assert_same_group(clean, out)

@@ -24,8 +24,8 @@ is keyed by its URL, provenance ``created`` time and manifest hash, so a group r
 it holds ``limit`` bytes, then objects not yet kept are read from the remote store on every epoch; nothing is
 evicted (training reads every sample once per epoch, so evicting the least recently used object to keep the
 next one would make every read a miss). The bytes kept are counted in ``DIR/usage`` (re-measured by walking
-``DIR`` when a reader is built), shared by every reading process under a file lock; each process may pass
-the limit by at most one batch of objects. Delete ``DIR`` (or one folder, each with a ``source.json``
+``DIR`` when a reader with a limit is built), shared by every reading process under a file lock; each process
+may pass the limit by at most one batch of objects. Delete ``DIR`` (or one folder, each with a ``source.json``
 naming its group) to reclaim space.
 
 Layout: ``DIR/<sha256(group URL, created, manifest sha256)[:16]>/<array>/{zarr.json, c/...}``.
@@ -83,9 +83,14 @@ def write_atomically(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def folder_bytes(folder: Path, leave_out: Path | None = None) -> int:
+    """Bytes of the files under ``folder`` (``leave_out``: a file not counted)."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file() and f != leave_out)
+
+
 class SpaceLedger:
     """Bytes held by the chunk-cache folder ``base``, counted in ``base/usage`` and shared by every process
-    reading through it (file lock); ``limit``: bytes it may hold, 0 for no limit."""
+    reading through it (file lock); ``limit``: bytes it may hold. Without a limit (0) nothing is counted."""
 
     FILE = "usage"
 
@@ -94,11 +99,11 @@ class SpaceLedger:
 
     @classmethod
     def measured(cls, base: Path, limit: int) -> "SpaceLedger":
-        """The ledger of ``base`` with its count set to the bytes the folder holds now (a directory walk)."""
+        """The ledger of ``base``; with a limit, its count is set to the bytes the folder holds now (a walk)."""
         ledger = cls(base, limit)
-        held = sum(os.path.getsize(os.path.join(folder, name)) for folder, _, names in os.walk(base)
-                   for name in names if os.path.join(folder, name) != str(ledger.path))
-        ledger._update(lambda _: held)
+        if ledger.limit > 0:
+            held = folder_bytes(base, leave_out=ledger.path)
+            ledger._update(lambda _: held)
         return ledger
 
     def _update(self, change) -> int:
@@ -117,7 +122,8 @@ class SpaceLedger:
         return self.limit <= 0 or self._update(lambda held: held) < self.limit
 
     def add(self, nbytes: int) -> None:
-        self._update(lambda held: max(0, held + nbytes))
+        if self.limit > 0:
+            self._update(lambda held: max(0, held + nbytes))
 
 
 class ArrayMirror:
@@ -198,7 +204,7 @@ class ArrayMirror:
             self.present.discard(index)
             folder = self.folder / "c" / str(index)
             if folder.exists():
-                freed = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+                freed = folder_bytes(folder)
                 shutil.rmtree(folder, ignore_errors=True)
                 self.ledger.add(-freed)
                 removed += 1

@@ -319,10 +319,10 @@ class CacheReader:
         self.dtype = dtype
         self.backend: str = resolve_backend(backend, dtype, remote, self.chunk_cache is not None)
         self._handles: tuple[int, Any, dict[str, Any]] | None = None  # (pid, backend, arrays opened so far)
+        limit = f" (limit {chunk_cache_limit / 1e9:.1f} GB)" if chunk_cache_limit > 0 else ""
         log.info("CacheReader %s: %d samples, teachers %s, backend %s%s", self.root, len(self.image_ids),
                  ", ".join(f"{t} ({self.done_counts[t]} done)" for t in self.teachers), self.backend,
-                 f", chunk cache {self.chunk_cache}" + (f" (limit {chunk_cache_limit / 1e9:.1f} GB)"
-                                                          if chunk_cache_limit > 0 else "") if self.chunk_cache else "")
+                 f", chunk cache {self.chunk_cache}{limit}" if self.chunk_cache else "")
         if chunk_cache and not remote:
             log.info("chunk cache %s not used: %s is a local cache", chunk_cache, self.root)
 

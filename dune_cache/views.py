@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -50,8 +51,9 @@ class ViewSampling:
 
 
 def view_generator(seed: int, image_id: str, view: int) -> np.random.Generator:
-    """The random stream of one view of one image (keyed by the id's SHA-256, not its manifest index)."""
-    key = int.from_bytes(hashlib.sha256(image_id.encode("utf-8")).digest()[:8], "little")
+    """The random stream of one view of one image, keyed by the SHA-256 of the id's bytes (``os.fsencode``: its
+    UTF-8, or a non-UTF-8 file name's own bytes), not by its manifest index."""
+    key = int.from_bytes(hashlib.sha256(os.fsencode(image_id)).digest()[:8], "little")
     return np.random.default_rng([seed, key, view])
 
 

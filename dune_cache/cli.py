@@ -13,6 +13,7 @@ from .encodings import ENCODINGS, EncodingConfig, encoding_summary
 from .extract import ExtractConfig, NonFiniteFeaturesError, run_extraction
 from .geometry import GeometryError
 from .images import ManifestError
+from .interrupt import Interrupted
 from .inspect import cache_info, verify_cache
 from .store import StorageConfig, StoreError
 from .teachers.base import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -92,6 +93,9 @@ def extract(
         result = run_extraction(cfg)
     except USER_ERRORS as exc:
         fail(exc)
+    except Interrupted as exc:
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(exc.exit_code)
     typer.echo(f"{result.group}: {result.processed} images extracted, {result.failed} failed "
                f"({result.images_per_s:.1f} img/s); cache has {result.total} images")
 

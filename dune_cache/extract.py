@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ from . import __version__
 from .encodings import Encoding, EncodingError, calibration_indices
 from .geometry import Geometry, resolve_geometry
 from .images import ImageDecodeError, ImageManifest, load_manifest, load_pixels, open_rgb
+from .interrupt import DiskFullError, Interrupted, disk_full_cause, disk_full_message, signals_interrupt
 from .runtime import default_num_workers, pick_device
-from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, StoreError, TeacherStore,
-                    ViewRows, open_root, unit_bounds)
+from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore, ViewRows,
+                    unit_bounds)
 from .teachers import Teacher, TeacherSpec, create_teacher
 from .teachers.registry import check_teacher_name
 from .views import ViewSampling, crop_view, decode_size, sample_views
@@ -239,12 +241,13 @@ def collate_batch(items) -> Batch:
 class FeatureWriter:
     """Writes batches in order; after each batch's features land, marks its images done/failed."""
 
-    def __init__(self, store: TeacherStore, status: np.ndarray, manifest: ImageManifest, units: list[int],
+    def __init__(self, store: TeacherStore, status: np.ndarray, records: list[dict], manifest: ImageManifest,
                  max_pending: int = 3):
-        """``units``: the units this process owns (and alone writes); ``status`` ``(N,)`` is read for them."""
+        """``status`` ``(N,)`` and failure ``records``: those of the units this process owns and alone writes
+        (:meth:`TeacherStore.read_unit_state`)."""
         self.store, self.status, self.manifest = store, status, manifest
         self.failures: dict[int, dict[int, dict]] = {}
-        for record in store.read_failures(units):  # never another slot's records: they may be mid-write
+        for record in records:
             self.failures.setdefault(record["index"] // store.images_per_unit, {})[record["index"]] = record
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
@@ -335,12 +338,9 @@ def check_rows(cls: torch.Tensor, patch: torch.Tensor, indices: np.ndarray, mani
             "earlier batches are kept. Try --dtype float32 or --no-amp.")
 
 
-def group_exists(root: str, name: str) -> bool:
-    """Whether cache ``root`` has a group ``name`` (complete or being created)."""
-    try:
-        return name in open_root(root, mode="r")
-    except StoreError:
-        return False
+def group_complete(root: str, name: str) -> bool:
+    """Whether cache ``root`` has a group ``name`` with its provenance (written last when it is created)."""
+    return TeacherStore.open_if_complete(root, name, mode="r") is not None
 
 
 def calibrate_encoding(cfg: ExtractConfig, teacher: Teacher, manifest: ImageManifest, geometry: Geometry,
@@ -369,7 +369,25 @@ def calibrate_encoding(cfg: ExtractConfig, teacher: Teacher, manifest: ImageMani
 
 
 def run_extraction(cfg: ExtractConfig) -> ExtractResult:
-    """Extract (or resume extracting) ``cfg.teacher`` features for ``cfg.images`` into ``cfg.out``."""
+    """Extract (or resume extracting) ``cfg.teacher`` features for ``cfg.images`` into ``cfg.out``. Ctrl-C and
+    SIGTERM stop it within a batch or two with :class:`Interrupted`, a full disk with :class:`DiskFullError`:
+    both keep every finished image, and running the same command again resumes."""
+    kept = f"Every image finished before is kept in {cfg.out}."
+    try:
+        with signals_interrupt():
+            return extract_features(cfg)
+    except KeyboardInterrupt as exc:
+        raise Interrupted(f"extraction interrupted ({exc or 'Ctrl-C'}). {kept} Re-run the same command to resume.",
+                          getattr(exc, "signum", signal.SIGINT)) from exc
+    except Exception as exc:
+        cause = disk_full_cause(exc)
+        if cause is None:
+            raise
+        raise DiskFullError(disk_full_message(cause, cfg.out, kept, "re-run the same command to resume")) from exc
+
+
+def extract_features(cfg: ExtractConfig) -> ExtractResult:
+    """:func:`run_extraction` without the handling of interruptions and full disks."""
     check_teacher_name(cfg.teacher)
     if cfg.checkpoint is None and not cfg.random_weights:
         raise ValueError(f"--checkpoint is required for teacher {cfg.teacher!r} "
@@ -390,19 +408,19 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
     creator = slot == 0  # only slot 0 creates (or replaces) the group; the others wait for it (store.py)
     # a new group's encoding is calibrated here; an existing group keeps its stored calibration
     encoding = (calibrate_encoding(cfg, teacher, manifest, geometry, device, workers)
-                if creator and (cfg.overwrite or not group_exists(cfg.out, name)) else None)
+                if creator and (cfg.overwrite or not group_complete(cfg.out, name)) else None)
     store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
                                         cfg.storage, overwrite=cfg.overwrite, views=cfg.views, encoding=encoding,
                                         creator=creator)
     units = my_units(store.num_units, slot, slots)
-    status = store.read_status(units)
+    status, records = store.read_unit_state(units)  # never another slot's objects: they may be mid-write
     todo = pending_indices(status, units, store.images_per_unit, cfg.retry_failed)
     log.info("extract %s -> %s/%s: %d images (+%d views each), %d to do in slot %d/%d, %dx%d on %s, encoding %s",
              spec.name, cfg.out, name, len(manifest), cfg.views, len(todo), slot, slots, *geometry.resolution,
              device, store.encoding)
     start = time.perf_counter()
     processed, skipped = 0, []
-    writer = FeatureWriter(store, status, manifest, units)
+    writer = FeatureWriter(store, status, records, manifest)
     images = ManifestImages(manifest, todo, geometry, cfg.views, cfg.view_sampling)
     loader = DataLoader(images, batch_size=cfg.batch_size,
                         num_workers=workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",

@@ -162,7 +162,7 @@ def checked_reads(store: TeacherStore) -> dict[str, Callable[[slice], np.ndarray
     """What ``verify`` reads per block of rows: each feature array decoded through the group's encoding (a
     chunk never written decodes to NaN), and the views' boxes and flips as stored."""
     reads: dict[str, Callable[[slice], np.ndarray]] = {
-        name: (lambda rows, name=name: store.read_features(name, rows)) for name in feature_names(store)}
+        name: (lambda rows, name=name: store.read_features(name, rows, check=False)) for name in feature_names(store)}
     if store.views is not None:
         reads.update({f"views/{name}": store.views[name].__getitem__ for name in ("boxes", "flip")})
     return reads

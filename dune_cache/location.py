@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import uuid
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -30,7 +29,7 @@ STORAGE_OPTIONS_ENV = "DUNE_CACHE_STORAGE_OPTIONS"
 # Object stores whose fsspec filesystems cache directory listings; a cache changes while it is filled,
 # so listings are always fetched fresh (a DUNE_CACHE_STORAGE_OPTIONS value overrides this).
 LISTING_CACHE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "az")
-PROBE_PREFIX = ".dune_cache_write_probe-"
+PROBE_KEY = ".dune_cache_write_probe"
 
 
 class StoreError(RuntimeError):
@@ -127,7 +126,7 @@ def open_store(url: str, mode: str = "r") -> Store:
 def check_writable(url: str) -> None:
     """Write and delete a probe object at ``url``; a :class:`StoreError` naming ``url`` when refused."""
     store = open_store(url, mode="a")
-    key = f"{PROBE_PREFIX}{uuid.uuid4().hex}"
+    key = PROBE_KEY  # one name for every process: a probe left by a killed process is written and deleted again
     try:
         sync(store.set(key, default_buffer_prototype().buffer.from_bytes(b"")))
         sync(store.delete(key))

@@ -12,50 +12,36 @@ decoded to float targets with torch: in the reading process (``read``), or later
 
 Backends decode the same Zarr v3 arrays: ``tensorstore`` (driver ``zarr3``), ``zarrs`` (the Rust
 codec pipeline of the ``zarrs`` package plugged into zarr-python) and ``zarr`` (plain
-zarr-python ``oindex``). ``backend="auto"`` takes the fastest installed one for the output dtype
-(:data:`AUTO_BACKEND_ORDER`, measured).
+zarr-python ``oindex``), see :mod:`dune_cache.backends`. ``backend="auto"`` takes the fastest installed one for
+the output dtype (``AUTO_BACKEND_ORDER``, measured).
+
+Targets of images marked done that decode to NaN (a chunk lost or never written) are never returned: see
+:class:`CacheReader`.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-import zarr
 
 from . import location
+from .backends import BACKEND_FACTORIES, BACKENDS, ReaderError, backend_installed, resolve_backend  # noqa: F401
 from .chunk_cache import ArrayMirror, SpaceLedger, group_directory
 from .encodings import Encoding, Part
 from .inspect import select_teachers
 from .stats import TeacherStats, read_stats
-from .store import STATUS_DONE, STATUS_PENDING, StoreError, TeacherStore
+from .store import STATUS_DONE, STATUS_PENDING, DamagedFeaturesError, TeacherStore, damaged_message
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("tensorstore", "zarrs", "zarr", "memory")
-# Fastest first per output dtype, by `python tools/bench_reader.py` (docs/benchmarks.md, "Reader"):
-# random 256-sample batches of a (2000, 16, 16, 1024) float16 blosc-zstd cache, 2-core VM, page cache
-# warm; decoded GB/s (GB per CPU-second), quiet machine, plain zarr-python oindex 0.16 (0.13):
-#   float32 out: tensorstore 0.78-0.79 (0.43; the cast runs inside tensorstore), zarrs 0.59-0.60 (0.38)
-#   float16 out: zarrs 0.85-1.00 (0.59-0.71), tensorstore 0.87-0.91 (0.62-0.64); zarrs also led on a
-#   busy machine (0.74-0.79 vs 0.64-0.66). zarr-python itself: 0.14-0.18 either way.
-AUTO_BACKEND_ORDER = {torch.float32: ("tensorstore", "zarrs", "zarr"), torch.float16: ("zarrs", "tensorstore", "zarr")}
-ZARRS_PIPELINE = "zarrs.ZarrsCodecPipeline"
-REMOTE_BACKENDS = ("zarrs", "zarr", "memory")  # zarr-python based: they read over fsspec (dune_cache.location)
 FEATURE_ARRAYS = ("cls", "patch")
 FULL_IMAGE = -1  # the view index of the whole image (the group's cls/patch arrays)
-
-
-class ReaderError(StoreError):
-    """A cache cannot be read as asked (missing teacher group, incomplete group, unknown backend, a chunk
-    that does not decode)."""
 
 
 @dataclass
@@ -67,11 +53,15 @@ class EncodedBatch:
            its stored dtype (``CacheReader.dtype`` for encodings without a decode step), zeros where the mask
            is False. Parts of the patch tokens share the token grid, so a crop cuts them all alike.
     mask:  ``(B, T)`` bool, columns in ``CacheReader.teachers`` order
+    indices, views: ``(B,)`` the samples and their views (:meth:`CacheReader.read`'s arguments), so that
+           :meth:`CacheReader.decode` can name the image of a damaged target
     """
 
     cls: dict[str, dict[str, torch.Tensor]]
     patch: dict[str, dict[str, torch.Tensor]]
     mask: torch.Tensor
+    indices: np.ndarray | None = None
+    views: np.ndarray | None = None
 
 
 @dataclass
@@ -81,94 +71,13 @@ class TargetBatch:
     cls:   teacher -> ``(B, D_t)`` float32 (``CacheReader.dtype``), zeros where the mask is False
     patch: teacher -> ``(B, h_t, w_t, D_t)`` float32 (``CacheReader.dtype``), zeros where the mask is False
     mask:  ``(B, T)`` bool, columns in ``CacheReader.teachers`` order
+    damaged: ``(B, T)`` bool, targets dropped as damaged (``skip_damaged``; their mask is False)
     """
 
     cls: dict[str, torch.Tensor]
     patch: dict[str, torch.Tensor]
     mask: torch.Tensor
-
-
-# ---------------------------------------------------------------------------------------
-# Backends: open an array read-only; read several arrays concurrently, each at an index
-# ``(rows,)`` (whole rows) or ``(rows, views)`` (view ``views[j]`` of row ``rows[j]``, int64 arrays)
-# ---------------------------------------------------------------------------------------
-class TensorstoreRows:
-    """tensorstore ``zarr3`` driver; reads of all arrays are issued as futures, then awaited.
-    The cast to the output dtype runs inside tensorstore's thread pool."""
-
-    name = "tensorstore"
-
-    def __init__(self) -> None:
-        import tensorstore
-
-        self.ts = tensorstore
-
-    def open(self, url: str, dtype: torch.dtype | None) -> Any:
-        """The array read-only, cast to ``dtype`` (``None``: the stored dtype). Local paths only: its s3
-        driver is not verified against our test server, so remote caches are read with ``zarr``."""
-        path = location.local_path(url)
-        if path is None:
-            raise ReaderError(f"backend tensorstore reads local caches only, not {url}; use backend zarr")
-        array = self.ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": path}}, read=True).result()
-        return array if dtype is None else self.ts.cast(array, self.ts.dtype(str(dtype).removeprefix("torch.")))
-
-    def read(self, requests: list[tuple[Any, tuple]]) -> list[np.ndarray]:
-        futures = [array[index].read() for array, index in requests]
-        return [f.result() for f in futures]
-
-
-class ZarrRows:
-    """zarr-python ``oindex`` (optionally with another codec pipeline, e.g. zarrs); arrays are
-    read concurrently from a thread pool, cast to the output dtype by torch."""
-
-    def __init__(self, name: str, codec_pipeline: str | None) -> None:
-        self.name, self.codec_pipeline = name, codec_pipeline
-        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"{name}-reader")
-
-    def open(self, url: str, dtype: torch.dtype | None) -> Any:
-        """The array read-only (values come out in the stored dtype; the reader casts them). zarrs decodes
-        local arrays; zarr-python's own pipeline takes over for remote ones."""
-        settings = {"codec_pipeline.path": self.codec_pipeline} if self.codec_pipeline else {}
-        with zarr.config.set(settings):  # the pipeline is bound to the array when it is opened
-            return location.open_array(url, mode="r")
-
-    def read(self, requests: list[tuple[Any, tuple]]) -> list[np.ndarray]:
-        futures = [self.pool.submit(self.read_one, array, index) for array, index in requests]
-        return [f.result() for f in futures]
-
-    @staticmethod
-    def read_one(array: Any, index: tuple) -> np.ndarray:
-        """``array[index]``; zarr-python has no vectorised indexing over the leading dimensions only, so
-        ``(rows, views)`` is read as one orthogonal read per distinct view."""
-        if len(index) == 1:
-            return array.oindex[index]
-        rows, views = index
-        out = np.empty((len(rows), *array.shape[2:]), dtype=array.dtype)
-        for view in np.unique(views).tolist():
-            at = views == view
-            out[at] = array.oindex[rows[at], view]
-        return out
-
-
-class MemoryRows:
-    """Whole feature arrays decoded into RAM when opened (per process), then indexed: for caches that
-    fit in memory, and the in-memory upper bound the disk readers are benchmarked against."""
-
-    name = "memory"
-
-    def open(self, url: str, dtype: torch.dtype | None) -> np.ndarray:
-        return location.open_array(url, mode="r")[...]
-
-    def read(self, requests: list[tuple[np.ndarray, tuple]]) -> list[np.ndarray]:
-        return [array[index] for array, index in requests]
-
-
-BACKEND_FACTORIES: dict[str, Callable[[], Any]] = {
-    "tensorstore": TensorstoreRows,
-    "zarrs": lambda: ZarrRows("zarrs", ZARRS_PIPELINE),
-    "zarr": lambda: ZarrRows("zarr", None),
-    "memory": MemoryRows,
-}
+    damaged: torch.Tensor | None = None
 
 
 def split_reads(rows: np.ndarray, views: np.ndarray) -> list[tuple[str, np.ndarray, tuple]]:
@@ -181,32 +90,12 @@ def split_reads(rows: np.ndarray, views: np.ndarray) -> list[tuple[str, np.ndarr
     return [read for read in reads if read[1].any()]
 
 
-def backend_installed(name: str) -> bool:
-    """Whether the backend's package can be imported (each disk backend is named after its package)."""
-    return name == "memory" or importlib.util.find_spec(name) is not None
-
-
-def resolve_backend(backend: str, dtype: torch.dtype, remote: bool = False, chunk_cache: bool = False) -> str:
-    """The named backend if installed, or for ``"auto"`` the first installed one of
-    :data:`AUTO_BACKEND_ORDER` for the output ``dtype``. A ``remote`` cache (a URL) is read by one of
-    :data:`REMOTE_BACKENDS`; ``auto`` takes zarrs when a ``chunk_cache`` keeps local copies (it decodes
-    those, zarr-python's pipeline the remote objects), else zarr."""
-    if backend == "auto" and remote:
-        chosen = "zarrs" if chunk_cache and backend_installed("zarrs") else "zarr"
-        log.info("remote cache: backend %s (tensorstore reads local paths only here; remote objects are decoded "
-                 "by zarr-python over fsspec%s)", chosen, ", chunk-cache copies by zarrs" if chosen == "zarrs" else "")
-        return chosen
-    if backend == "auto":
-        order = AUTO_BACKEND_ORDER.get(dtype, BACKENDS)
-        return next(name for name in order if backend_installed(name))  # zarr always is
-    if backend not in BACKENDS:
-        raise ReaderError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")
-    if remote and backend not in REMOTE_BACKENDS:
-        raise ReaderError(f"reader backend {backend!r} reads local caches only; for a remote cache use "
-                          f"{', '.join(REMOTE_BACKENDS)} (or auto)")
-    if not backend_installed(backend):
-        raise ReaderError(f"reader backend {backend!r} is not installed (pip install {backend})")
-    return backend
+def unwritten_rows(values: torch.Tensor) -> torch.Tensor:
+    """Bool ``(B,)``: rows of decoded targets ``(B, ..., D)`` whose first value is NaN/inf. A chunk that was lost
+    or never written decodes to the NaN fill value throughout, and each image (each view) is its own chunk, so
+    one value per row finds it at no measurable cost (tools/bench_reader.py); extraction never stores non-finite
+    values and crc32c checksums turn altered chunk bytes into read errors."""
+    return ~torch.isfinite(values.flatten(1)[:, 0])
 
 
 # ---------------------------------------------------------------------------------------
@@ -283,12 +172,18 @@ class CacheReader:
     ``chunk_cache.default_directory()``); ignored for local caches and the memory backend.
     ``chunk_cache_limit``: bytes the chunk cache folder may hold (0: no limit); once full, chunks not yet kept
     are read from the remote store.
+
+    Targets of done images that decode to NaN/inf (a lost or never-written chunk reads as the NaN fill value)
+    are a :class:`DamagedFeaturesError` naming teacher, array and image; with ``skip_damaged`` they are dropped
+    instead (mask False, zeros, counted in ``TargetBatch.damaged``) and logged.
     """
 
     def __init__(self, root: str, teachers: Sequence[str] | None = None, backend: str = "auto",
                  allow_partial: bool = False, dtype: torch.dtype = torch.float32,
-                 chunk_cache: str | os.PathLike | None = None, chunk_cache_limit: int = 0):
+                 chunk_cache: str | os.PathLike | None = None, chunk_cache_limit: int = 0,
+                 skip_damaged: bool = False):
         self.root = str(root)
+        self.skip_damaged = skip_damaged
         remote = location.is_remote(self.root)
         stores = open_teacher_stores(self.root, teachers)
         self.teachers: list[str] = list(stores)
@@ -433,7 +328,8 @@ class CacheReader:
                                 for part in self.encodings[name].parts(kind)}
                          for name in self.teachers}
                   for kind in FEATURE_ARRAYS}
-        batch = EncodedBatch(cls=stored["cls"], patch=stored["patch"], mask=torch.from_numpy(rows >= 0))
+        batch = EncodedBatch(cls=stored["cls"], patch=stored["patch"], mask=torch.from_numpy(rows >= 0),
+                             indices=indices, views=views)
         return self.decode(batch) if decode else batch
 
     def _read_checked(self, requests: list[tuple[str, str, torch.dtype | None, tuple]]) -> list[np.ndarray]:
@@ -521,20 +417,48 @@ class CacheReader:
     def decode(self, batch: EncodedBatch, device: torch.device | str | None = None) -> TargetBatch:
         """Float targets (``self.dtype``) of an :class:`EncodedBatch` on ``device`` (default: where the parts
         are), zeros where the mask is False; only the calibration arrays of the encodings are needed, so any
-        process holding a reader of the same cache can decode (e.g. the trainer on its GPU)."""
+        process holding a reader of the same cache can decode (e.g. the trainer on its GPU). Damaged targets
+        (:func:`unwritten_rows`) are an error, or dropped with ``skip_damaged``."""
         decoded: dict[str, dict[str, torch.Tensor]] = {"cls": {}, "patch": {}}
+        damaged: dict[tuple[str, str], np.ndarray] = {}  # (teacher, kind) -> bool (B,)
         for t, name in enumerate(self.teachers):
             encoding = self.encodings[name]
             absent = ~batch.mask[:, t]
             for kind, parts in (("cls", batch.cls[name]), ("patch", batch.patch[name])):
                 if encoding.passthrough:  # read in self.dtype, absent rows already zero
-                    decoded[kind][name] = parts[""].to(device, self.dtype)
-                    continue
-                values = encoding.decode(kind, parts, device).to(self.dtype)
-                if absent.any():
-                    values[absent.to(values.device)] = 0
+                    values = parts[""].to(device, self.dtype)
+                else:
+                    values = encoding.decode(kind, parts, device).to(self.dtype)
+                    if absent.any():
+                        values[absent.to(values.device)] = 0
                 decoded[kind][name] = values
-        return TargetBatch(cls=decoded["cls"], patch=decoded["patch"], mask=batch.mask)
+                damaged[name, kind] = unwritten_rows(values).cpu().numpy()
+        dropped = self.drop_damaged(batch, decoded, damaged)
+        return TargetBatch(cls=decoded["cls"], patch=decoded["patch"], mask=batch.mask & ~dropped, damaged=dropped)
+
+    def drop_damaged(self, batch: EncodedBatch, decoded: dict[str, dict[str, torch.Tensor]],
+                     damaged: dict[tuple[str, str], np.ndarray]) -> torch.Tensor:
+        """Bool ``(B, T)`` targets found damaged, zeroed in ``decoded`` (``skip_damaged``, logged); without
+        ``skip_damaged`` a :class:`DamagedFeaturesError` naming the first damaged teacher, array and images."""
+        found = torch.from_numpy(np.stack([damaged[name, "cls"] | damaged[name, "patch"] for name in self.teachers],
+                                          axis=1))
+        if not found.any():
+            return found
+        if not self.skip_damaged:
+            (name, kind), rows = next((key, rows) for key, rows in damaged.items() if rows.any())
+            views = batch.views if batch.views is not None else np.full(len(rows), FULL_IMAGE)
+            array = ("views/" if (views[rows] != FULL_IMAGE).any() else "") + kind
+            ids = [self.image_ids[i] for i in batch.indices[rows]] if batch.indices is not None else ["<unknown>"]
+            raise DamagedFeaturesError(damaged_message(name, array, ids, self.root,
+                                                       " (or set data.skip_damaged=true to train without them)"))
+        for t, name in enumerate(self.teachers):
+            for kind in ("cls", "patch"):
+                decoded[kind][name][found[:, t].to(decoded[kind][name].device)] = 0
+        ids = [self.image_ids[i] for i in batch.indices[found.any(dim=1).numpy()]] if batch.indices is not None else []
+        log.warning("skipped %d damaged target(s) (data.skip_damaged) of image(s) %s; `dune-cache verify %s` lists "
+                    "them and `dune-cache repair %s` re-extracts them", int(found.sum()), ", ".join(ids[:10]),
+                    self.root, self.root)
+        return found
 
     def assemble(self, parts: list[tuple[np.ndarray, np.ndarray]], shape: tuple[int, ...],
                  dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ Per teacher group ``<root>/<name>/``:
 - ``cls``      ``(N, D)``        float16/32, one image per chunk (or ``S`` images per shard)
 - ``patch``    ``(N, h, w, D)``  float16/32, one image per chunk (or ``S`` images per shard)
 - ``status``   ``(N,)`` uint8    0 pending, 1 done, 2 failed; one chunk per work unit
-- ``manifest`` ``(L,)`` uint8    UTF-8 text, one ``id`` or ``id<TAB>tag`` line per image
+- ``manifest`` ``(L,)`` uint8    UTF-8 text, one ``id`` or ``id<TAB>tag`` line per image (escaped, see images.py)
 - ``failures/unit_<u>`` uint8    UTF-8 JSON lines ``{"index", "image_id", "reason", "message"}``
 - ``views/``   only with K cached views per image (``dune-cache extract --views K``):
   ``cls (N, K, D)``, ``patch (N, K, h, w, D)`` (one object per image or shard, one inner chunk per view),
@@ -53,6 +53,25 @@ FRESH_GROUP_S = 10.0  # with --overwrite, a group this much older than a slot's 
 
 class StoreMismatchError(StoreError):
     """An existing store was made with a different teacher, checkpoint, image list, geometry or storage."""
+
+
+class DamagedFeaturesError(StoreError):
+    """Features of an image marked done decode to non-finite values: a chunk lost (deleted, not copied or
+    uploaded, never written) reads as the NaN fill value. Extraction never stores non-finite features."""
+
+
+def nonfinite_rows(values: np.ndarray) -> np.ndarray:
+    """Bool ``(B,)``: rows of ``values`` ``(B, ...)`` holding any NaN or infinity."""
+    return ~np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+
+
+def damaged_message(teacher: str, array: str, image_ids: list[str], root: str, opt_in: str = "") -> str:
+    """One paragraph naming the damaged images (the first 10) and the fix."""
+    shown = ", ".join(image_ids[:10]) + (f" and {len(image_ids) - 10} more" if len(image_ids) > 10 else "")
+    return (f"teacher {teacher}: {array} of {len(image_ids)} image(s) marked done decode to NaN/inf, i.e. their "
+            f"chunks are missing or damaged: {shown}. Nothing was trained or computed on them. Find every damaged "
+            f"image with `dune-cache verify {root}` and re-extract just those with `dune-cache repair {root}`"
+            f"{opt_in}.")
 
 
 @dataclass(frozen=True)
@@ -297,7 +316,7 @@ class TeacherStore:
                                      compressors=(zarr.codecs.ZstdCodec(level=3),))
         text = np.frombuffer(manifest.to_text().encode("utf-8"), dtype=np.uint8)
         group.create_array("manifest", data=text, chunks=(min(max(len(text), 1), 1 << 22),),
-                           compressors=(zarr.codecs.ZstdCodec(level=3),))
+                           compressors=(zarr.codecs.ZstdCodec(level=3),), attributes=manifest.text_attributes())
         group.create_group("failures")
         section = {k: v for k, v in provenance["storage"].items() if k != "encoding"}
         if encoding.name != "none":
@@ -322,13 +341,13 @@ class TeacherStore:
             store = cls.wait_for_creator(root, name, provenance, overwrite, wait_s)
         else:
             parent = open_root(root)
-            if name in parent and overwrite:
+            if name in parent and not overwrite and ATTR_KEY not in parent[name].attrs:
+                log.warning("%s has no provenance: its creation was interrupted (nothing is written into a group "
+                            "before its provenance); creating it again", location.join(root, name))
+            if name in parent and (overwrite or ATTR_KEY not in parent[name].attrs):
                 del parent[name]
             if name not in parent:
                 return cls.create(root, name, provenance, manifest, grid, dim, storage, views, encoding)
-            if ATTR_KEY not in parent[name].attrs:
-                raise StoreError(f"{location.join(root, name)} has no provenance: its creation was interrupted; "
-                                 "re-run with --overwrite to create it again")
             store = cls.open(root, name, mode="a")
         check_same_settings(store, provenance, location.join(root, name))
         return store
@@ -364,18 +383,21 @@ class TeacherStore:
             time.sleep(CREATION_POLL_S)
 
     @classmethod
-    def open_if_complete(cls, root: str, name: str) -> "TeacherStore | None":
-        """Group ``name`` opened for writing, or ``None`` while it is missing, has no provenance yet, or its
-        metadata is being rewritten (some object stores serve a partly uploaded object: truncated JSON)."""
+    def open_if_complete(cls, root: str, name: str, mode: str = "a") -> "TeacherStore | None":
+        """Group ``name`` opened (for writing unless ``mode="r"``), or ``None`` while it is missing, has no
+        provenance yet, or its metadata is being rewritten (some object stores serve a partly uploaded object:
+        truncated JSON)."""
         try:
             complete = ATTR_KEY in location.open_group(root, path=name, mode="r").attrs
         except (CacheNotFoundError, json.JSONDecodeError):
             return None
-        return cls.open(root, name, mode="a") if complete else None
+        return cls.open(root, name, mode=mode) if complete else None
 
     # ---- reading ------------------------------------------------------------------------
     def manifest(self) -> ImageManifest:
-        return ImageManifest.from_text(bytes(self.group["manifest"][:]).decode("utf-8"))
+        """The group's image list; the ``manifest`` array's attributes say how its text is escaped (none: raw)."""
+        array = self.group["manifest"]
+        return ImageManifest.from_stored_text(bytes(array[:]).decode("utf-8"), array.attrs)
 
     def stored_arrays(self, name: str) -> dict[str, zarr.Array]:
         """``{part suffix: zarr array}`` of feature array ``name`` (one of :data:`FEATURES`)."""
@@ -383,14 +405,32 @@ class TeacherStore:
         base = name.rpartition("/")[2]
         return {part.suffix: group[base + part.suffix] for part in self.encoding.parts(name)}
 
-    def read_features(self, name: str, rows: int | slice | np.ndarray) -> np.ndarray:
+    def read_features(self, name: str, rows: int | slice | np.ndarray, check: bool = True) -> np.ndarray:
         """Decoded float32 features of feature array ``name`` (``cls``, ``patch``, ``views/cls``,
         ``views/patch``) at image ``rows`` (an index, a slice or an index array; ``(..., D)``). Chunks never
-        written decode to NaN."""
+        written decode to NaN: that is what pending and failed images hold, while a done image holding any is
+        damaged, a :class:`DamagedFeaturesError` naming it (``check=False``: returned as read, for ``verify``)."""
         if name not in FEATURES or (name.startswith("views/") and self.views is None):
             raise StoreError(f"{self.group.path}: no feature array {name!r}")
         parts = {suffix: array.oindex[rows] for suffix, array in self.stored_arrays(name).items()}
-        return self.encoding.decode_numpy(name, parts)
+        values = self.encoding.decode_numpy(name, parts)
+        if check:
+            single = isinstance(rows, (int, np.integer))
+            self.refuse_damaged(name, rows, nonfinite_rows(values[None] if single else values))
+        return values
+
+    def refuse_damaged(self, name: str, rows: int | slice | np.ndarray, nonfinite: np.ndarray) -> None:
+        """A :class:`DamagedFeaturesError` when an image of ``rows`` whose features ``name`` read as non-finite
+        (bool ``nonfinite``, one per row) is marked done (the status of those images is read only then)."""
+        if not nonfinite.any():
+            return
+        indices = np.arange(*rows.indices(self.count)) if isinstance(rows, slice) else np.atleast_1d(rows)
+        suspects = indices[nonfinite]
+        damaged = suspects[self.status.oindex[suspects] == STATUS_DONE]
+        if len(damaged):
+            ids = self.manifest().ids
+            root = str(self.group.store).removeprefix("file://")
+            raise DamagedFeaturesError(damaged_message(self.group.basename, name, [ids[i] for i in damaged], root))
 
     def read_status(self, units: Iterable[int] | None = None) -> np.ndarray:
         """Status ``(N,)`` of every image; with ``units``, only those units' chunks are read and the other
@@ -403,6 +443,22 @@ class TeacherStore:
             lo, hi = unit_bounds(unit, self.images_per_unit, self.count)
             status[lo:hi] = self.status[lo:hi]
         return status
+
+    def read_unit_state(self, units: list[int]) -> tuple[np.ndarray, list[dict]]:
+        """Status ``(N,)`` (see :meth:`read_status`) and failure records of ``units``, made consistent after an
+        interrupted update. A unit's failure records are rewritten before its status chunk, and rewriting an
+        object replaces it (a kill can leave it gone or empty), so an image marked failed without a record lost
+        it: it reads as pending and is extracted again (failing again, it gets its record back). A record of an
+        image not marked failed is dropped (its image is pending, or done by a retry)."""
+        status = self.read_status(units)
+        records = [r for r in self.read_failures(units) if status[r["index"]] == STATUS_FAILED]
+        orphans = np.flatnonzero(status == STATUS_FAILED)
+        orphans = orphans[~np.isin(orphans, [r["index"] for r in records])]
+        if len(orphans):
+            log.warning("%d image(s) of %s were marked failed but their failure records were lost to an interrupted "
+                        "write: extracting them again", len(orphans), self.group.path)
+            status[orphans] = STATUS_PENDING
+        return status, records
 
     def read_failures(self, units: Iterable[int] | None = None) -> list[dict]:
         """Failure records of every unit (or of ``units`` only), sorted by image index. A record object whose

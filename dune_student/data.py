@@ -12,7 +12,7 @@ seed, the epoch and the sample — and the student sees that view's crop of the 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,8 @@ class TrainBatch:
     views: ``(B,)`` the cached view each sample shows (``-1``: the whole image, every mode but ``views``);
     encoded: when targets are decoded on the training device, the cropped stored targets (``cls``/``patch``
     are then empty until the trainer decodes them with ``CacheReader.decode``).
+    damaged: ``(B, T)`` bool targets dropped as damaged (``data.skip_damaged``; mask False there), ``None``
+    until decoded.
     """
 
     step: int
@@ -56,6 +58,7 @@ class TrainBatch:
     crops: list[GridCrop]
     views: np.ndarray
     encoded: EncodedBatch | None = None
+    damaged: torch.Tensor | None = None
 
 
 # Independent random streams of a step (see step_generator).
@@ -144,10 +147,12 @@ class BatchSource(Dataset):
     def __init__(self, cache: str, teachers: list[str] | None, allow_partial: bool, backend: str, images: str,
                  samples: np.ndarray, batch_size: int, resolution: int, augment: AugmentConfig, seed: int,
                  shuffle_block: int, shuffle_buffer: int, rank: int = 0, world: int = 1, read_targets: bool = True,
-                 decode_on_device: bool = False, chunk_cache: str | None = None, chunk_cache_limit: int = 0):
+                 decode_on_device: bool = False, chunk_cache: str | None = None, chunk_cache_limit: int = 0,
+                 skip_damaged: bool = False):
         # float16 targets (half the bytes through the loader); the trainer widens them on the device
         self.reader_args = dict(root=cache, teachers=teachers or None, backend=backend, allow_partial=allow_partial,
-                                dtype=torch.float16, chunk_cache=chunk_cache, chunk_cache_limit=chunk_cache_limit)
+                                dtype=torch.float16, chunk_cache=chunk_cache, chunk_cache_limit=chunk_cache_limit,
+                                skip_damaged=skip_damaged)
         reader = CacheReader(**self.reader_args)
         self.paths = image_paths(reader, images)
         self.tags = reader.tags
@@ -187,10 +192,10 @@ class BatchSource(Dataset):
         pixels = clean_pixels
         if self.augment.photometric:
             pixels = photometric(clean_pixels, step_generator(self.seed, step, PHOTOMETRIC_STREAM, self.rank))
-        cls, patch, mask, encoded = self.cropped_targets(indices, crops, views)
+        cls, patch, mask, damaged, encoded = self.cropped_targets(indices, crops, views)
         return TrainBatch(step=step, indices=indices, pixels=pixels, clean_pixels=clean_pixels, cls=cls,
                           patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops, views=views,
-                          encoded=encoded)
+                          encoded=encoded, damaged=damaged)
 
     def crop_size(self, generator: torch.Generator) -> tuple[int, int]:
         """This step's crop size in grid cells (the whole grid without grid-crop)."""
@@ -217,17 +222,17 @@ class BatchSource(Dataset):
         return crop_view_pixels(self.open_image(index), box, flip, (self.resolution, self.resolution))
 
     def cropped_targets(self, indices: np.ndarray, crops: list[GridCrop], views: np.ndarray):
-        """``(cls, patch, mask, None)`` decoded targets with patch tokens cropped, or with ``decode_on_device``
-        ``({}, {}, mask, EncodedBatch)`` whose patch parts are cropped alike."""
+        """``(cls, patch, mask, damaged, None)`` decoded targets with patch tokens cropped, or with
+        ``decode_on_device`` ``({}, {}, mask, None, EncodedBatch)`` whose patch parts are cropped alike."""
         if not self.read_targets:
-            return {}, {}, torch.ones(len(indices), 0, dtype=torch.bool), None
+            return {}, {}, torch.ones(len(indices), 0, dtype=torch.bool), None, None
         targets = self.reader().read(indices, views, decode=not self.decode_on_device)
         if self.decode_on_device:
             patch = {t: {suffix: crop_batch(part, crops) for suffix, part in parts.items()}
                      for t, parts in targets.patch.items()}
-            return {}, {}, targets.mask, EncodedBatch(cls=targets.cls, patch=patch, mask=targets.mask)
+            return {}, {}, targets.mask, None, replace(targets, patch=patch)
         patch = {t: crop_batch(p, crops) for t, p in targets.patch.items()}
-        return targets.cls, patch, targets.mask, None
+        return targets.cls, patch, targets.mask, targets.damaged, None
 
 
 def crop_batch(tokens: torch.Tensor, crops: list[GridCrop]) -> torch.Tensor:

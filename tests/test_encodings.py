@@ -15,7 +15,7 @@ from dune_cache.geometry import Geometry
 from dune_cache.images import ImageManifest
 from dune_cache.inspect import verify_cache
 from dune_cache.reader import CacheReader, EncodedBatch
-from dune_cache.store import STATUS_DONE, StorageConfig, StoreMismatchError, TeacherStore
+from dune_cache.store import STATUS_DONE, DamagedFeaturesError, StorageConfig, StoreMismatchError, TeacherStore
 from dune_cache.teachers.base import TeacherSpec
 
 D, GRID, MASSIVE = 64, (4, 4), (3, 17, 40)  # channels, token grid, massive-activation channels
@@ -213,7 +213,11 @@ def encoded_group(root: Path, text: str, status: list[int], seed: int = 0) -> tu
 def test_an_unwritten_image_of_an_int8_group_decodes_to_nan_and_fails_verify(tmp_path):
     store, _, _ = encoded_group(tmp_path / "c.zarr", "int8-token", [1, 1, 1, 1])
     store.patch[2] = INT8_MISSING  # as if the chunk were lost: it reads as the fill value
-    assert np.isnan(store.read_features("patch", 2)).all() and np.isfinite(store.read_features("patch", 1)).all()
+    assert np.isnan(store.read_features("patch", 2, check=False)).all()
+    assert np.isfinite(store.read_features("patch", 1)).all()
+    with pytest.raises(DamagedFeaturesError, match=r"teacher vit: patch of 1 image\(s\) marked done .*: i2\. .*"
+                       r"`dune-cache verify .*c\.zarr`.*`dune-cache repair"):
+        store.read_features("patch", [1, 2])
     [report] = verify_cache(str(tmp_path / "c.zarr"))
     assert not report.ok and any("image 2" in p and "non-finite" in p for p in report.problems)
 

@@ -16,7 +16,7 @@ from dune_cache.extract import ExtractConfig, run_extraction
 from dune_cache.location import filesystem
 from dune_cache.reader import CacheReader
 from dune_cache.stats import compute_stats, write_stats
-from dune_cache.store import StorageConfig, StoreError, TeacherStore
+from dune_cache.store import DamagedFeaturesError, StorageConfig, StoreError, TeacherStore
 from dune_student.config import load_config
 from dune_student.train import train
 from test_extract import images  # noqa: F401 - fixture: six photos and three unusable files
@@ -95,7 +95,8 @@ def test_extract_to_s3_reads_like_local_with_and_without_chunk_cache(s3, tmp_pat
     fs.rm(f"{path}/{TEACHER}/patch/c", recursive=True)  # the remote chunks are gone ...
     warm = read_everything(CacheReader(url, chunk_cache=chunks))  # ... a warm chunk cache still has them
     np.testing.assert_array_equal(warm[1], expected[1])
-    assert np.isnan(read_everything(CacheReader(url))[1]).all()  # without it: the NaN fill value
+    with pytest.raises(DamagedFeaturesError, match="patch of 6 image.* marked done .* `dune-cache repair s3://"):
+        read_everything(CacheReader(url))  # without it: the NaN fill value of chunks that are gone, refused
 
 
 def test_a_corrupt_cached_chunk_is_fetched_again(s3, tmp_path, real_image_dir, tiny_checkpoint, local_cache):

@@ -4,6 +4,12 @@
     python tools/bench_reader.py [--cache DIR] ... --encodings none bitround int8-channel int8-token pca:rank=D/4
     python tools/bench_reader.py --real-caches e2e/encodings
     python tools/bench_reader.py --shuffle-quality [--n 100000] [--batch 256]
+    python tools/bench_reader.py --damage-check [--cache DIR] ...
+
+Damage check (``--damage-check``): the CPU the reader's check for damaged targets costs (a lost chunk decodes to
+NaN; ``dune_cache.reader.unwritten_rows`` looks at one value per image), read side by side with the check
+switched off and with a scan of every value instead, on the fastest backend per output dtype. Reported as GB
+per CPU-second and the check's share of the reader's CPU.
 
 Reader: random batches (indices drawn without replacement, unsorted) from a cache with realistic
 sizes: one teacher group of synthetic ViT-like float16 features (log-normal channel scales, a few
@@ -35,6 +41,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Callable
+
+import dune_cache.reader as reader_module
 
 import numpy as np
 import torch
@@ -139,6 +147,63 @@ def bench_reader(args: argparse.Namespace) -> None:
         per_cpu = statistics.median(total / cpu for _, cpu in runs)
         base = base or gbps
         print(f"| {name} | {gbps:.2f} | {gbps / cores:.2f} | {per_cpu:.2f} | {gbps / base:.1f}x |")
+
+
+# ---------------------------------------------------------------------------------------
+# What the check for damaged targets costs
+# ---------------------------------------------------------------------------------------
+def no_check(values: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(len(values), dtype=torch.bool)
+
+
+def every_value(values: torch.Tensor) -> torch.Tensor:
+    return ~torch.isfinite(values.flatten(1)).all(dim=1)
+
+
+DAMAGE_CHECKS = {"off": no_check, "one value per image (shipped)": reader_module.unwritten_rows,
+                 "every value": every_value}
+
+
+def with_check(read: Callable[[np.ndarray], object], check: Callable) -> Callable[[np.ndarray], object]:
+    """``read`` with ``dune_cache.reader.unwritten_rows`` swapped for ``check`` while it runs."""
+    def checked(rows: np.ndarray) -> object:
+        shipped, reader_module.unwritten_rows = reader_module.unwritten_rows, check
+        try:
+            return read(rows)
+        finally:
+            reader_module.unwritten_rows = shipped
+    return checked
+
+
+def bench_damage_check(args: argparse.Namespace) -> None:
+    root = args.cache or str(Path(tempfile.mkdtemp(prefix="bench_reader_")) / "cache.zarr")
+    if not Path(root, TEACHER).exists():
+        print(f"building {args.images} x {args.grid}x{args.grid}x{args.dim} float16 cache at {root} ...")
+        build_cache(root, args.images, args.grid, args.dim)
+    warm_page_cache(root)
+    methods: dict[tuple[str, str], Callable[[np.ndarray], object]] = {}
+    for dtype in (torch.float32, torch.float16):
+        backend = reader_module.resolve_backend("auto", dtype)
+        reader = CacheReader(root, [TEACHER], backend=backend, dtype=dtype)
+        for check_name, check in DAMAGE_CHECKS.items():
+            methods[f"{backend}, {str(dtype).removeprefix('torch.')} out", check_name] = with_check(reader.read, check)
+    images = zarr.open_array(store=f"{root}/{TEACHER}/patch", mode="r").shape[0]
+    total = (args.dim + args.grid * args.grid * args.dim) * 2 * args.batch * args.batches / 1e9
+    rng = np.random.default_rng(1)
+    cpu: dict[tuple[str, str], list[float]] = {key: [] for key in methods}
+    for read in methods.values():
+        read(rng.choice(images, args.batch, replace=False))
+    for _ in range(args.rounds):
+        batches = [rng.choice(images, args.batch, replace=False) for _ in range(args.batches)]
+        for key, read in methods.items():
+            cpu[key].append(time_batches(read, batches)[1])
+    print(f"\nbatch {args.batch}, {args.batches} batches x {args.rounds} rounds, page cache warm; CPU-seconds of all "
+          "threads, medians\n")
+    print("| reader | check | GB per CPU-s | CPU vs check off |")
+    print("|---|---|---|---|")
+    for (reader_name, check_name), runs in cpu.items():
+        ratio = statistics.median(run / off for run, off in zip(runs, cpu[reader_name, "off"]))  # round by round
+        print(f"| {reader_name} | {check_name} | {total / statistics.median(runs):.2f} | {100 * (ratio - 1):+.1f}% |")
 
 
 # ---------------------------------------------------------------------------------------
@@ -309,11 +374,14 @@ def main() -> None:
     parser.add_argument("--real-caches", metavar="DIR",
                         help="Read DIR/<encoding>/train.zarr side by side (none: DIR/none or DIR/../train.zarr).")
     parser.add_argument("--shuffle-quality", action="store_true", help="Measure the shuffle instead of the reader.")
+    parser.add_argument("--damage-check", action="store_true", help="Measure the reader's check for damaged targets.")
     parser.add_argument("--n", type=int, default=100_000, help="Samples for --shuffle-quality.")
     parser.add_argument("--block", type=int, default=64, help="Block size for --shuffle-quality.")
     args = parser.parse_args()
     if args.shuffle_quality:
         bench_shuffle(args)
+    elif args.damage_check:
+        bench_damage_check(args)
     elif args.encodings or args.real_caches:
         bench_encodings(args)
     else:

@@ -1,8 +1,9 @@
 """Stopping long jobs cleanly: SIGTERM is handled like Ctrl-C (SIGINT), and a full disk is named in one paragraph.
 
-Both CLIs (``dune-cache extract``, ``dune-student train``) run their work inside :func:`signals_interrupt`, keep
-what they finished when it raises :class:`Interrupted`, and exit with ``128 + signal number`` (130 for Ctrl-C,
-143 for SIGTERM), the shells' convention.
+``dune-cache extract`` runs inside :func:`signals_interrupt` (a signal stops it at once; the batches already
+computed are flushed), ``dune-student train`` records the signal and stops after the step in flight
+(``dune_student.run_control.StopSignals``); both raise :class:`Interrupted` keeping what they finished, and the
+CLIs exit with ``128 + signal number`` (130 for Ctrl-C, 143 for SIGTERM), the shells' convention.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import signal
 import threading
 from typing import Iterator
 
-from .location import StoreError
+from .errors import StoreError
 
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
@@ -63,9 +64,13 @@ def disk_full_cause(exc: BaseException | None) -> OSError | None:
     return None
 
 
-def disk_full_message(cause: OSError, where: str, kept: str, resume: str) -> str:
-    """One paragraph: which path ran out of space, what was ``kept``, and how to ``resume``."""
-    path = cause.filename or where
+def disk_full_error(exc: BaseException, where: str, kept: str, resume: str) -> DiskFullError | None:
+    """When ``exc`` comes from a full disk (:func:`disk_full_cause`), the error to report instead: one paragraph
+    naming the path that ran out of space (``where`` if the error names none), what was ``kept`` and how to
+    ``resume``; else ``None``."""
+    cause = disk_full_cause(exc)
+    if cause is None:
+        return None
     quota = " (disk quota exceeded)" if cause.errno == errno.EDQUOT else ""
-    return (f"no space left on the device writing {path}{quota}. {kept} Free some space (or use another location), "
-            f"then {resume}.")
+    return DiskFullError(f"no space left on the device writing {cause.filename or where}{quota}. {kept} Free some "
+                         f"space (or use another location), then {resume}.")

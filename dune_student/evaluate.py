@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from dune_cache.images import load_pixels
 from dune_cache.reader import CacheReader
+from dune_cache.teachers.base import CheckpointError, load_state_dict_strict
 
 from .config import TrainConfig, set_field
 from .data import DataError, image_paths
@@ -51,17 +52,54 @@ def placeholder_stats(dim: int) -> types.SimpleNamespace:
                                  phis_matrix=np.eye(dim, dtype=np.float32))
 
 
+RUN_KEYS = ("config", "step", "teachers", "resolution", "dims", "grids", "provenance", "student", "heads",
+            "standardizer")  # what a training checkpoint (RUN/checkpoint.pt) holds, among others
+
+
+class RunCheckpointError(ValueError):
+    """A file is not a training checkpoint, or its weights do not fit the architecture its config describes."""
+
+
+def read_run_checkpoint(path: Path) -> dict:
+    """The contents of a training checkpoint; a file that is none is a :class:`RunCheckpointError` saying what
+    it holds instead."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever torch.load makes of a file that is not a checkpoint
+        raise RunCheckpointError(f"{path} is not a training checkpoint: torch.load cannot read it "
+                                 f"({type(exc).__name__}: {exc})") from None
+    missing = [key for key in RUN_KEYS if key not in ckpt] if isinstance(ckpt, dict) else list(RUN_KEYS)
+    if missing:
+        held = (f"a dict with keys {', '.join(map(str, list(ckpt)[:12]))}" if isinstance(ckpt, dict)
+                else f"a {type(ckpt).__name__}")
+        raise RunCheckpointError(f"{path} is not a training checkpoint (RUN/checkpoint.pt of `dune-student train`): "
+                                 f"it holds {held}, without {', '.join(missing)}")
+    return ckpt
+
+
 def load_run(checkpoint: str | Path, device: torch.device) -> LoadedRun:
-    """Student, heads and standardiser of a training checkpoint, in eval mode on ``device``."""
-    ckpt = torch.load(Path(checkpoint), map_location="cpu", weights_only=False)
-    cfg = config_from_dict(ckpt["config"])
-    dims, grids = ckpt["dims"], {t: tuple(g) for t, g in ckpt["grids"].items()}
-    student = Student(cfg.student, device=device)
-    student.load_state_dict(ckpt["student"])
-    heads = TeacherHeads(student, {t: (dims[t], grids[t]) for t in ckpt["teachers"]}, cfg.heads)
-    heads.load_state_dict(ckpt["heads"])
-    standardizer = Standardizer(dims, {t: placeholder_stats(dims[t]) for t in dims}, mode=cfg.loss.standardize)
-    standardizer.load_state_dict(ckpt["standardizer"])
+    """Student, heads and standardiser of a training checkpoint, in eval mode on ``device``. A file that is no
+    checkpoint, or whose weights do not fit the modules its config builds, is a :class:`RunCheckpointError` naming
+    the file and the mismatch."""
+    path = Path(checkpoint)
+    ckpt = read_run_checkpoint(path)
+    try:
+        cfg = config_from_dict(ckpt["config"])
+        dims, grids = ckpt["dims"], {t: tuple(g) for t, g in ckpt["grids"].items()}
+        student = Student(cfg.student, device=device)
+        heads = TeacherHeads(student, {t: (dims[t], grids[t]) for t in ckpt["teachers"]}, cfg.heads)
+        standardizer = Standardizer(dims, {t: placeholder_stats(dims[t]) for t in dims}, mode=cfg.loss.standardize)
+        for name, module in (("student", student), ("heads", heads), ("standardizer", standardizer)):
+            load_state_dict_strict(module, ckpt[name], f"{path} ({name})")
+    except CheckpointError as exc:
+        raise RunCheckpointError(f"{exc}. The modules were built as the checkpoint's own config describes them "
+                                 f"(student: {ckpt['config'].get('student')}; heads: {ckpt['config'].get('heads')}): "
+                                 "was it edited, or written by another version?") from None
+    except ValueError as exc:  # a ConfigError, or a value the modules refuse
+        raise RunCheckpointError(f"{path}: its config does not describe a run this version can build: {exc}") \
+            from None
     for module in (student, heads, standardizer):
         module.to(device).eval()
     return LoadedRun(cfg, student, heads, standardizer, list(ckpt["teachers"]), int(ckpt["resolution"]),

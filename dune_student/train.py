@@ -4,7 +4,9 @@ One step: student forward on augmented pixels -> one projector per teacher -> ta
 ``0.5·(1 − cos) + 0.5·SmoothL1`` per teacher (fp32) -> data-sharing mask and teacher dropping ->
 AdamW with warmup + cosine, gradient clipping. Checkpoints hold everything needed to continue
 bit for bit: model, heads, standardiser, optimiser, scheduler, RNG state and the step (the data
-order is a pure function of seed and step).
+order is a pure function of seed and step). A step whose loss or gradient norm is not finite stops the
+run before it is applied, so no checkpoint ever holds its state; SIGINT/SIGTERM checkpoint the current
+step and stop (:mod:`dune_student.run_control`).
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ import json
 import logging
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, TextIO
 
 import numpy as np
 import torch
@@ -24,25 +28,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dune_cache.chunk_cache import resolve_directory
+from dune_cache.interrupt import Interrupted
 from dune_cache.reader import CacheReader
 from dune_cache.runtime import default_num_workers, pick_device
 from dune_cache.teachers import create_teacher
 
-from .config import TrainConfig, config_to_dict
+from .config import RESOLVED, TrainConfig, config_to_dict
 from .curves import write_curves_safely
-from .data import TEACHER_DROP_STREAM, BatchSource, DataError, TrainBatch, batch_loader, step_generator
+from .data import (TEACHER_DROP_STREAM, BatchSource, TrainBatch, batch_loader, common_grid, step_generator,
+                   views_per_image)
+from .errors import DataError, NonFiniteLossError, RunMismatchError
 from .evaluate import LoadedRun, fidelity
 from .heads import TeacherHeads
 from .losses import Standardizer, drop_teachers, ema_momentum, sharing_mask, teacher_losses, use_cls_from_provenance
 from .model import Student
+from .run_control import (CheckpointSchedule, StopSignals, cache_changes, config_changes, ignore_signals_in_worker,
+                          shut_down_workers, write_atomically)
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-class RunMismatchError(ValueError):
-    """A run directory holds a checkpoint made with another configuration."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -54,6 +59,16 @@ def distributed_setup(device: torch.device) -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def summed_over_ranks(values: list[int], device: torch.device, world: int) -> list[int]:
+    """``values`` summed over the DDP processes (one all-reduce; as given in a single process). Every rank
+    must call it at the same point: decisions taken on its result (stop, skip) are then the same on all."""
+    if world == 1:
+        return values
+    total = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return total.tolist()
 
 
 def student_resolution(cfg: TrainConfig, reader: CacheReader) -> int:
@@ -68,7 +83,9 @@ def student_resolution(cfg: TrainConfig, reader: CacheReader) -> int:
 
 
 def check_cache_fits(cfg: TrainConfig, reader: CacheReader) -> None:
-    """Refuse caches whose geometry cannot serve this run, saying what differs."""
+    """Refuse caches that cannot serve this run, saying what differs: one token grid (grid-crop) or the same cached
+    views (views) for all teachers, their geometry, done images enough for a batch. It reads the caches' metadata
+    only, so it runs before any model is built or feature chunk read."""
     problems = []
     resize = {t: p["geometry"]["resize"] for t, p in reader.provenance.items()}
     if set(resize.values()) != {"squash"}:
@@ -86,30 +103,15 @@ def check_cache_fits(cfg: TrainConfig, reader: CacheReader) -> None:
     if empty:
         problems.append(f"teacher group(s) {', '.join(empty)} have no done images (nothing to train on): "
                         "extract some first, or leave them out with data.teachers")
+    elif len(reader) - cfg.data.holdout < cfg.data.batch_size:
+        problems.append(f"only {len(reader) - cfg.data.holdout} training images for data.batch_size "
+                        f"{cfg.data.batch_size}")
     if problems:
         raise DataError("cache does not fit the config:\n  " + "\n  ".join(problems))
-
-
-RESUME_FIELDS = (("images", "manifest_sha256"), ("images", "count"), ("checkpoint", "sha256"))
-
-
-def cache_changes(saved: dict, reader: CacheReader) -> list[str]:
-    """How the cache ``reader`` reads differs from the one a checkpoint (``saved``: its ``teachers`` and
-    per-teacher ``provenance``) was trained on: teacher groups, image manifest, teacher checkpoint or geometry.
-    More or fewer done images of the same manifest are not a difference (data.allow_partial)."""
-    if list(saved["teachers"]) != list(reader.teachers):
-        return [f"teacher groups: the checkpoint was trained on {saved['teachers']}, the cache has {reader.teachers}"]
-    changes = []
-    for t in reader.teachers:
-        old, new = saved["provenance"][t], reader.provenance[t]
-        geometry = [("geometry", k) for k in sorted(set(old["geometry"]) | set(new["geometry"]))]
-        for section, key in [*RESUME_FIELDS, *geometry]:
-            if section in old:  # checkpoints of earlier versions did not keep the images section
-                before, now = old[section].get(key), new[section].get(key)
-                if json.dumps(before) != json.dumps(now):
-                    changes.append(f"teacher {t}: {section}.{key}: the checkpoint was trained on {before!r}, "
-                                   f"the cache has {now!r}")
-    return changes
+    if cfg.augment.mode == "grid-crop":
+        common_grid(reader)
+    elif cfg.augment.mode == "views":
+        views_per_image(reader)
 
 
 def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
@@ -189,10 +191,12 @@ def live_targets(teachers: dict[str, nn.Module], batch: TrainBatch, student_patc
 # ---------------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
-    steps: int
-    final_loss: float
+    steps: int                 # steps of the run done in total
+    session_steps: int         # of which this session (a resumed run continues its checkpoint)
+    final_loss: float          # loss of the last step (the checkpoint's when this session did none)
     seconds: float
     run_dir: Path
+    damaged_targets: int       # targets left out as damaged over the whole run (data.skip_damaged)
 
 
 class Distiller(nn.Module):
@@ -220,10 +224,12 @@ class Trainer:
         chunk_cache = resolve_directory(cfg.data.chunk_cache)  # local copies of a remote cache's chunks
         chunk_cache_limit = round(cfg.data.chunk_cache_limit_gb * 1e9)
         self.reader = CacheReader(cfg.data.cache, cfg.data.teachers or None, cfg.data.reader_backend,
-                                  cfg.data.allow_partial, chunk_cache=chunk_cache, chunk_cache_limit=chunk_cache_limit)
+                                  cfg.data.allow_partial, chunk_cache=chunk_cache, chunk_cache_limit=chunk_cache_limit,
+                                  skip_damaged=cfg.data.skip_damaged)
         log.info("cache %s: teachers %s, %d images, reader backend %s", cfg.data.cache, self.reader.teachers,
                  len(self.reader), self.reader.backend)
         check_cache_fits(cfg, self.reader)
+        self.standardizer = build_standardizer(cfg, self.reader).to(self.device)  # refuses missing statistics
         if cfg.data.allow_partial:
             counts = {t: f"{n} of {self.reader.provenance[t]['images']['count']}"
                       for t, n in self.reader.done_counts.items()}
@@ -235,7 +241,6 @@ class Trainer:
         self.student = Student(cfg.student, device=self.device).to(self.device)
         self.heads = TeacherHeads(self.student, {t: (self.reader.dims[t], self.reader.grids[t]) for t in self.teachers},
                                   cfg.heads).to(self.device)
-        self.standardizer = build_standardizer(cfg, self.reader).to(self.device)
         self.model = Distiller(self.student, self.heads, return_blocks=cfg.heads.kind == "ladder")
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                         if self.device.type == "cuda" else None)
@@ -247,16 +252,29 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.steps, cfg.optim.warmup_fraction, min_ratio))
         self.live = load_live_teachers(cfg, self.reader, self.device) if cfg.live_teachers else None
         n_train = len(self.reader) - cfg.data.holdout
-        if n_train < cfg.data.batch_size:
-            raise DataError(f"only {n_train} training images for data.batch_size {cfg.data.batch_size}")
         self.source = BatchSource(
             cfg.data.cache, cfg.data.teachers or None, cfg.data.allow_partial, cfg.data.reader_backend,
             cfg.data.images, torch.arange(n_train).numpy(), cfg.data.batch_size, self.resolution, cfg.augment,
             cfg.seed, cfg.data.shuffle_block, cfg.data.shuffle_buffer, self.rank, self.world,
             read_targets=not cfg.live_teachers, decode_on_device=self.device.type == "cuda",
-            chunk_cache=str(chunk_cache) if chunk_cache else None, chunk_cache_limit=chunk_cache_limit)
+            chunk_cache=str(chunk_cache) if chunk_cache else None, chunk_cache_limit=chunk_cache_limit,
+            skip_damaged=cfg.data.skip_damaged)
+        self.workers = default_num_workers(self.device) if cfg.data.num_workers < 0 else cfg.data.num_workers
         self.out = Path(cfg.out)
         self.step = 0
+        self.saved_step: int | None = None  # step of the checkpoint in self.out (None: none yet)
+        self.damaged_targets = 0  # (sample, teacher) targets left out as damaged over the whole run, all ranks
+        self.last_loss = float("nan")  # loss of the last step done (kept in the checkpoint)
+        log.info("student input %dx%d, %d training images, %d held out, reader backend %s, attention %s, %d loader "
+                 "workers", self.resolution, self.resolution, n_train, cfg.data.holdout, self.reader.backend,
+                 self.student.attention_backend, self.workers)
+
+    def resolved(self) -> dict:
+        """Values this run resolved from the cache and the machine (``0``, ``-1``, ``auto`` and empty settings),
+        under their config paths: the ``resolved`` section of ``config.json``."""
+        return {"data.resolution": self.resolution, "data.teachers": self.teachers, "data.num_workers": self.workers,
+                "data.reader_backend": self.reader.backend, "student.attention": self.student.attention_backend,
+                "device": str(self.device)}
 
     # ---- checkpoints ---------------------------------------------------------------
     def state(self) -> dict:
@@ -272,26 +290,22 @@ class Trainer:
             "standardizer": self.standardizer.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "damaged_targets": self.damaged_targets, "loss": self.last_loss,
         }
 
-    def save(self) -> None:
+    def save(self, draw_curves: bool = True) -> None:
+        """Checkpoint the current step (rank 0 writes, atomically) and redraw ``curves.png`` if ``draw_curves``."""
+        self.saved_step = self.step
         if self.rank != 0:
             return
         self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / (CHECKPOINT + ".tmp")
-        torch.save(self.state(), tmp)
-        tmp.replace(self.out / CHECKPOINT)  # atomic: a crash never leaves a half-written checkpoint
-        write_curves_safely(self.out)
+        write_atomically(self.state(), self.out / CHECKPOINT)
+        if draw_curves:
+            write_curves_safely(self.out)
 
     def load(self, ckpt: dict) -> None:
         """Restore everything but the RNG (restored once the data iterator exists, see :meth:`run`)."""
-        ours, theirs = config_to_dict(self.cfg), ckpt["config"]
-        ignored = {"progress", "log_every", "checkpoint_every", "eval_every", "steps"}
-        diffs = [f"{k}: checkpoint has {theirs.get(k)!r}, this run has {ours[k]!r}"
-                 for k in ours if k not in ignored and json.dumps(ours[k]) != json.dumps(theirs.get(k))]
-        if ckpt["config"]["steps"] != self.cfg.steps:
-            diffs.append(f"steps: checkpoint has {ckpt['config']['steps']}, this run has {self.cfg.steps} "
-                         "(the learning-rate schedule depends on it)")
+        diffs = config_changes(ckpt["config"], config_to_dict(self.cfg))
         if diffs:
             raise RunMismatchError(f"{self.out} holds a run with another configuration; use another --out:\n  "
                                    + "\n  ".join(diffs))
@@ -310,7 +324,9 @@ class Trainer:
         self.standardizer.load_state_dict(ckpt["standardizer"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
-        self.step = ckpt["step"]
+        self.step = self.saved_step = ckpt["step"]
+        # checkpoints of earlier versions kept neither
+        self.damaged_targets, self.last_loss = ckpt.get("damaged_targets", 0), ckpt.get("loss", float("nan"))
 
     def held_out_fidelity(self) -> dict:
         """Metrics record of the cosine fidelity on the last ``data.holdout`` images (eval mode, no RNG drawn)."""
@@ -333,6 +349,7 @@ class Trainer:
         if batch.encoded is not None:  # stored targets (e.g. int8 codes) decoded here, on the device
             decoded = self.reader.decode(batch.encoded, device)
             batch.cls, batch.patch = decoded.cls, decoded.patch
+            batch.mask, batch.damaged = decoded.mask, decoded.damaged  # damaged targets are masked out
         pixels = self.student.normalize(batch.pixels.to(device, non_blocking=True))
         mask = batch.mask.to(device)
         targets = {}
@@ -352,14 +369,59 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+        loss_value, norm_value = float(loss.detach()), float(grad_norm)
+        if summed_over_ranks([not (math.isfinite(loss_value) and math.isfinite(norm_value))], device, self.world)[0]:
+            raise NonFiniteLossError(self.non_finite_message(batch, losses.detach(), loss_value, norm_value))
         self.optimizer.step()
         self.scheduler.step()
         seen = losses.detach() * available
         per_teacher = {f"loss/{t}": float(seen[:, k].sum() / available[:, k].sum().clamp(min=1))
                        for k, t in enumerate(self.teachers)}
-        return {"loss": float(loss.detach()), "grad_norm": float(grad_norm), **per_teacher}
+        return {"loss": loss_value, "grad_norm": norm_value, **per_teacher}
+
+    def non_finite_message(self, batch: TrainBatch, losses: torch.Tensor, loss: float, grad_norm: float) -> str:
+        """One paragraph on a step whose ``loss`` or ``grad_norm`` is not finite: the step, the images whose own
+        loss is not finite (``losses`` ``(B, T)``), the images of the batch, the checkpoint kept, what to check."""
+        ids = [self.reader.image_ids[i] for i in batch.indices]
+        bad = ~torch.isfinite(losses.cpu())
+        culprits = [f"{ids[b]} ({', '.join(t for k, t in enumerate(self.teachers) if bad[b, k])})"
+                    for b in range(len(ids)) if bad[b].any()]
+        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
+        if self.world > 1 and math.isfinite(loss):
+            what += " (the loss of another process may be the cause)"
+        share = f" (rank {self.rank}'s share)" if self.world > 1 else ""
+        kept = (f"The last good checkpoint, {self.out / CHECKPOINT} (step {self.saved_step}), is kept: a re-run "
+                "resumes from it." if self.saved_step is not None else "No checkpoint had been written yet.")
+        return (f"step {self.step + 1}: {what}; training stopped before applying the step. "
+                + (f"Images with a non-finite loss: {'; '.join(culprits)}. " if culprits else "")
+                + f"Images of the batch{share}: {', '.join(ids)}. {kept} Damaged cached features are the usual "
+                f"cause: check the cache with `dune-cache verify {self.cfg.data.cache}` (`dune-cache repair` "
+                "re-extracts damaged images); if it is sound, lower optim.base_lr.")
 
     def run(self) -> TrainResult:
+        """Train up to ``cfg.steps``, resuming from ``out/checkpoint.pt`` when present. On SIGINT/SIGTERM the step
+        in progress is finished, checkpointed, and :class:`Interrupted` raised; the DataLoader workers are shut down
+        however training ends."""
+        start = time.perf_counter()
+        with StopSignals() as stop:
+            batches = self.resume_batches()
+            first_step = self.step
+            try:
+                signum = self.train_steps(batches, stop)
+                if signum is not None and self.saved_step != self.step:
+                    with stop.shielded():
+                        self.save(draw_curves=False)  # exit promptly; `dune-student curves` redraws them
+            finally:
+                shut_down_workers(batches)
+        if signum is not None:
+            raise Interrupted(f"interrupted by {signal.Signals(signum).name} at step {self.step} of {self.cfg.steps}; "
+                              f"checkpoint saved to {self.out / CHECKPOINT}; re-run the same command to resume", signum)
+        return TrainResult(steps=self.step, session_steps=self.step - first_step, final_loss=self.last_loss,
+                           seconds=time.perf_counter() - start, run_dir=self.out, damaged_targets=self.damaged_targets)
+
+    def resume_batches(self) -> Iterator[TrainBatch]:
+        """Load ``out/checkpoint.pt`` when present, write ``out/config.json``, and start the batches of the steps
+        left, the RNG then restored so that the model's random stream continues exactly."""
         cfg = self.cfg
         ckpt_path = self.out / CHECKPOINT
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
@@ -367,40 +429,85 @@ class Trainer:
             self.load(ckpt)
             log.info("resuming %s at step %d", self.out, self.step)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
-        workers = default_num_workers(self.device) if cfg.data.num_workers < 0 else cfg.data.num_workers
-        loader = iter(batch_loader(self.source, self.step, cfg.steps, workers, self.device.type == "cuda"))
-        if ckpt is not None:  # after the iterator drew its seed: the model's RNG stream continues exactly
+        (self.out / "config.json").write_text(json.dumps({**config_to_dict(cfg), RESOLVED: self.resolved()}, indent=2))
+        loader = batch_loader(self.source, self.step, cfg.steps, self.workers, self.device.type == "cuda")
+        loader.worker_init_fn = ignore_signals_in_worker  # the trainer alone reacts to Ctrl-C and stops its workers
+        batches = iter(loader)
+        if ckpt is not None:  # after the iterator drew its seed
             torch.set_rng_state(ckpt["torch_rng"])
             if ckpt["cuda_rng"]:
                 torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
-        start, last = time.perf_counter(), {"loss": float("nan")}
+        return batches
+
+    def train_steps(self, batches: Iterator[TrainBatch], stop: StopSignals) -> int | None:
+        """Steps up to ``cfg.steps``, each logged, evaluated and checkpointed as configured. Returns the signal
+        that stopped them before ``cfg.steps`` (after a step every rank agrees on), or ``None``."""
+        cfg = self.cfg
+        schedule = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_minutes, cfg.steps)
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not cfg.progress or self.rank != 0,
                    dynamic_ncols=True)
-        images_seen, tick = 0, time.perf_counter()
+        images_seen, tick, stopped_by = 0, time.perf_counter(), None
         with open(self.out / METRICS, "a") as metrics:
-            for batch in loader:
-                last = self.train_step(batch)
+            while self.step < cfg.steps and stopped_by is None:
+                batch = self.next_batch(batches, stop)
+                if batch is None:  # a signal before the step: none in flight
+                    stopped_by = stop.received
+                    break
+                record = self.train_step(batch)
                 self.step += 1
+                self.last_loss = record["loss"]
+                damaged = 0 if batch.damaged is None else int(batch.damaged.sum())
+                damaged, sigint, sigterm = summed_over_ranks([damaged, stop.received == signal.SIGINT,
+                                                              stop.received == signal.SIGTERM], self.device, self.world)
+                stopped_by = signal.SIGINT if sigint else signal.SIGTERM if sigterm else None  # after this step
+                self.damaged_targets += damaged
                 images_seen += len(batch.indices)
                 bar.update(1)
-                bar.set_postfix(loss=f"{last['loss']:.4f}", refresh=False)
+                postfix = {"loss": f"{self.last_loss:.4f}"}
+                if self.damaged_targets:
+                    postfix["damaged"] = self.damaged_targets
+                bar.set_postfix(postfix, refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     now = time.perf_counter()
-                    record = {"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                              "images_per_s": images_seen * self.world / (now - tick), **last}
+                    self.log_step({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
+                                   "images_per_s": images_seen * self.world / (now - tick), **record,
+                                   "damaged_targets": self.damaged_targets}, metrics)
                     images_seen, tick = 0, now
-                    if self.rank == 0:
-                        metrics.write(json.dumps(record) + "\n")
-                        metrics.flush()
                 if cfg.eval_every and self.rank == 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     metrics.write(json.dumps(self.held_out_fidelity()) + "\n")
                     metrics.flush()
-                if self.step % cfg.checkpoint_every == 0 or self.step == cfg.steps:
-                    self.save()
+                if schedule.due(self.step):
+                    with stop.shielded():
+                        self.save()
+                    schedule.saved()
         bar.close()
-        return TrainResult(steps=self.step, final_loss=last["loss"], seconds=time.perf_counter() - start,
-                           run_dir=self.out)
+        return stopped_by if self.step < cfg.steps else None  # a signal during the last step: the run is done
+
+    def next_batch(self, batches: Iterator[TrainBatch], stop: StopSignals) -> TrainBatch | None:
+        """The next step's batch, or ``None`` when a signal came before or while it was fetched (one process; DDP
+        ranks stop together after a step). Loading in this process is cut short; a batch on its way from a
+        DataLoader worker is let arrive (a transfer cut halfway makes the worker print a traceback), then dropped."""
+        if self.world > 1:
+            return next(batches)
+        batch = stop.wait(lambda: next(batches), cut_short=self.workers == 0)
+        return None if stop.received is not None else batch
+
+    def log_step(self, record: dict, metrics: TextIO) -> None:
+        """Rank 0: ``record`` appended to metrics.jsonl and, without a progress bar, logged as one line."""
+        if self.rank != 0:
+            return
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
+        if not self.cfg.progress:
+            log.info(progress_line(record, self.cfg.steps))
+
+
+def progress_line(record: dict, steps: int) -> str:
+    """``step 3/100: loss 0.1234, lr 0.0003, 812.5 images/s`` (and the damaged targets left out so far, if any)."""
+    line = (f"step {record['step']}/{steps}: loss {record['loss']:.4f}, lr {record['lr']:.3g}, "
+            f"{record['images_per_s']:.1f} images/s")
+    damaged = record["damaged_targets"]
+    return line + (f", {damaged} damaged targets left out so far (data.skip_damaged)" if damaged else "")
 
 
 def train(cfg: TrainConfig) -> TrainResult:

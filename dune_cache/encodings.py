@@ -24,106 +24,21 @@ NaN fill does.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
-ENCODINGS = ("none", "bitround", "int8-channel", "int8-token", "pca")
+from .config import EncodingConfig
+from .errors import EncodingError
+
 KINDS = ("cls", "patch")
 INT8_MISSING = -128  # fill value of int8 codes: a chunk never written
 INT8_MAX = 127
 MANTISSA_BITS = {"float16": 10, "float32": 23}
 FLOAT_MAX = {"float16": 65504.0, "float32": float(np.finfo(np.float32).max)}
 CHUNK_TOKENS = 1 << 15  # tokens per step when calibration statistics are accumulated
-
-
-class EncodingError(ValueError):
-    """An encoding is misconfigured, or features cannot be encoded as asked."""
-
-
-# ---------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class EncodingConfig:
-    """An encoding and its parameters (only those of ``name`` are recorded, see :data:`PARAMS`).
-
-    keepbits: ``bitround`` mantissa bits kept (7: bfloat16 level; fp16 has 10).
-    margin, sigmas: ``int8-channel`` range per channel: ``[min, max]`` of the calibration values widened by
-        ``margin·(max − min)`` on each side, and at least ``mean ± sigmas·std``; values beyond it clip.
-        Measured on the e2e caches (DINOv2-S / MobileNetV2 features, 64 calibration images): 0.25 / 6 clip
-        4e-7-3e-5 of held-out patch values (min/max alone: 8e-4 / 3e-4) at ~1% relative error, and
-        3e-4-6e-4 of CLS values (min/max alone: 2e-2 / 1.4e-2).
-    outlier_ratio: ``int8-token``: a channel whose calibration absmax exceeds ``outlier_ratio`` × the
-        median channel absmax is a massive-activation channel, kept in the storage dtype. ViT "massive
-        activations" reach 100-1000× the median; ordinary channels of the e2e teachers stay below 2.6×.
-    rank, variance: ``pca`` rank, or with ``rank == 0`` the smallest rank keeping ``variance`` of the
-        calibration tokens' variance (0.99: 153 of 384 DINOv2-S channels, 619 of 1280 MobileNetV2 ones).
-    calibration_images: images whose features calibrate ``int8-channel``, ``int8-token`` and ``pca``.
-    """
-
-    name: str = "none"
-    keepbits: int = 7
-    margin: float = 0.25
-    sigmas: float = 6.0
-    outlier_ratio: float = 6.0
-    rank: int = 0
-    variance: float = 0.99
-    calibration_images: int = 64
-
-    def __post_init__(self) -> None:
-        if self.name not in ENCODINGS:
-            raise EncodingError(f"encoding {self.name!r}; choose one of {', '.join(ENCODINGS)}")
-        if self.keepbits < 0 or self.margin < 0 or self.sigmas < 0 or self.rank < 0:
-            raise EncodingError("keepbits, margin, sigmas and rank must be >= 0")
-        if self.outlier_ratio <= 1 or not 0 < self.variance <= 1 or self.calibration_images < 1:
-            raise EncodingError("need outlier_ratio > 1, 0 < variance <= 1 and calibration_images >= 1")
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.name in ("int8-channel", "int8-token", "pca")
-
-    def params(self) -> dict:
-        """The parameters that apply to this encoding."""
-        return {key: getattr(self, key) for key in PARAMS[self.name]}
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "params": self.params()}
-
-    @classmethod
-    def from_json(cls, section: dict | None) -> "EncodingConfig":
-        """From a provenance ``storage.encoding`` section (absent: ``none``)."""
-        return cls() if section is None else cls(name=section["name"], **section.get("params", {}))
-
-    @classmethod
-    def parse(cls, text: str) -> "EncodingConfig":
-        """``NAME[:key=value,...]``, e.g. ``pca:variance=0.95`` or ``int8-token:outlier_ratio=8``."""
-        name, _, rest = text.partition(":")
-        config = cls(name=name.strip())
-        known = {f.name: f.type for f in fields(cls) if f.name != "name"}
-        values = {}
-        for item in filter(None, (part.strip() for part in rest.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep or key not in PARAMS[config.name]:
-                raise EncodingError(f"encoding {text!r}: {item!r} is not one of {name}'s parameters "
-                                    f"({', '.join(PARAMS[config.name]) or 'none'}), written key=value")
-            values[key] = int(value) if known[key] in ("int", int) else float(value)
-        return replace(config, **values)
-
-    def __str__(self) -> str:
-        params = ",".join(f"{k}={v}" for k, v in self.params().items())
-        return f"{self.name}:{params}" if params else self.name
-
-
-PARAMS = {
-    "none": (),
-    "bitround": ("keepbits",),
-    "int8-channel": ("margin", "sigmas", "calibration_images"),
-    "int8-token": ("outlier_ratio", "calibration_images"),
-    "pca": ("rank", "variance", "calibration_images"),
-}
 
 
 def kind_scheme(name: str, kind: str) -> str:

@@ -17,7 +17,7 @@ import queue
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,49 +26,19 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import __version__
-from .encodings import Encoding, EncodingError, calibration_indices
+from .config import ExtractConfig, ViewSampling, parse_shard
+from .encodings import Encoding, calibration_indices
+from .errors import CacheNotFoundError, EncodingError, NonFiniteFeaturesError
 from .geometry import Geometry, resolve_geometry
 from .images import ImageDecodeError, ImageManifest, load_manifest, load_pixels, open_rgb
-from .interrupt import DiskFullError, Interrupted, disk_full_cause, disk_full_message, signals_interrupt
+from .interrupt import Interrupted, disk_full_error, signals_interrupt
 from .runtime import default_num_workers, pick_device
-from .store import (FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore, ViewRows,
-                    unit_bounds)
+from .store import (ATTR_KEY, FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore,
+                    ViewRows, open_root, unit_bounds)
 from .teachers import Teacher, TeacherSpec, create_teacher
-from .teachers.registry import check_teacher_name
-from .views import ViewSampling, crop_view, decode_size, sample_views
+from .views import crop_view, decode_size, sample_views
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteFeaturesError(RuntimeError):
-    """The teacher produced NaN/inf, or values the storage dtype cannot hold, for some images."""
-
-
-@dataclass
-class ExtractConfig:
-    """Everything ``dune-cache extract`` does; each field is one CLI flag."""
-
-    teacher: str
-    images: Path
-    out: str
-    checkpoint: Path | None = None
-    name: str | None = None  # teacher group name in the cache; default: the teacher name
-    resolution: str | None = None  # N or HxW; default: the teacher's native resolution
-    student_patch: int | None = None
-    student_resolution: str | None = None
-    resize: str = "squash"
-    batch_size: int = 32
-    num_workers: int | None = None  # decoding workers; None: default_num_workers(device)
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA
-    storage: StorageConfig = field(default_factory=StorageConfig)
-    views: int = 0  # K random views per image stored besides the whole image (docs/augmentation.md)
-    view_sampling: ViewSampling = field(default_factory=ViewSampling)
-    shard: str = "0/1"  # this machine's share i/n of the work units
-    overwrite: bool = False
-    retry_failed: bool = False
-    random_weights: bool = False  # allow running without a checkpoint (speed tests only)
-    progress: bool = True
 
 
 @dataclass
@@ -87,17 +57,6 @@ class ExtractResult:
 # ---------------------------------------------------------------------------------------
 # Work assignment
 # ---------------------------------------------------------------------------------------
-def parse_shard(shard: str) -> tuple[int, int]:
-    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``."""
-    try:
-        i, n = (int(x) for x in shard.split("/"))
-    except ValueError as exc:
-        raise ValueError(f"--shard {shard!r}: expected i/n, e.g. 0/4") from exc
-    if not 0 <= i < n:
-        raise ValueError(f"--shard {shard!r}: need 0 <= i < n")
-    return i, n
-
-
 def worker_slot(shard: str) -> tuple[int, int]:
     """This process's ``(slot, slots)`` over all machines (``--shard``) and ``torchrun`` ranks."""
     i, n = parse_shard(shard)
@@ -343,6 +302,23 @@ def group_complete(root: str, name: str) -> bool:
     return TeacherStore.open_if_complete(root, name, mode="r") is not None
 
 
+def warn_if_grids_differ(root: str, name: str, grid: tuple[int, int]) -> None:
+    """Warn when teacher groups of cache ``root`` other than ``name`` have another token grid than ``grid``: training
+    with ``augment.mode=grid-crop`` (the default) cuts all teachers' targets with one box, so it needs one grid."""
+    try:
+        groups = open_root(root, mode="r").groups()
+    except CacheNotFoundError:  # a new cache
+        return
+    others = {other: tuple(meta["geometry"]["grid"]) for other, group in groups
+              if other != name and (meta := group.attrs.get(ATTR_KEY, {})).get("kind") == "teacher_features"}
+    differ = {other: f"{g[0]}x{g[1]}" for other, g in others.items() if g != tuple(grid)}
+    if differ:
+        log.warning("teacher group %s gets token grid %dx%d, other groups of %s have %s: training with "
+                    "augment.mode=grid-crop (the default) needs one grid for all teachers; extract each with the same "
+                    "--student-patch/--student-resolution, or train with augment.mode=none", name, *grid, root,
+                    ", ".join(f"{other} {g}" for other, g in differ.items()))
+
+
 def calibrate_encoding(cfg: ExtractConfig, teacher: Teacher, manifest: ImageManifest, geometry: Geometry,
                        device: torch.device, workers: int) -> Encoding:
     """``cfg.storage.encoding`` calibrated on the teacher's features (stored dtype precision) of
@@ -380,25 +356,20 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
         raise Interrupted(f"extraction interrupted ({exc or 'Ctrl-C'}). {kept} Re-run the same command to resume.",
                           getattr(exc, "signum", signal.SIGINT)) from exc
     except Exception as exc:
-        cause = disk_full_cause(exc)
-        if cause is None:
+        full = disk_full_error(exc, cfg.out, kept, "re-run the same command to resume")
+        if full is None:
             raise
-        raise DiskFullError(disk_full_message(cause, cfg.out, kept, "re-run the same command to resume")) from exc
+        raise full from exc
 
 
 def extract_features(cfg: ExtractConfig) -> ExtractResult:
     """:func:`run_extraction` without the handling of interruptions and full disks."""
-    check_teacher_name(cfg.teacher)
-    if cfg.checkpoint is None and not cfg.random_weights:
-        raise ValueError(f"--checkpoint is required for teacher {cfg.teacher!r} "
-                         "(pass --random-weights to run untrained weights, for speed tests only)")
+    cfg.check()
     manifest = load_manifest(cfg.images)
     teacher = create_teacher(cfg.teacher, cfg.checkpoint)
     spec = teacher.spec
     geometry = resolve_geometry(spec, cfg.resolution, cfg.student_patch, cfg.student_resolution, cfg.resize)
     name = cfg.name or spec.name.replace(":", "-").replace("/", "-")
-    if cfg.views < 0:
-        raise ValueError(f"--views {cfg.views}: must be >= 0")
     provenance = build_provenance(spec, cfg.checkpoint, manifest, str(Path(cfg.images).resolve()), geometry,
                                   cfg.storage, cfg.view_sampling.to_json(cfg.views) if cfg.views else None)
     device = pick_device(cfg.device)
@@ -406,9 +377,11 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     workers = default_num_workers(device) if cfg.num_workers is None else cfg.num_workers
     slot, slots = worker_slot(cfg.shard)
     creator = slot == 0  # only slot 0 creates (or replaces) the group; the others wait for it (store.py)
+    new_group = creator and (cfg.overwrite or not group_complete(cfg.out, name))
+    if new_group:
+        warn_if_grids_differ(cfg.out, name, geometry.grid)
     # a new group's encoding is calibrated here; an existing group keeps its stored calibration
-    encoding = (calibrate_encoding(cfg, teacher, manifest, geometry, device, workers)
-                if creator and (cfg.overwrite or not group_complete(cfg.out, name)) else None)
+    encoding = calibrate_encoding(cfg, teacher, manifest, geometry, device, workers) if new_group else None
     store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
                                         cfg.storage, overwrite=cfg.overwrite, views=cfg.views, encoding=encoding,
                                         creator=creator)

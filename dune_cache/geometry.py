@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from .images import RESIZE_MODES
-from .teachers.base import TeacherSpec
+from .teachers.spec import TeacherSpec
+
+RESIZE_MODES = ("squash", "center_crop")  # how an image is fitted to the resolution (images.resize_image)
 
 
 class GeometryError(ValueError):

@@ -21,8 +21,10 @@ from typing import Iterable, Iterator, Mapping
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ManifestError
+from .geometry import RESIZE_MODES
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
-RESIZE_MODES = ("squash", "center_crop")
 ALPHA_BACKGROUND = (255, 255, 255)
 
 MANIFEST_ESCAPING = "backslash-v1"  # how ids and tags are escaped in the canonical text (docs/cache-format.md)
@@ -35,10 +37,6 @@ _ESCAPE_SEQUENCE = re.compile(rb"\\(x[0-9a-fA-F]{2}|[\\ntr#])?")
 _UNESCAPED = {b"\\": b"\\", b"n": b"\n", b"t": b"\t", b"r": b"\r", b"#": b"#"}
 _LIST_LINE_BREAK = re.compile(f"[\r{OTHER_LINE_BREAKS}]")
 MAX_LISTED_LINES = 10
-
-
-class ManifestError(ValueError):
-    """The image directory or list cannot be turned into a manifest."""
 
 
 class ImageDecodeError(Exception):

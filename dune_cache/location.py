@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import fsspec
 import zarr
@@ -25,50 +24,14 @@ from zarr.abc.store import Store
 from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
+from .errors import CacheNotFoundError, StoreError
+from .urls import is_remote, join, local_path, scheme
+
 STORAGE_OPTIONS_ENV = "DUNE_CACHE_STORAGE_OPTIONS"
 # Object stores whose fsspec filesystems cache directory listings; a cache changes while it is filled,
 # so listings are always fetched fresh (a DUNE_CACHE_STORAGE_OPTIONS value overrides this).
 LISTING_CACHE_PROTOCOLS = ("s3", "s3a", "gs", "gcs", "abfs", "az")
 PROBE_KEY = ".dune_cache_write_probe"
-
-
-class StoreError(RuntimeError):
-    """A cache store cannot be used as asked."""
-
-
-class CacheNotFoundError(StoreError):
-    """Nothing (no Zarr group or array) at a cache location."""
-
-
-def scheme(url: str) -> str:
-    """The URL scheme, ``""`` for a plain path (a one-letter scheme is a Windows drive, i.e. a path)."""
-    found = urlsplit(str(url)).scheme if "://" in str(url) else ""
-    return "" if len(found) == 1 else found.lower()
-
-
-def is_remote(url: str) -> bool:
-    """Whether ``url`` names a non-local filesystem (any scheme other than ``file``)."""
-    return scheme(url) not in ("", "file", "local")
-
-
-def local_path(url: str) -> str | None:
-    """The filesystem path of a local path or ``file://`` URL; ``None`` for a remote URL."""
-    if is_remote(url):
-        return None
-    if scheme(url):
-        parts = urlsplit(str(url))
-        return unquote(parts.netloc + parts.path)
-    return os.fspath(url)
-
-
-def join(url: str, *parts: str) -> str:
-    """``url`` extended by path ``parts`` (``/``-separated; empty parts are skipped)."""
-    tail = "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-    if not tail:
-        return str(url)
-    if scheme(url):
-        return f"{str(url).rstrip('/')}/{tail}"
-    return os.path.join(os.fspath(url), *tail.split("/"))
 
 
 def storage_options(url: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import logging
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import numpy as np
@@ -27,17 +27,16 @@ import zarr
 import zarr.codecs
 
 from . import location
-from .encodings import Encoding, EncodingConfig
+from .config import StorageConfig
+from .encodings import Encoding
+from .errors import CacheNotFoundError, StoreError
 from .images import ImageManifest
-from .location import CacheNotFoundError, StoreError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ATTR_KEY = "dune_cache"
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
-CODECS = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
-DTYPES = ("float16", "float32")
 FLOAT16_MAX = 65504.0
 # Provenance sections that define what a store *is*; a run that differs in any of them is refused.
 # ``views`` is absent in groups without cached views.
@@ -72,46 +71,6 @@ def damaged_message(teacher: str, array: str, image_ids: list[str], root: str, o
             f"chunks are missing or damaged: {shown}. Nothing was trained or computed on them. Find every damaged "
             f"image with `dune-cache verify {root}` and re-extract just those with `dune-cache repair {root}`"
             f"{opt_in}.")
-
-
-@dataclass(frozen=True)
-class StorageConfig:
-    """How features are stored. ``unit_size`` images form one work unit (one ``status`` chunk);
-    with ``shard_images > 0`` arrays are sharded with that many images per shard and the unit
-    equals the shard."""
-
-    dtype: str = "float16"
-    codec: str = "blosc-zstd"
-    level: int = 5
-    unit_size: int = 64
-    shard_images: int = 0
-    encoding: EncodingConfig = EncodingConfig()
-    checksum: bool = True  # crc32c of every feature chunk (groups made before this key read as False)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise StoreError(f"dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if self.codec not in CODECS:
-            raise StoreError(f"codec {self.codec!r}; choose one of {', '.join(CODECS)}")
-        if self.unit_size < 1 or self.shard_images < 0:
-            raise StoreError("unit_size must be >= 1 and shard_images >= 0")
-
-    @property
-    def images_per_unit(self) -> int:
-        return self.shard_images or self.unit_size
-
-    def to_json(self) -> dict:
-        """Provenance ``storage`` section; ``encoding`` (name and params) only when not ``none``, so groups
-        without an encoding read and compare as before."""
-        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "encoding"}
-        return {**data, "encoding": self.encoding.to_json()} if self.encoding.name != "none" else data
-
-    @classmethod
-    def from_json(cls, section: dict) -> "StorageConfig":
-        """From a provenance ``storage`` section (keys this version does not know are ignored)."""
-        known = {f.name for f in fields(cls)} - {"encoding"}
-        return cls(**{"checksum": False, **{k: v for k, v in section.items() if k in known}},
-                   encoding=EncodingConfig.from_json(section.get("encoding")))
 
 
 def build_compressors(storage: StorageConfig) -> tuple:

@@ -16,38 +16,16 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import asdict, dataclass
-
 import numpy as np
 from PIL import Image
+
+from .config import ViewSampling
 
 # Torchvision's RandomResizedCrop tries this many boxes before falling back to a centred one.
 MAX_ATTEMPTS = 10
 # Views are cut from the image decoded (JPEG DCT draft) at no less than this multiple of the output size,
 # so that the smallest default crop (scale 0.4, ratio 3/4: sides >= 0.55 of the image) is downscaled too.
 DECODE_OVERSAMPLE = 2
-
-
-@dataclass(frozen=True)
-class ViewSampling:
-    """How the boxes of cached views are drawn (DUNE's RandomResizedCrop and flip defaults)."""
-
-    seed: int = 0
-    scale: tuple[float, float] = (0.4, 1.0)  # fraction of the image's area
-    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # width / height, relative units
-    flip_p: float = 0.5
-
-    def __post_init__(self) -> None:
-        if not 0 < self.scale[0] <= self.scale[1] <= 1:
-            raise ValueError(f"view scale {self.scale}: need 0 < low <= high <= 1")
-        if not 0 < self.ratio[0] <= self.ratio[1]:
-            raise ValueError(f"view ratio {self.ratio}: need 0 < low <= high")
-        if not 0 <= self.flip_p <= 1:
-            raise ValueError(f"view flip_p {self.flip_p}: need 0 <= p <= 1")
-
-    def to_json(self, count: int) -> dict:
-        """The ``views`` provenance section of a group with ``count`` views per image."""
-        return {"count": count, **{k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}}
 
 
 def view_generator(seed: int, image_id: str, view: int) -> np.random.Generator:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from timm.layers import Attention
 from torch import nn
 
-ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
+from .config import ATTENTION_BACKENDS
 
 
 @dataclass(frozen=True)

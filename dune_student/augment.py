@@ -53,18 +53,9 @@ from PIL import Image
 
 from dune_cache.views import crop_view
 
-AUGMENT_MODES = ("none", "grid-crop", "views")
+from .config import AUGMENT_MODES, AugmentConfig
+
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # torchvision's RGB -> luma weights
-
-
-@dataclass
-class AugmentConfig:
-    mode: str = "grid-crop"                               # none | grid-crop | views (cached views)
-    crop_scale: tuple[float, float] = (0.4, 1.0)          # fraction of the grid's cells (DUNE RRC scale)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)      # width / height of the box
-    flip_p: float = 0.5
-    min_cells: int = 2                                    # smallest box side, in grid cells
-    photometric: bool = True                              # DUNE's colour augmentation, student input only
 
 
 @dataclass(frozen=True)

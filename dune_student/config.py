@@ -1,7 +1,10 @@
 """Typed training configuration. Defaults reproduce DUNE's recipe (NOTES.md §1); one field per hyper-parameter.
 
 A config file (TOML or JSON) mirrors the dataclass tree; ``key=value`` overrides use dotted paths
-(``optim.base_lr=1e-4``) and are converted with the field's declared type — never ``eval``.
+(``optim.base_lr=1e-4``) and are converted with the field's declared type — never ``eval``. Every field name,
+type and choice is checked while the config is parsed (:func:`load_config`), before torch is imported or a cache
+opened: this module imports neither, and the sections the model, heads and augmentation modules use
+(:class:`StudentConfig`, :class:`HeadConfig`, :class:`AugmentConfig`) are defined here and re-exported there.
 """
 from __future__ import annotations
 
@@ -13,15 +16,60 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dune_cache.location import is_remote
+from dune_cache.urls import is_remote
 
-from .augment import AUGMENT_MODES, AugmentConfig
-from .heads import HeadConfig
-from .model import StudentConfig
+STUDENT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")  # the sizes model.ARCHS builds (vit_tiny: tests)
+ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
+HEAD_KINDS = ("transformer", "ladder", "mlp")
+AUGMENT_MODES = ("none", "grid-crop", "views")
+RESOLVED = "resolved"  # section of a run's config.json with the values the run resolved (ignored when loaded)
 
 
 class ConfigError(ValueError):
     """A configuration value or key that cannot be used; the message names the field."""
+
+
+@dataclass
+class StudentConfig:
+    """What student to build."""
+
+    arch: str = "vit_base"  # vit_small | vit_base | vit_large (vit_tiny for tests)
+    patch_size: int = 14
+    num_registers: int = 4
+    layerscale: float | None = 1e-4  # LayerScale init; None: no LayerScale
+    attention: str = "auto"  # auto | xformers | sdpa
+    drop_path: float = 0.0  # stochastic depth rate (linear over depth)
+    img_size: int = 224  # square resolution the position embeddings are stored at
+
+    def __post_init__(self) -> None:
+        if self.arch not in STUDENT_ARCHS:
+            raise ValueError(f"arch must be one of {sorted(STUDENT_ARCHS)}, got {self.arch!r}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
+        if self.patch_size <= 0 or self.num_registers < 0 or self.img_size % self.patch_size:
+            raise ValueError(f"need patch_size > 0, num_registers >= 0 and img_size a multiple of the patch: {self}")
+
+
+@dataclass
+class HeadConfig:
+    """Which projector every teacher gets."""
+
+    kind: str = "transformer"  # transformer (DUNE) | ladder (UNIC) | mlp
+    mlp_hidden: int | None = None  # hidden width of the mlp head (default 4*D) / of the ladder's non-last rungs (default D)
+
+    def __post_init__(self) -> None:
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(f"head kind must be one of {HEAD_KINDS}, got {self.kind!r}")
+
+
+@dataclass
+class AugmentConfig:
+    mode: str = "grid-crop"                               # none | grid-crop | views (cached views)
+    crop_scale: tuple[float, float] = (0.4, 1.0)          # fraction of the grid's cells (DUNE RRC scale)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)      # width / height of the box
+    flip_p: float = 0.5
+    min_cells: int = 2                                    # smallest box side, in grid cells
+    photometric: bool = True                              # DUNE's colour augmentation, student input only
 
 
 @dataclass
@@ -39,6 +87,7 @@ class DataConfig:
     chunk_cache: str = ""                # remote cache: local copies of its chunks ("default": ~/.cache/...)
     chunk_cache_limit_gb: float = 0.0    # GB the chunk cache folder may hold (0: no limit); then read remotely
     holdout: int = 0                     # last N images (manifest order) kept out of training for eval
+    skip_damaged: bool = False           # mask out targets whose cached features are NaN/inf (counted), not stop
 
 
 @dataclass
@@ -69,7 +118,8 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True                     # bf16 autocast on CUDA
     log_every: int = 10
-    checkpoint_every: int = 500
+    checkpoint_every: int = 500          # steps between checkpoints (and one at the end)
+    checkpoint_minutes: float = 0.0      # also a checkpoint once this much wall time passed since the last; 0: off
     eval_every: int = 0                  # held-out fidelity every N steps and at the end, on data.holdout; 0: off
     live_teachers: bool = False          # run the teachers in the loop instead of reading the cache (baseline)
     teacher_checkpoints: dict[str, str] = field(default_factory=dict)  # teacher group -> checkpoint (live mode)
@@ -86,12 +136,13 @@ class TrainConfig:
 
 
 CHOICES = {
-    "data.reader_backend": ("auto", "tensorstore", "zarrs", "zarr", "memory"),
+    "data.reader_backend": ("auto", "tensorstore", "zarrs", "zarr", "memory"),  # auto + dune_cache.backends.BACKENDS
     "loss.standardize": ("channel", "phis", "ema", "none"),
     "loss.teacher_drop": ("lowest_loss", "none"),
     "loss.sharing": ("all", "own_data", "own+generic"),
-    "student.attention": ("auto", "xformers", "sdpa"),
-    "heads.kind": ("transformer", "ladder", "mlp"),
+    "student.arch": STUDENT_ARCHS,
+    "student.attention": ATTENTION_BACKENDS,
+    "heads.kind": HEAD_KINDS,
     "augment.mode": AUGMENT_MODES,
 }
 
@@ -184,7 +235,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Tr
         else:
             data = json.loads(text)
         for key, value in data.items():
-            set_field(cfg, key, value)
+            if key != RESOLVED:  # a run's config.json loads as the config it was given
+                set_field(cfg, key, value)
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -217,8 +269,40 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("optim.warmup_fraction: must be in [0, 1)")
     if cfg.data.chunk_cache_limit_gb < 0 or (cfg.data.chunk_cache_limit_gb and not cfg.data.chunk_cache):
         raise ConfigError("data.chunk_cache_limit_gb: must be 0 (no limit) or > 0 with data.chunk_cache set")
+    if cfg.checkpoint_every < 1:
+        raise ConfigError("checkpoint_every: must be >= 1")
+    if cfg.checkpoint_minutes < 0:
+        raise ConfigError("checkpoint_minutes: must be 0 (off) or > 0")
     if cfg.eval_every < 0 or (cfg.eval_every and cfg.data.holdout < 1):
         raise ConfigError("eval_every: must be 0 (off) or > 0 with data.holdout > 0 (the held-out images it evaluates)")
+    validate_student(cfg)
+    validate_augment(cfg.augment)
+
+
+def validate_student(cfg: TrainConfig) -> None:
+    """The student's shape: patch, registers, stored and trained resolutions (errors name the field)."""
+    student, patch = cfg.student, cfg.student.patch_size
+    if patch < 1 or student.num_registers < 0:
+        raise ConfigError("student.patch_size: must be >= 1, and student.num_registers >= 0")
+    if student.img_size < patch or student.img_size % patch:
+        raise ConfigError(f"student.img_size: {student.img_size} is not a multiple of student.patch_size {patch}")
+    if cfg.data.resolution < 0 or cfg.data.resolution % patch:
+        raise ConfigError(f"data.resolution: {cfg.data.resolution} is neither 0 (the caches' student resolution) nor "
+                          f"a multiple of student.patch_size {patch}")
+    if not 0 <= student.drop_path < 1:
+        raise ConfigError("student.drop_path: must be in [0, 1)")
+
+
+def validate_augment(augment: AugmentConfig) -> None:
+    """Crop box ranges and flip probability (errors name the field)."""
+    if not 0 < augment.crop_scale[0] <= augment.crop_scale[1] <= 1:
+        raise ConfigError(f"augment.crop_scale: {augment.crop_scale}; need 0 < low <= high <= 1")
+    if not 0 < augment.crop_ratio[0] <= augment.crop_ratio[1]:
+        raise ConfigError(f"augment.crop_ratio: {augment.crop_ratio}; need 0 < low <= high")
+    if not 0 <= augment.flip_p <= 1:
+        raise ConfigError("augment.flip_p: must be in [0, 1]")
+    if augment.min_cells < 1:
+        raise ConfigError("augment.min_cells: must be >= 1")
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

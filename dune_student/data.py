@@ -26,10 +26,7 @@ from dune_cache.shuffle import block_shuffled_order
 
 from .augment import (AugmentConfig, GridCrop, crop_pixels, crop_tokens, crop_view_pixels, full_grid_crop,
                       photometric, sample_grid_crop)
-
-
-class DataError(ValueError):
-    """The cache, the images and the config do not fit together."""
+from .errors import DataError
 
 
 @dataclass

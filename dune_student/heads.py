@@ -21,7 +21,6 @@ student's.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -30,22 +29,10 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from .attention import BackendAttention, set_attention_backend
+from .config import HEAD_KINDS, HeadConfig  # noqa: F401  (HEAD_KINDS re-exported)
 from .model import Student, StudentOutput, split_tokens
 
-HEAD_KINDS = ("transformer", "ladder", "mlp")
 PROJECTOR_LAYERSCALE = 1e-4
-
-
-@dataclass
-class HeadConfig:
-    """Which projector every teacher gets."""
-
-    kind: str = "transformer"  # transformer (DUNE) | ladder (UNIC) | mlp
-    mlp_hidden: int | None = None  # hidden width of the mlp head (default 4*D) / of the ladder's non-last rungs (default D)
-
-    def __post_init__(self) -> None:
-        if self.kind not in HEAD_KINDS:
-            raise ValueError(f"head kind must be one of {HEAD_KINDS}, got {self.kind!r}")
 
 
 def two_layer_mlp(dim: int, hidden: int, out_dim: int) -> nn.Sequential:

@@ -25,7 +25,8 @@ import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
-from .attention import ATTENTION_BACKENDS, BackendAttention, resolve_attention_backend, set_attention_backend
+from .attention import BackendAttention, resolve_attention_backend, set_attention_backend
+from .config import StudentConfig
 
 log = logging.getLogger(__name__)
 
@@ -39,33 +40,12 @@ class ArchSpec:
     num_heads: int
 
 
-ARCHS: dict[str, ArchSpec] = {
+ARCHS: dict[str, ArchSpec] = {  # the names are config.STUDENT_ARCHS (checked before torch is imported)
     "vit_tiny": ArchSpec(192, 12, 3),  # for tests
     "vit_small": ArchSpec(384, 12, 6),
     "vit_base": ArchSpec(768, 12, 12),
     "vit_large": ArchSpec(1024, 24, 16),
 }
-
-
-@dataclass
-class StudentConfig:
-    """What student to build."""
-
-    arch: str = "vit_base"  # vit_small | vit_base | vit_large (vit_tiny for tests)
-    patch_size: int = 14
-    num_registers: int = 4
-    layerscale: float | None = 1e-4  # LayerScale init; None: no LayerScale
-    attention: str = "auto"  # auto | xformers | sdpa
-    drop_path: float = 0.0  # stochastic depth rate (linear over depth)
-    img_size: int = 224  # square resolution the position embeddings are stored at
-
-    def __post_init__(self) -> None:
-        if self.arch not in ARCHS:
-            raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
-        if self.attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
-        if self.patch_size <= 0 or self.num_registers < 0 or self.img_size % self.patch_size:
-            raise ValueError(f"need patch_size > 0, num_registers >= 0 and img_size a multiple of the patch: {self}")
 
 
 @dataclass

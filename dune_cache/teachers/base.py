@@ -6,43 +6,19 @@ normalises them itself and returns :class:`TeacherOutput`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Mapping
 
 import torch
 from torch import nn
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF_MEAN = (0.5, 0.5, 0.5)
-HALF_STD = (0.5, 0.5, 0.5)
+from ..errors import CheckpointError
+from .spec import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec, check_checkpoint_file  # noqa: F401  (re-exported)
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    """Static facts about a teacher, recorded in every cache it produces."""
-
-    name: str
-    arch: str
-    patch_size: int
-    embed_dim: int
-    num_registers: int = 0
-    # "token": a learned CLS token; "mean_patch": the mean of the patch tokens
-    # (teachers without a CLS token, e.g. MASt3R).
-    cls_source: Literal["token", "mean_patch"] = "token"
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    native_resolution: tuple[int, int] = (224, 224)  # (H, W)
-    final_norm: bool = True  # whether the encoder's final norm is applied to the outputs
-    description: str = ""
-
-    def to_json(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -55,10 +31,6 @@ class TeacherOutput:
     cls: torch.Tensor
     registers: torch.Tensor
     patch: torch.Tensor
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, unreadable, or does not match the teacher's keys/shapes."""
 
 
 class Teacher(nn.Module):
@@ -111,9 +83,7 @@ def tokens_to_output(tokens: torch.Tensor, num_prefix: int, num_registers: int, 
 
 def read_checkpoint(path: str | Path) -> Mapping:
     """Load a checkpoint file (``.pth``/``.pt``/``.bin`` via torch, ``.safetensors``) on CPU."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
+    path = check_checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

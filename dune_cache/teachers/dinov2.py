@@ -36,17 +36,9 @@ from .base import (
     read_checkpoint,
     tokens_to_output,
 )
-from .registry import register_teacher
+from .families import DINOV2_PRETRAIN_SIZE
+from .families import dinov2_timm_arch as timm_arch  # noqa: F401  (re-exported; the specs are in families.py)
 
-PATCH_SIZE = 14
-PRETRAIN_SIZE = 518  # final high-resolution phase of DINOv2 pretraining: 37 x 37 position embeddings
-
-_SIZES = {  # name letter -> (timm stem, width)
-    "s": ("vit_small", 384),
-    "b": ("vit_base", 768),
-    "l": ("vit_large", 1024),
-    "g": ("vit_giant", 1536),
-}
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 _SWIGLU_RENAMES = {".mlp.w12.": ".mlp.fc1.", ".mlp.w3.": ".mlp.fc2."}
 
@@ -63,15 +55,9 @@ ORIGINAL_RESAMPLING = PosEmbedResampling(offset=0.1, antialias=False)  # hub ``d
 REGISTER_RESAMPLING = PosEmbedResampling(offset=0.0, antialias=True)  # hub ``dinov2_vit*14_reg``
 
 
-def timm_arch(size: str, num_registers: int) -> str:
-    """timm model name of DINOv2 size ``s|b|l|g`` with 0 or 4 registers."""
-    stem = _SIZES[size][0]
-    return f"{stem}_patch14_reg{num_registers}_dinov2" if num_registers else f"{stem}_patch14_dinov2"
-
-
 def create_dinov2_vit(arch: str, device: torch.device | str | None = None) -> VisionTransformer:
     """Random-weight timm DINOv2 ViT ``arch`` with 37x37 position embeddings and any input size."""
-    return timm.create_model(arch, pretrained=False, img_size=PRETRAIN_SIZE, dynamic_img_size=True,
+    return timm.create_model(arch, pretrained=False, img_size=DINOV2_PRETRAIN_SIZE, dynamic_img_size=True,
                              num_classes=0, device=device)
 
 
@@ -171,28 +157,3 @@ def build_dinov2_teacher(spec: TeacherSpec, checkpoint: Path | None) -> Dinov2Te
     """Factory of the ``dinov2_*`` names: a ``.pth``/``.safetensors`` state dict in either layout."""
     state = find_state_dict(read_checkpoint(checkpoint)) if checkpoint is not None else None
     return dinov2_teacher_from_state(spec, state, str(checkpoint))
-
-
-def _dinov2_spec(size: str, num_registers: int) -> TeacherSpec:
-    suffix = f"_reg{num_registers}" if num_registers else ""
-    return TeacherSpec(
-        name=f"dinov2_vit{size}14{suffix}",
-        arch=timm_arch(size, num_registers),
-        patch_size=PATCH_SIZE,
-        embed_dim=_SIZES[size][1],
-        num_registers=num_registers,
-        cls_source="token",
-        native_resolution=(PRETRAIN_SIZE, PRETRAIN_SIZE),
-        final_norm=True,
-        description=(
-            f"DINOv2 ViT-{size.upper()}/14{f' with {num_registers} registers' if num_registers else ''} "
-            f"(facebookresearch/dinov2, file dinov2_vit{size}14{suffix}_pretrain.pth or timm layout). "
-            "Native 518x518: pretrained at 224 then a final high-resolution phase at 518 (37x37 "
-            "position embeddings); DUNE feeds 336/448. Tokens after the final norm."
-        ),
-    )
-
-
-for _size in _SIZES:
-    for _registers in (0, 4):
-        register_teacher(_dinov2_spec(_size, _registers))(build_dinov2_teacher)

@@ -23,10 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import (
-    HALF_MEAN,
-    HALF_STD,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     CheckpointError,
     Teacher,
     TeacherOutput,
@@ -36,7 +32,6 @@ from .base import (
     read_checkpoint,
     tokens_to_output,
 )
-from .registry import register_teacher
 from .rope import apply_rope_2d, patch_positions, rope_2d_tables
 
 ENCODER_PREFIXES = ("patch_embed.", "enc_blocks.", "enc_norm.")
@@ -208,24 +203,3 @@ def croco_vit_large(spec: TeacherSpec, checkpoint: Path | None) -> Teacher:
     if checkpoint is not None:
         load_croco_encoder(teacher, checkpoint)
     return teacher
-
-
-def _vit_large_spec(name: str, description: str, **overrides) -> TeacherSpec:
-    """Spec of a ViT-L/16 CroCo-family encoder; DUSt3R/MASt3R defaults (mean/std 0.5, 384x512)."""
-    defaults = dict(
-        arch="croco_vit_large_patch16_rope100", patch_size=16, embed_dim=1024, cls_source="mean_patch",
-        mean=HALF_MEAN, std=HALF_STD, native_resolution=(384, 512),
-    )
-    return TeacherSpec(name=name, description=description, **{**defaults, **overrides})
-
-
-VIT_LARGE_SPECS = (
-    _vit_large_spec("mast3r", "MASt3R encoder (MASt3R_ViTLarge_BaseDecoder_512_catmlpdpt_metric.pth)"),
-    _vit_large_spec("dust3r", "DUSt3R encoder (DUSt3R_ViTLarge_BaseDecoder_512_dpt.pth)"),
-    _vit_large_spec(
-        "croco_v2", "CroCo v2 encoder (CroCo_V2_ViTLarge_BaseDecoder.pth), ImageNet normalisation",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, native_resolution=(224, 224),
-    ),
-)
-for _spec in VIT_LARGE_SPECS:
-    register_teacher(_spec)(croco_vit_large)

@@ -11,28 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from .base import CheckpointError, TeacherSpec, find_state_dict, read_checkpoint, strip_prefix
-from .dinov2 import Dinov2Teacher, dinov2_teacher_from_state, timm_arch
-from .registry import register_teacher
+from .dinov2 import Dinov2Teacher, dinov2_teacher_from_state
 
 ENCODER_PREFIX = "backbone.encoder."
 
 
-@register_teacher(TeacherSpec(
-    name="multihmr",
-    arch=timm_arch("l", 0),
-    patch_size=14,
-    embed_dim=1024,
-    num_registers=0,
-    cls_source="token",
-    native_resolution=(672, 672),
-    final_norm=True,
-    description=(
-        "Multi-HMR ViT-L/14 encoder (naver/multi-hmr, file multiHMR_672_L.pt, keys "
-        "backbone.encoder.* of model_state_dict): DINOv2-L fine-tuned for human mesh recovery "
-        "on 672x672 letterboxed squares. DUNE distils its patch tokens only; the CLS token is "
-        "stored too. Tokens after the final norm."
-    ),
-))
 def build_multihmr_teacher(spec: TeacherSpec, checkpoint: Path | None) -> Dinov2Teacher:
     """Factory of ``multihmr``: the ``backbone.encoder.*`` weights of a Multi-HMR checkpoint."""
     if checkpoint is None:

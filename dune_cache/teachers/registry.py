@@ -1,22 +1,30 @@
 """One registry for every teacher: ``register_teacher`` / ``create_teacher`` / ``list_teachers``.
 
-Each teacher family module registers its names at import time::
+A teacher is registered with its spec and a factory::
 
     @register_teacher(TeacherSpec(name="dinov2_vits14", ...))
     def dinov2_vits14(spec: TeacherSpec, checkpoint: Path | None) -> Teacher: ...
+
+The built-in families register their specs in :mod:`dune_cache.teachers.families` with a
+:func:`lazy_factory`, so listing teachers or checking a name never imports torch: a family's
+module (its model code) is imported when one of its teachers is created.
 
 Names with a registered *prefix* (``timm:<model_name>``) are resolved by a prefix factory
 that builds the spec at creation time.
 """
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from .base import Teacher, TeacherSpec
+from .spec import TeacherSpec
 
-TeacherFactory = Callable[[TeacherSpec, "Path | None"], Teacher]
-PrefixFactory = Callable[[str, "Path | None"], Teacher]
+if TYPE_CHECKING:
+    from .base import Teacher
+
+TeacherFactory = Callable[[TeacherSpec, "Path | None"], "Teacher"]
+PrefixFactory = Callable[[str, "Path | None"], "Teacher"]
 
 _TEACHERS: dict[str, tuple[TeacherSpec, TeacherFactory]] = {}
 _PREFIXES: dict[str, tuple[PrefixFactory, str]] = {}
@@ -49,6 +57,16 @@ def register_prefix(prefix: str, description: str) -> Callable[[PrefixFactory], 
     return decorator
 
 
+def lazy_factory(module: str, name: str) -> Callable[..., Teacher]:
+    """A factory that imports ``module`` (a family's model code) and calls its ``name`` only when it is called."""
+
+    def build(*args):
+        return getattr(importlib.import_module(module), name)(*args)
+
+    build.__qualname__ = f"{module}.{name}"
+    return build
+
+
 def list_teachers() -> list[TeacherSpec]:
     """Specs of all named teachers, sorted by name (prefix families are listed by :func:`list_prefixes`)."""
     return [_TEACHERS[name][0] for name in sorted(_TEACHERS)]
@@ -66,10 +84,14 @@ def get_spec(name: str) -> TeacherSpec:
     return _TEACHERS[name][0]
 
 
-def check_teacher_name(name: str) -> None:
-    """Raise :class:`UnknownTeacherError` unless ``name`` is registered or has a registered prefix."""
-    if name not in _TEACHERS and not (":" in name and name.split(":", 1)[0] in _PREFIXES):
+def check_teacher_name(name: str) -> TeacherSpec | None:
+    """The spec of the named teacher ``name``, ``None`` if ``name`` has a registered prefix (its spec exists once
+    the teacher is created); :class:`UnknownTeacherError` for any other name."""
+    if name in _TEACHERS:
+        return _TEACHERS[name][0]
+    if not (":" in name and name.split(":", 1)[0] in _PREFIXES):
         raise UnknownTeacherError(_unknown_message(name))
+    return None
 
 
 def create_teacher(name: str, checkpoint: str | Path | None = None) -> Teacher:

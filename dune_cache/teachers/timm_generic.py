@@ -36,7 +36,6 @@ from .base import (
     read_checkpoint,
     tokens_to_output,
 )
-from .registry import register_prefix
 
 StateConverter = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 
@@ -165,7 +164,6 @@ class TimmViTTeacher(Teacher):
         return out
 
 
-@register_prefix("timm", "any timm ViT-style model (dynamic_img_size) from a local checkpoint file")
 def timm_teacher(model_name: str, checkpoint: Path | None) -> TimmViTTeacher:
     """``timm:<model_name>``: spec derived from the model; ``checkpoint`` in timm layout (None: random weights)."""
     model = create_timm_vit(model_name, skip_init=checkpoint is not None)

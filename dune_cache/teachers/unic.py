@@ -35,8 +35,8 @@ from typing import Mapping
 
 import torch
 
-from .base import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec, strip_prefix
-from .registry import TeacherFactory, register_teacher
+from .base import TeacherSpec, strip_prefix
+from .registry import TeacherFactory
 from .timm_generic import StateConverter, TimmViTTeacher, create_timm_vit
 
 _LAYER_SCALE = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")
@@ -61,16 +61,6 @@ def deit3_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {_LAYER_SCALE.sub(r"\1.ls\2.gamma", k): v for k, v in state.items()}
 
 
-def _unic_spec(name: str, arch: str, description: str, *, pooled_cls: bool = False) -> TeacherSpec:
-    """ViT-B/16 at 224, ImageNet mean/std; ``pooled_cls``: CLS = fc_norm(mean of patches), no final norm."""
-    return TeacherSpec(
-        name=name, arch=arch, patch_size=16, embed_dim=768, num_registers=0,
-        cls_source="mean_patch" if pooled_cls else "token",
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, native_resolution=(224, 224),
-        final_norm=not pooled_cls, description=description,
-    )
-
-
 def _factory(timm_name: str, convert: StateConverter, layout: str, **timm_kwargs) -> TeacherFactory:
     """Factory building ``timm_name`` and loading a checkpoint of ``layout`` through ``convert``."""
 
@@ -84,31 +74,8 @@ def _factory(timm_name: str, convert: StateConverter, layout: str, **timm_kwargs
     return build
 
 
-_TOKENS_AFTER_NORM = "CLS and patch tokens after the final norm (UNIC's x_norm_* targets)."
-
-register_teacher(_unic_spec(
-    "dino_vitb16", "vit_base_patch16_224",
-    "DINO ViT-B/16 (facebookresearch/dino, dino_vitbase16_pretrain.pth, plain state dict; "
-    f"a training checkpoint's 'teacher' also loads). UNIC teacher. {_TOKENS_AFTER_NORM}",
-))(_factory("vit_base_patch16_224", ssl_backbone_to_timm, "DINO"))
-
-register_teacher(_unic_spec(
-    "ibot_vitb16", "vit_base_patch16_224",
-    "iBOT ViT-B/16 (bytedance/ibot, vitb_16_rand_mask/checkpoint_teacher.pth, under 'state_dict'; "
-    f"a training checkpoint's 'teacher' also loads). UNIC teacher. {_TOKENS_AFTER_NORM}",
-))(_factory("vit_base_patch16_224", ssl_backbone_to_timm, "iBOT"))
-
-register_teacher(_unic_spec(
-    "deit3_vitb16", "deit3_base_patch16_224",
-    "DeiT-III ViT-B/16 (facebookresearch/deit, deit_3_base_224_1k.pth or _21k.pth, under 'model', "
-    f"LayerScale gamma_1/gamma_2, classifier dropped). UNIC teacher. {_TOKENS_AFTER_NORM}",
-))(_factory("deit3_base_patch16_224", deit3_to_timm, "DeiT-III"))
-
-register_teacher(_unic_spec(
-    "dbot_vitb16", "vit_base_patch16_224 (global_pool=avg, fc_norm)",
-    "dBOT-ft ViT-B/16 (liuxingbin/dbot, 84.5_dbot_base_finetune.pth, ImageNet-1k fine-tuned, MAE "
-    "fine-tune layout under 'model': fc_norm instead of norm, classifier dropped). UNIC teacher. As in "
-    "UNIC: CLS = fc_norm(mean of patch tokens) (the fine-tuned pooled feature, not the class token); "
-    "patch tokens = last block output (the model has no final norm).",
-    pooled_cls=True,
-))(_factory("vit_base_patch16_224", dict, "dBOT-ft", global_pool="avg", fc_norm=True))
+# the factories of the four specs in families.py
+build_dino_vitb16 = _factory("vit_base_patch16_224", ssl_backbone_to_timm, "DINO")
+build_ibot_vitb16 = _factory("vit_base_patch16_224", ssl_backbone_to_timm, "iBOT")
+build_deit3_vitb16 = _factory("deit3_base_patch16_224", deit3_to_timm, "DeiT-III")
+build_dbot_vitb16 = _factory("vit_base_patch16_224", dict, "dBOT-ft", global_pool="avg", fc_norm=True)

@@ -1,0 +1,620 @@
+"""``dune-student probe``: is the student any good? Cheap, standard probes of frozen features, side by side for
+the student, a random-init student of the same architecture and each teacher.
+
+Cosine fidelity (``dune-student eval``) says how close the student is to its teachers; these probes say what its
+features are worth, as RADIO and UNIC report it, on a probe data folder (layout in :mod:`dune_student.probe_data`,
+which writes one from data that installs offline):
+
+* **classification** of ``classify/<class>/*`` on CLS tokens and on mean patch tokens (teachers without a real
+  CLS token, whose cached CLS is their mean patch — MobileNetV2, MASt3R — get mean-patch scores only): DINO's
+  weighted kNN (cosine similarity, the ``k`` nearest training images vote with weight ``exp(sim / T)``) and a
+  logistic-regression linear probe (standardised features, full-batch L-BFGS from zeros, L2 penalty chosen by
+  3-fold cross-validation on the training split), top-1 accuracy on a stratified test split (a seeded
+  permutation of each class, ``test_fraction`` of it held out);
+* **disparity** (dense linear probe): per patch of the pairs' left images, ridge regression of the mean
+  ground-truth disparity of its pixels (patches with at least half of them known) from its token (penalty by
+  cross-validation over the training pairs), RMSE (pixels of the pair images) and R² on the ``test`` pairs;
+* **correspondence** (zero-shot): for each left patch with a ground-truth match in the right image — the left
+  pixel (y, x) is the right pixel (y, x - d) — its cosine nearest-neighbour right patch; the share whose centre
+  lies within 1 and 2 patches of the student's grid of the true match, and the share among mutual nearest
+  neighbours, over all pairs.
+
+Models are scored on the images as each saw them: the student and the random-init student on the images squashed
+to the run's resolution (as ``dune-student eval`` feeds them), teachers from a cache extracted over the probe data
+folder (image ids = paths relative to it, ``squash`` resize). Patch grids cover whole images, so patch ``(i, j)``
+of an ``h x w`` grid is centred at ``((i + 0.5) H / h, (j + 0.5) W / w)`` in the pair images.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from dune_cache.images import image_files, load_pixels
+from dune_cache.reader import CacheReader
+
+from .evaluate import load_run
+from .heads import TeacherHeads
+from .losses import use_cls_from_provenance
+from .model import Student
+
+log = logging.getLogger(__name__)
+
+PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # L2 penalties the linear probes choose from
+FOLDS = 3  # cross-validation folds of the training split that choose the penalty
+LBFGS_STEPS = 100  # at most; it stops earlier once the gradient is below 1e-7
+MIN_KNOWN = 0.5  # a patch has a ground-truth disparity when at least this share of its pixels has one
+PAIR_FILES = ("left.png", "right.png", "disparity.npy", "meta.json")
+PREPARE_HINT = "python tools/prepare_probe_data.py --out DIR writes one"
+
+
+class ProbeError(ValueError):
+    """Probe data, cache or settings that cannot be probed (the message says why and what to do)."""
+
+
+@dataclass
+class ProbeConfig:
+    """What to probe and how."""
+
+    checkpoint: str  # RUN/checkpoint.pt
+    data: str  # probe data folder: classify/<class>/*, pairs/<pair>/{left.png, right.png, disparity.npy, meta.json}
+    cache: str | None = None  # cache of the probe data folder's images: its teachers are probed too
+    out: str | None = None  # JSON report (None: not written)
+    seed: int = 0  # classification split, cross-validation folds, random-init student
+    k: int = 20  # kNN neighbours
+    temperature: float = 0.07  # kNN vote weight exp(similarity / temperature)
+    test_fraction: float = 0.5  # share of each class held out for testing
+    heads: bool = True  # also probe each teacher head's projection of the student
+    batch_size: int = 16
+    device: str = "cpu"
+    backend: str = "auto"  # CacheReader backend
+
+    def __post_init__(self) -> None:
+        if self.k < 1 or self.temperature <= 0 or not 0 < self.test_fraction < 1 or self.batch_size < 1:
+            raise ProbeError(f"need k >= 1, temperature > 0, 0 < test_fraction < 1 and batch_size >= 1: {self}")
+
+
+# ---------------------------------------------------------------------------------------
+# Probe data
+# ---------------------------------------------------------------------------------------
+@dataclass
+class StereoPair:
+    """A rectified pair: ``left`` and ``right`` are image ids (paths relative to the data folder)."""
+
+    name: str
+    left: str
+    right: str
+    disparity: np.ndarray  # (H, W) float32: the left pixel (y, x) is the right pixel (y, x - d); NaN unknown
+    split: str  # train | test (of the disparity probe)
+
+
+@dataclass
+class ProbeData:
+    """The probe data folder, read."""
+
+    root: Path
+    classes: list[str]
+    images: list[str]  # ids of the classification images
+    labels: np.ndarray  # (N,) int64, index into classes
+    test: np.ndarray  # (N,) bool: held out (the rest trains)
+    pairs: list[StereoPair]
+
+    def image_ids(self) -> list[str]:
+        """Every image the probes read."""
+        return self.images + [p.left for p in self.pairs] + [p.right for p in self.pairs]
+
+
+def stratified_test_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
+    """``(N,)`` bool: the first ``round(test_fraction * n_c)`` images of a seeded permutation of each class
+    (at least one test and one training image per class)."""
+    rng = np.random.default_rng(seed)
+    test = np.zeros(len(labels), dtype=bool)
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        test[members[:min(max(round(test_fraction * len(members)), 1), len(members) - 1)]] = True
+    return test
+
+
+def read_classes(root: Path, test_fraction: float, seed: int) -> tuple[list[str], list[str], np.ndarray, np.ndarray]:
+    """Classes, image ids, labels and test split of ``root/classify/<class>/*``."""
+    folder = root / "classify"
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    members = {c: image_files(folder / c) for c in classes}
+    if len(classes) < 2 or any(len(ids) < 2 for ids in members.values()):
+        raise ProbeError(f"probe data {root}: classify/ needs at least 2 class folders of at least 2 images each, "
+                         f"found {', '.join(f'{c} ({len(ids)})' for c, ids in members.items()) or 'none'} "
+                         f"({PREPARE_HINT})")
+    images = [f"classify/{c}/{name}" for c in classes for name in members[c]]
+    labels = np.array([k for k, c in enumerate(classes) for _ in members[c]], dtype=np.int64)
+    return classes, images, labels, stratified_test_split(labels, test_fraction, seed)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(H, W)`` of an image file (its header only)."""
+    with Image.open(path) as image:
+        return image.height, image.width
+
+
+def read_pair(folder: Path, root: Path) -> StereoPair:
+    """One ``pairs/<pair>/`` folder, checked."""
+    missing = [name for name in PAIR_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ProbeError(f"probe pair {folder}: missing {', '.join(missing)} (a pair holds {', '.join(PAIR_FILES)})")
+    disparity = np.load(folder / "disparity.npy").astype(np.float32)
+    sizes = {name: image_size(folder / name) for name in ("left.png", "right.png")}
+    if any(size != disparity.shape for size in sizes.values()):
+        raise ProbeError(f"probe pair {folder}: disparity.npy is {disparity.shape} but the images (H, W) are "
+                         f"{sizes['left.png']} and {sizes['right.png']}")
+    split = json.loads((folder / "meta.json").read_text()).get("split")
+    if split not in ("train", "test"):
+        raise ProbeError(f"probe pair {folder}: meta.json needs \"split\": \"train\" or \"test\", has {split!r}")
+    relative = folder.relative_to(root).as_posix()
+    return StereoPair(folder.name, f"{relative}/left.png", f"{relative}/right.png", disparity, split)
+
+
+def load_probe_data(root: str | Path, test_fraction: float = 0.5, seed: int = 0) -> ProbeData:
+    """Read and check a probe data folder (layout in :mod:`dune_student.probe_data`)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ProbeError(f"probe data {root}: no such folder ({PREPARE_HINT})")
+    classes, images, labels, test = read_classes(root, test_fraction, seed)
+    folders = sorted(p for p in (root / "pairs").glob("*") if p.is_dir())
+    pairs = [read_pair(folder, root) for folder in folders]
+    splits = [p.split for p in pairs]
+    if splits.count("train") < 2 or splits.count("test") < 1:
+        raise ProbeError(f"probe data {root}: pairs/ needs at least 2 train and 1 test stereo pairs; found "
+                         f"{', '.join(f'{p.name} ({p.split})' for p in pairs) or 'none'} ({PREPARE_HINT})")
+    return ProbeData(root, classes, images, labels, test, pairs)
+
+
+# ---------------------------------------------------------------------------------------
+# Features of each model
+# ---------------------------------------------------------------------------------------
+Tokens = tuple[torch.Tensor | None, torch.Tensor]  # CLS (B, D) or None (no real CLS token), patches (B, h, w, D)
+
+
+class FeatureSource(Protocol):
+    """Models whose tokens one call gives, for a batch of image ids."""
+
+    models: dict[str, str]  # model name -> kind (student | student head | random init | teacher), in table order
+
+    def __call__(self, ids: list[str]) -> dict[str, Tokens]: ...
+
+
+class StudentSource:
+    """A student's encoder tokens (CLS and patches of the last block, registers dropped) and, with ``heads``,
+    each head's projection (on the student's grid), of the images squashed to ``resolution``."""
+
+    def __init__(self, name: str, kind: str, student: Student, root: Path, resolution: int,
+                 heads: TeacherHeads | None = None, head_has_cls: dict[str, bool] | None = None):
+        self.name, self.student, self.root, self.resolution = name, student, root, resolution
+        self.heads, self.head_has_cls = heads, head_has_cls or {}
+        self.models = {name: kind, **{self.head_name(t): "student head" for t in self.head_has_cls}}
+
+    def head_name(self, teacher: str) -> str:
+        return f"{self.name} → {teacher}"
+
+    def __call__(self, ids: list[str]) -> dict[str, Tokens]:
+        device = next(self.student.parameters()).device
+        size = (self.resolution, self.resolution)
+        pixels = torch.stack([torch.from_numpy(load_pixels(self.root / i, size, "squash")) for i in ids]).to(device)
+        out = self.student(self.student.normalize(pixels), return_blocks=bool(self.heads and self.heads.needs_blocks))
+        tokens = {self.name: (out.cls, out.patch)}
+        if self.heads is not None:
+            grid = tuple(out.patch.shape[1:3])
+            projected = self.heads(out, {t: grid for t in self.head_has_cls})
+            tokens |= {self.head_name(t): (cls if self.head_has_cls[t] else None, patch)
+                       for t, (cls, patch) in projected.items()}
+        return tokens
+
+
+def random_init_student(like: Student, seed: int) -> Student:
+    """A student of ``like``'s architecture with seeded initial weights (timm's init), in eval mode."""
+    device = next(like.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return Student(like.cfg, device=device).eval()
+
+
+class CachedTeachers:
+    """Every teacher group of a cache of the probe data folder; refuses a cache that lacks a probe image or was
+    not extracted with ``squash`` resizing (the correspondence ground truth assumes whole images)."""
+
+    def __init__(self, cache: str, data: ProbeData, backend: str):
+        self.reader = CacheReader(cache, None, backend, allow_partial=True)
+        self.sample = {image_id: i for i, image_id in enumerate(self.reader.image_ids)}
+        self.has_cls = use_cls_from_provenance(self.reader.provenance)
+        self.models = {t: "teacher" for t in self.reader.teachers}
+        for column, teacher in enumerate(self.reader.teachers):
+            resize = self.reader.provenance[teacher]["geometry"]["resize"]
+            if resize != "squash":
+                raise ProbeError(f"cache {cache}: teacher {teacher} saw the images with {resize!r} resizing; the "
+                                 "probes need whole images (extract with --resize squash)")
+            missing = [i for i in data.image_ids()
+                       if i not in self.sample or self.reader.rows[self.sample[i], column] < 0]
+            if missing:
+                raise ProbeError(f"cache {cache}: teacher {teacher} has no features of {len(missing)} of the "
+                                 f"{len(data.image_ids())} probe images (e.g. {', '.join(missing[:3])}); give a cache "
+                                 f"extracted over the probe data folder: dune-cache extract --teacher {teacher} "
+                                 f"--images {data.root} --out PROBE_CACHE, on the student's grid (--student-patch, "
+                                 "--student-resolution)")
+
+    def __call__(self, ids: list[str]) -> dict[str, Tokens]:
+        batch = self.reader.read(np.array([self.sample[i] for i in ids]))
+        return {t: (batch.cls[t] if self.has_cls[t] else None, batch.patch[t]) for t in self.reader.teachers}
+
+
+@dataclass
+class ModelFeatures:
+    """One model's features of the probe data, float32 on the CPU."""
+
+    cls: torch.Tensor | None  # (N, D) CLS tokens of the classification images; None: no real CLS token
+    mean_patch: torch.Tensor  # (N, D) their mean patch tokens
+    left: torch.Tensor  # (P, h, w, D) patch tokens of the pairs' left images
+    right: torch.Tensor  # (P, h, w, D) and of their right images
+
+
+@torch.no_grad()
+def collect(source: FeatureSource, ids: list[str], batch_size: int, pool: bool) -> dict[str, Tokens]:
+    """model -> (CLS ``(N, D)`` or None, patches ``(N, h, w, D)``, or with ``pool`` their mean ``(N, D)``)."""
+    chunks: dict[str, list[Tokens]] = {name: [] for name in source.models}
+    for lo in range(0, len(ids), batch_size):
+        for name, (cls, patch) in source(ids[lo:lo + batch_size]).items():
+            patch = patch.float().mean(dim=(1, 2)) if pool else patch.float()
+            chunks[name].append((None if cls is None else cls.float().cpu(), patch.cpu()))
+    return {name: (None if parts[0][0] is None else torch.cat([cls for cls, _ in parts]),
+                   torch.cat([patch for _, patch in parts])) for name, parts in chunks.items()}
+
+
+def model_features(source: FeatureSource, data: ProbeData, batch_size: int) -> dict[str, ModelFeatures]:
+    """Features of every model of ``source`` over the probe data."""
+    images = collect(source, data.images, batch_size, pool=True)
+    pairs = collect(source, [p.left for p in data.pairs] + [p.right for p in data.pairs], batch_size, pool=False)
+    count = len(data.pairs)
+    return {name: ModelFeatures(cls=images[name][0], mean_patch=images[name][1], left=pairs[name][1][:count],
+                                right=pairs[name][1][count:]) for name in source.models}
+
+
+# ---------------------------------------------------------------------------------------
+# Linear probes
+# ---------------------------------------------------------------------------------------
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch on one thread inside: the probes' problems are so small that OpenMP's synchronisation dominates
+    them (an L-BFGS step took 20x longer on two threads of a busy two-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def standardizer(x: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``(N, D)`` -> the map ``(M, D) -> (M, D)`` float64 that gives ``x``'s channels mean 0 and std 1."""
+    mean, std = x.double().mean(dim=0), x.double().std(dim=0, unbiased=False).clamp_min(1e-6)
+    return lambda v: (v.double() - mean) / std
+
+
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, penalties: Sequence[float]
+                 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Multinomial logistic regression on standardised features ``x`` ``(N, D)``, labels ``y`` ``(N,)``, for each
+    of ``P`` L2 ``penalties``: mean cross-entropy + penalty · ‖W‖², full-batch L-BFGS from zeros, the ``P``
+    problems solved at once (their sum separates). Returns features ``(M, D)`` -> logits ``(P, M, C)``."""
+    scale = standardizer(x)
+    z, penalty = scale(x), torch.tensor(penalties, dtype=torch.float64)
+    weight = torch.zeros(len(penalty), z.shape[1], num_classes, dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros(len(penalty), 1, num_classes, dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], max_iter=LBFGS_STEPS, history_size=20, line_search_fn="strong_wolfe")
+
+    def objective() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = torch.einsum("nd,pdc->pnc", z, weight) + bias
+        cross_entropy = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(penalty)), reduction="none")
+        loss = (cross_entropy.view(len(penalty), -1).mean(dim=1) + penalty * weight.square().sum(dim=(1, 2))).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(objective)
+    weight, bias = weight.detach(), bias.detach()
+    return lambda v: torch.einsum("md,pdc->pmc", scale(v), weight) + bias
+
+
+def fit_ridge(x: torch.Tensor, y: torch.Tensor, penalties: Sequence[float]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Ridge regression of ``y`` ``(N,)`` on standardised features ``x`` ``(N, D)``, in float64, for each of ``P``
+    ``penalties``: the standardised target minimises mean squared error + penalty · ‖w‖² (one eigendecomposition
+    of the Gram matrix serves every penalty). Returns features ``(M, D)`` -> predictions ``(P, M)``."""
+    scale = standardizer(x)
+    z, penalty = scale(x), torch.tensor(penalties, dtype=torch.float64)
+    mean, std = y.double().mean(), y.double().std(unbiased=False).clamp_min(1e-6)
+    eigenvalues, vectors = torch.linalg.eigh(z.T @ z / len(z))
+    along = vectors.T @ (z.T @ ((y.double() - mean) / std) / len(z))  # (D,) in the eigenbasis
+    weights = vectors @ (along[:, None] / (eigenvalues[:, None] + penalty[None]))  # (D, P)
+    return lambda v: (scale(v) @ weights).T * std + mean
+
+
+def cross_validated_penalty(scores: Callable[[np.ndarray, np.ndarray], np.ndarray], groups: np.ndarray,
+                            seed: int) -> float:
+    """The penalty of :data:`PENALTIES` with the best mean validation score over :data:`FOLDS` folds of whole
+    ``groups`` ``(N,)`` (seeded); the largest on ties. ``scores(fit_rows, eval_rows)`` (bool ``(N,)`` masks) gives
+    the validation score of every penalty ``(P,)``."""
+    unique = np.random.default_rng(seed).permutation(np.unique(groups))
+    fold_of = {group: k % FOLDS for k, group in enumerate(unique.tolist())}
+    folds = np.array([fold_of[group] for group in groups.tolist()])
+    used = [f for f in range(FOLDS) if (folds == f).any() and (folds != f).any()]
+    mean = np.mean([scores(folds != f, folds == f) for f in used], axis=0)
+    return PENALTIES[len(PENALTIES) - 1 - int(np.argmax(mean[::-1]))]
+
+
+def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Tensor, num_classes: int, k: int,
+                temperature: float) -> torch.Tensor:
+    """DINO's weighted kNN: the ``k`` training features ``(N, D)`` most cosine-similar to each query ``(M, D)``
+    vote for their label with weight ``exp(similarity / temperature)``; returns the winning labels ``(M,)``."""
+    similarity = F.normalize(query_x, dim=1) @ F.normalize(train_x, dim=1).T
+    top, index = similarity.topk(min(k, len(train_x)), dim=1)
+    votes = torch.zeros(len(query_x), num_classes).scatter_add_(1, train_y[index], (top / temperature).exp())
+    return votes.argmax(dim=1)
+
+
+@dataclass
+class ClassificationScores:
+    """Top-1 accuracy on the test split, in [0, 1]."""
+
+    knn: float
+    linear: float
+    penalty: float  # L2 penalty of the linear probe, chosen by cross-validation on the training split
+
+
+@one_thread()
+def classification_scores(x: torch.Tensor, data: ProbeData, cfg: ProbeConfig) -> ClassificationScores:
+    """kNN and linear-probe accuracy of features ``x`` ``(N, D)`` of the classification images."""
+    train, test = ~data.test, data.test
+    labels, num_classes = torch.from_numpy(data.labels), len(data.classes)
+    train_x, train_y, test_x, test_y = x[train], labels[train], x[test], labels[test]
+    knn = knn_predict(train_x, train_y, test_x, num_classes, cfg.k, cfg.temperature)
+
+    def accuracies(fit_rows: np.ndarray, eval_rows: np.ndarray) -> np.ndarray:
+        predict = fit_logistic(train_x[fit_rows], train_y[fit_rows], num_classes, PENALTIES)
+        return (predict(train_x[eval_rows]).argmax(dim=2) == train_y[eval_rows]).double().mean(dim=1).numpy()
+
+    penalty = cross_validated_penalty(accuracies, np.arange(len(train_x)), cfg.seed)
+    linear = fit_logistic(train_x, train_y, num_classes, [penalty])(test_x)[0].argmax(dim=1)
+    return ClassificationScores(knn=float((knn == test_y).double().mean()),
+                                linear=float((linear == test_y).double().mean()), penalty=penalty)
+
+
+# ---------------------------------------------------------------------------------------
+# Dense probes
+# ---------------------------------------------------------------------------------------
+def cell_disparity(disparity: np.ndarray, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground truth per patch of a grid ``(h, w)`` over a disparity map ``(H, W)`` (NaN unknown): the mean of
+    each cell's known disparities ``(h, w)``, and whether at least :data:`MIN_KNOWN` of its pixels are known."""
+    known = torch.from_numpy(np.isfinite(disparity)).double()[None, None]
+    values = torch.from_numpy(np.nan_to_num(disparity, nan=0.0)).double()[None, None]
+    share = F.adaptive_avg_pool2d(known, grid)[0, 0]
+    return F.adaptive_avg_pool2d(values * known, grid)[0, 0] / share.clamp_min(1e-9), share >= MIN_KNOWN
+
+
+@dataclass
+class DisparityScores:
+    """Per-patch disparity regression on the test pairs' left images."""
+
+    rmse: float  # pixels of the pair images
+    r2: float  # 1 - squared error / variance of the test patches' disparities
+    penalty: float  # ridge penalty, chosen by cross-validation over the training pairs
+    train_patches: int
+    test_patches: int
+
+
+@one_thread()
+def disparity_scores(left: torch.Tensor, data: ProbeData, seed: int) -> DisparityScores:
+    """Ridge probe of each left patch's disparity from its token, ``left`` ``(P, h, w, D)``."""
+    rows = {"train": ([], [], []), "test": ([], [], [])}  # split -> tokens (n, D), disparities (n,), pair (n,)
+    for index, pair in enumerate(data.pairs):
+        disparity, known = cell_disparity(pair.disparity, tuple(left.shape[1:3]))
+        tokens, targets, groups = rows[pair.split]
+        tokens.append(left[index][known])
+        targets.append(disparity[known])
+        groups.append(np.full(int(known.sum()), index))
+    (train_x, train_y, train_g), (test_x, test_y, _) = ((torch.cat(t), torch.cat(d), np.concatenate(g))
+                                                         for t, d, g in rows.values())
+
+    def negative_mse(fit_rows: np.ndarray, eval_rows: np.ndarray) -> np.ndarray:
+        predict = fit_ridge(train_x[fit_rows], train_y[fit_rows], PENALTIES)
+        return -(predict(train_x[eval_rows]) - train_y[eval_rows]).square().mean(dim=1).numpy()
+
+    penalty = cross_validated_penalty(negative_mse, train_g, seed)
+    error = fit_ridge(train_x, train_y, [penalty])(test_x)[0] - test_y
+    r2 = 1 - float(error.square().sum() / (test_y - test_y.mean()).square().sum().clamp_min(1e-12))
+    return DisparityScores(rmse=float(error.square().mean().sqrt()), r2=r2, penalty=penalty,
+                           train_patches=len(train_y), test_patches=len(test_y))
+
+
+def cell_centres(grid: tuple[int, int], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel centres ``(y, x)``, each ``(h * w,)`` row-major, of the cells of a grid ``(h, w)`` over an image of
+    ``size`` ``(H, W)``."""
+    (h, w), (height, width) = grid, size
+    ys = (torch.arange(h, dtype=torch.float64) + 0.5) * height / h
+    xs = (torch.arange(w, dtype=torch.float64) + 0.5) * width / w
+    return ys.repeat_interleave(w), xs.repeat(h)
+
+
+def nearest_neighbours(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each left patch of ``left`` ``(h, w, D)`` (row-major), the most cosine-similar patch of ``right``
+    ``(h', w', D)`` ``(h * w,)``, and whether that right patch's nearest left patch is it (mutual) ``(h * w,)``."""
+    similarity = F.normalize(left.flatten(0, 1), dim=-1) @ F.normalize(right.flatten(0, 1), dim=-1).T
+    forward, backward = similarity.argmax(dim=1), similarity.argmax(dim=0)
+    return forward, backward[forward] == torch.arange(len(forward))
+
+
+def match_errors(left: torch.Tensor, right: torch.Tensor, disparity: np.ndarray, unit_grid: tuple[int, int]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance from each left patch's nearest-neighbour right patch to its true match, in patches of a
+    ``unit_grid`` ``(h_u, w_u)``, and whether it is a mutual nearest neighbour, both ``(Q,)`` for the ``Q`` left
+    patches of ``left`` ``(h, w, D)`` with a known disparity (``(H, W)``) whose true match is in ``right``."""
+    size = disparity.shape
+    truth, known = cell_disparity(disparity, tuple(left.shape[:2]))
+    ys, xs = cell_centres(tuple(left.shape[:2]), size)
+    true_x = xs - truth.flatten()
+    queries = known.flatten() & (true_x >= 0) & (true_x < size[1])
+    match, mutual = nearest_neighbours(left, right)
+    right_ys, right_xs = cell_centres(tuple(right.shape[:2]), size)
+    error = torch.hypot((right_ys[match] - ys) * unit_grid[0] / size[0],
+                        (right_xs[match] - true_x) * unit_grid[1] / size[1])
+    return error[queries], mutual[queries]
+
+
+@dataclass
+class CorrespondenceScores:
+    """Nearest-neighbour patch matches from left to right images, over all pairs; shares in [0, 1]."""
+
+    within_1_patch: float
+    within_2_patches: float
+    mutual_within_1_patch: float  # among the mutual nearest neighbours
+    mutual_share: float  # share of the matches that are mutual
+    queries: int  # left patches with a true match in the right image
+    per_pair_within_1_patch: dict[str, float]
+
+
+@one_thread()
+def correspondence_scores(left: torch.Tensor, right: torch.Tensor, data: ProbeData,
+                          unit_grid: tuple[int, int]) -> CorrespondenceScores:
+    """Zero-shot correspondence of patch tokens ``left``/``right`` ``(P, h, w, D)``; distances in patches of
+    ``unit_grid`` (the student's)."""
+    results = [match_errors(left[i], right[i], pair.disparity, unit_grid) for i, pair in enumerate(data.pairs)]
+    error, mutual = torch.cat([e for e, _ in results]), torch.cat([m for _, m in results])
+    return CorrespondenceScores(
+        within_1_patch=float((error <= 1).double().mean()), within_2_patches=float((error <= 2).double().mean()),
+        mutual_within_1_patch=float((error[mutual] <= 1).double().mean()) if mutual.any() else 0.0,
+        mutual_share=float(mutual.double().mean()), queries=len(error),
+        per_pair_within_1_patch={pair.name: float((e <= 1).double().mean())
+                                 for pair, (e, _) in zip(data.pairs, results)})
+
+
+# ---------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------
+@dataclass
+class ModelScores:
+    name: str
+    kind: str  # student | student head | random init | teacher
+    cls: ClassificationScores | None  # None: no real CLS token
+    mean_patch: ClassificationScores
+    disparity: DisparityScores
+    correspondence: CorrespondenceScores
+
+
+def score_model(name: str, kind: str, features: ModelFeatures, data: ProbeData, cfg: ProbeConfig,
+                unit_grid: tuple[int, int]) -> ModelScores:
+    """Every probe of one model."""
+    return ModelScores(
+        name=name, kind=kind,
+        cls=None if features.cls is None else classification_scores(features.cls, data, cfg),
+        mean_patch=classification_scores(features.mean_patch, data, cfg),
+        disparity=disparity_scores(features.left, data, cfg.seed),
+        correspondence=correspondence_scores(features.left, features.right, data, unit_grid))
+
+
+@dataclass
+class DataSummary:
+    folder: str
+    classes: list[str]
+    train_images: int
+    test_images: int
+    chance: float  # accuracy of always answering the test split's most frequent class
+    train_pairs: int
+    test_pairs: int
+    unit_grid: list[int]  # the student's patch grid: correspondence distances are in its patches
+
+
+def summarize(data: ProbeData, unit_grid: tuple[int, int]) -> DataSummary:
+    test_labels = data.labels[data.test]
+    chance = float(np.bincount(test_labels).max() / len(test_labels))
+    return DataSummary(folder=str(data.root), classes=data.classes, train_images=int((~data.test).sum()),
+                       test_images=int(data.test.sum()), chance=chance,
+                       train_pairs=sum(p.split == "train" for p in data.pairs),
+                       test_pairs=sum(p.split == "test" for p in data.pairs), unit_grid=list(unit_grid))
+
+
+TABLE_COLUMNS = ("model", "kNN CLS", "kNN mean-patch", "linear CLS", "linear mean-patch", "disparity RMSE (px)",
+                 "disparity R²", "match ≤1 patch", "match ≤2 patches", "mutual match ≤1 patch")
+
+
+def percent(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+@dataclass
+class ProbeReport:
+    models: list[ModelScores]
+    data: DataSummary
+    settings: dict  # the ProbeConfig
+    seconds: float
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, ensure_ascii=False)
+
+    def table(self) -> str:
+        """Markdown table, one row per model, accuracies and match shares in %, then what the columns mean."""
+        lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
+        for m in self.models:
+            c = m.correspondence
+            knn_cls, linear_cls = (None, None) if m.cls is None else (m.cls.knn, m.cls.linear)
+            cells = (m.name, percent(knn_cls), percent(m.mean_patch.knn), percent(linear_cls),
+                     percent(m.mean_patch.linear), f"{m.disparity.rmse:.2f}", f"{m.disparity.r2:.3f}",
+                     percent(c.within_1_patch), percent(c.within_2_patches), percent(c.mutual_within_1_patch))
+            lines.append("| " + " | ".join(cells) + " |")
+        d, s, first = self.data, self.settings, self.models[0]
+        lines += ["", f"Classification: {', '.join(d.classes)}; {d.train_images} train / {d.test_images} test images "
+                  f"(stratified, seed {s['seed']}); top-1 accuracy in %, chance {percent(d.chance)}; kNN k={s['k']} "
+                  f"T={s['temperature']}; — = no real CLS token (its CLS is its mean patch). Disparity: ridge probe "
+                  f"per patch, {d.train_pairs} train pairs ({first.disparity.train_patches} patches), "
+                  f"{d.test_pairs} held-out pairs ({first.disparity.test_patches} patches). Correspondence: % of the "
+                  f"left patches ({first.correspondence.queries}) whose cosine nearest neighbour in the right image "
+                  f"is within 1 / 2 patches of the student's {d.unit_grid[0]}x{d.unit_grid[1]} grid of the true "
+                  "match; mutual: among mutual nearest neighbours."]
+        return "\n".join(lines)
+
+
+def feature_sources(cfg: ProbeConfig, data: ProbeData) -> tuple[list[FeatureSource], tuple[int, int]]:
+    """The student (and its heads), a random-init student and the cache's teachers; the student's patch grid at
+    the run's resolution."""
+    teachers = [CachedTeachers(cfg.cache, data, cfg.backend)] if cfg.cache else []  # checked before any model loads
+    run = load_run(cfg.checkpoint, torch.device(cfg.device))
+    heads = (run.heads, use_cls_from_provenance(run.provenance)) if cfg.heads else (None, None)
+    sources: list[FeatureSource] = [
+        StudentSource(f"student (step {run.step})", "student", run.student, data.root, run.resolution, *heads),
+        StudentSource(f"random-init student (seed {cfg.seed})", "random init",
+                      random_init_student(run.student, cfg.seed), data.root, run.resolution), *teachers]
+    return sources, run.student.grid(run.resolution, run.resolution)
+
+
+def run_probes(cfg: ProbeConfig) -> ProbeReport:
+    """Probe the run's student, a random-init student of its architecture and the cache's teachers; writes the
+    JSON report to ``cfg.out`` when set."""
+    start = time.perf_counter()
+    if not Path(cfg.checkpoint).is_file():
+        raise ProbeError(f"checkpoint {cfg.checkpoint}: no such file (give a run's RUN/checkpoint.pt)")
+    data = load_probe_data(cfg.data, cfg.test_fraction, cfg.seed)
+    sources, unit_grid = feature_sources(cfg, data)
+    models = []
+    for source in sources:
+        began = time.perf_counter()
+        for name, features in model_features(source, data, cfg.batch_size).items():
+            models.append(score_model(name, source.models[name], features, data, cfg, unit_grid))
+        log.info("probed %s in %.1fs", ", ".join(source.models), time.perf_counter() - began)
+    report = ProbeReport(models, summarize(data, unit_grid), asdict(cfg), time.perf_counter() - start)
+    if cfg.out:
+        Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(cfg.out).write_text(report.to_json() + "\n")
+    return report

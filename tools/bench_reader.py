@@ -111,12 +111,19 @@ def time_batches(read: Callable[[np.ndarray], object], batches: list[np.ndarray]
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def bench_reader(args: argparse.Namespace) -> None:
+def synthetic_cache(args: argparse.Namespace) -> str:
+    """``args.cache`` (or a temporary folder) holding the synthetic cache, built once, read once to warm the page
+    cache."""
     root = args.cache or str(Path(tempfile.mkdtemp(prefix="bench_reader_")) / "cache.zarr")
     if not Path(root, TEACHER).exists():
         print(f"building {args.images} x {args.grid}x{args.grid}x{args.dim} float16 cache at {root} ...")
         build_cache(root, args.images, args.grid, args.dim)
     warm_page_cache(root)
+    return root
+
+
+def bench_reader(args: argparse.Namespace) -> None:
+    root = synthetic_cache(args)
     methods: dict[str, Callable[[np.ndarray], object]] = {"zarr-python oindex (baseline)": plain_zarr_reader(root)}
     for backend in BACKENDS:
         if not backend_installed(backend):
@@ -176,11 +183,7 @@ def with_check(read: Callable[[np.ndarray], object], check: Callable) -> Callabl
 
 
 def bench_damage_check(args: argparse.Namespace) -> None:
-    root = args.cache or str(Path(tempfile.mkdtemp(prefix="bench_reader_")) / "cache.zarr")
-    if not Path(root, TEACHER).exists():
-        print(f"building {args.images} x {args.grid}x{args.grid}x{args.dim} float16 cache at {root} ...")
-        build_cache(root, args.images, args.grid, args.dim)
-    warm_page_cache(root)
+    root = synthetic_cache(args)
     methods: dict[tuple[str, str], Callable[[np.ndarray], object]] = {}
     for dtype in (torch.float32, torch.float16):
         backend = reader_module.resolve_backend("auto", dtype)

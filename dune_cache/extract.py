@@ -353,7 +353,7 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
         with signals_interrupt():
             return extract_features(cfg)
     except KeyboardInterrupt as exc:
-        raise Interrupted(f"extraction interrupted ({exc or 'Ctrl-C'}). {kept} Re-run the same command to resume.",
+        raise Interrupted(f"extraction interrupted ({str(exc) or 'Ctrl-C'}). {kept} Re-run the same command to resume.",
                           getattr(exc, "signum", signal.SIGINT)) from exc
     except Exception as exc:
         full = disk_full_error(exc, cfg.out, kept, "re-run the same command to resume")

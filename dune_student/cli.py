@@ -142,7 +142,8 @@ def show(
     out: Path = typer.Option(..., help="Folder for the PNGs (one per image, and grid.png)."),
     cache: Optional[str] = typer.Option(None, help="Cache of the run's teachers (default: the run's data.cache; "
                                         "a held-out cache tells more)."),
-    images: Optional[List[str]] = typer.Option(None, help="Image id to show (repeatable)."),
+    images: Optional[List[str]] = typer.Option(None, help="Image to show (repeatable): its id as in the "
+                                               "manifest, or a unique file name with or without extension."),
     first: Optional[int] = typer.Option(None, min=1, help="Show the first N images instead (default 4)."),
     image_root: Optional[Path] = typer.Option(None, help="Image folder or list file, when the images moved since "
                                               "extraction (default: the cache's provenance)."),

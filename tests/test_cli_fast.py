@@ -46,6 +46,8 @@ def run_app(module: str, *args: str) -> tuple[int, list[str], list[str]]:
     ("dune_cache.cli", ["--help"]),
     ("dune_cache.cli", ["extract", "--help"]),
     ("dune_cache.cli", ["teachers"]),
+    ("dune_cache.cli", ["teachers", "--offline"]),
+    ("dune_cache.cli", ["teachers", "--path", "mobilenet_v2"]),
     ("dune_student.cli", ["--help"]),
     ("dune_student.cli", ["train", "--help"]),
 ])

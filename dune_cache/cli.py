@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 # Light modules only (no torch, timm, zarr, numpy): each command imports the heavy ones it needs.
-from .config import ENCODINGS, EncodingConfig, ExtractConfig, StorageConfig, ViewSampling
+from .config import (AUTO_SHARD_FROM, ENCODINGS, MAX_SHARD_IMAGES, SHARD_TARGET_BYTES, EncodingConfig, ExtractConfig,
+                     StorageConfig, ViewSampling)
 from .console import fail, new_app, setup_logging
 from .errors import CheckpointError, ManifestError, NonFiniteFeaturesError, StoreError
 from .geometry import GeometryError
@@ -66,14 +67,18 @@ def extract(
     batch_size: int = typer.Option(32, min=1),
     num_workers: Optional[int] = typer.Option(None, min=0, help="Image-decoding DataLoader workers "
                                               "(default: 1 on CPU; on GPU the process's share of cores, at most 8)."),
+    writer_threads: int = typer.Option(ExtractConfig.writer_threads, min=1, help="Threads that encode, compress "
+                                       "and write each batch's features."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     amp: bool = typer.Option(True, help="bf16 autocast on CUDA."),
     dtype: str = typer.Option(StorageConfig.dtype, help="Stored dtype: float16 or float32."),
     codec: str = typer.Option(StorageConfig.codec, help="blosc-zstd, blosc-lz4, zstd, gzip or none."),
     level: int = typer.Option(StorageConfig.level, help="Compression level."),
     unit_size: int = typer.Option(StorageConfig.unit_size, min=1, help="Images per work unit."),
-    shard_images: int = typer.Option(StorageConfig.shard_images, min=0,
-                                      help="Images per Zarr shard (0: one object per image)."),
+    shard_images: Optional[int] = typer.Option(
+        StorageConfig.shard_images, min=0, help=f"Images per Zarr shard (0: one object per image; default: 0 below "
+        f"{AUTO_SHARD_FROM:,} images, else the largest power of two of images within {SHARD_TARGET_BYTES >> 20} MiB "
+        f"raw per shard, at most {MAX_SHARD_IMAGES}; a resumed group keeps its own; docs/scale.md)."),
     encoding: str = typer.Option("none", help=ENCODING_HELP),
     checksum: bool = typer.Option(StorageConfig.checksum, help="crc32c checksum in every feature chunk "
                                   "(a corrupted chunk is an error on read, not wrong values)."),
@@ -96,7 +101,7 @@ def extract(
         cfg = ExtractConfig(
             teacher=teacher, images=images, out=out, checkpoint=checkpoint, name=name, resolution=resolution,
             student_patch=student_patch, student_resolution=student_resolution, resize=resize,
-            batch_size=batch_size, num_workers=num_workers, device=device, amp=amp,
+            batch_size=batch_size, num_workers=num_workers, writer_threads=writer_threads, device=device, amp=amp,
             storage=StorageConfig(dtype=dtype, codec=codec, level=level, unit_size=unit_size,
                                   shard_images=shard_images, encoding=EncodingConfig.parse(encoding),
                                   checksum=checksum),
@@ -307,6 +312,33 @@ def recompress(
         typer.echo(f"[{r.teacher}] {r.done}/{r.images} images -> {out}/{r.teacher}: {r.bytes_before / 2**20:.2f} MiB "
                    f"-> {r.bytes_after / 2**20:.2f} MiB ({r.ratio:.2f}x smaller)")
 
+
+
+@app.command("add-images")
+def add_images(
+    cache: str = typer.Argument(..., help="Cache root (its teacher groups' images get copied in)."),
+    images: Path = typer.Option(..., help="The image directory or list file the cache was extracted from."),
+    resolution: int = typer.Option(..., min=1, help="Side of the stored copies, in pixels (squashed to R x R): the "
+                                   "student's input size, or more to keep detail in grid crops."),
+    quality: int = typer.Option(90, min=1, max=100, help="JPEG quality."),
+    workers: int = typer.Option(4, min=1, help="Threads decoding and encoding images."),
+    overwrite: bool = typer.Option(False, help="Replace an existing image copy."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Store a copy of the cache's images in it (JPEG, R x R; docs/cache-format.md, "Image copy"): a self-contained
+    cache that `dune-student train` reads without the image files."""
+    from .image_copy import add_images as run_add_images
+
+    setup_logging(verbose)
+    try:
+        info = run_add_images(cache, str(images), resolution, quality, workers, overwrite)
+    except USER_ERRORS as exc:
+        fail(exc)
+    from .image_copy import stored_bytes
+
+    size = stored_bytes(cache)
+    typer.echo(f"{info.count} images at {info.resolution} px (JPEG quality {info.quality}) -> {cache}/images: "
+               f"{size / 2**20:.2f} MiB, {size / max(info.count, 1) / 1e3:.1f} kB per image")
 
 if __name__ == "__main__":  # torchrun -m dune_cache.cli extract ...
     app()

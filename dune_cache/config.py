@@ -99,17 +99,34 @@ PARAMS = {
 }
 
 
+AUTO_SHARD_FROM = 100_000          # new groups of at least this many images are sharded by default (docs/scale.md)
+SHARD_TARGET_BYTES = 256 << 20     # raw (uncompressed) bytes of one shard object the default aims at
+MAX_SHARD_IMAGES = 1024            # images per shard, at most, by default
+
+
+def auto_shard_images(count: int, image_bytes: int) -> int:
+    """Default ``shard_images`` of a new group of ``count`` images of ``image_bytes`` raw feature bytes each (CLS,
+    patch tokens and cached views): ``0`` (one object per image and array) below :data:`AUTO_SHARD_FROM` images;
+    from there the largest power of two of images whose raw bytes stay within :data:`SHARD_TARGET_BYTES`, at most
+    :data:`MAX_SHARD_IMAGES` (a shard is the unit that ``verify`` decodes at once; docs/scale.md)."""
+    if count < AUTO_SHARD_FROM:
+        return 0
+    fitting = max(1, SHARD_TARGET_BYTES // max(1, image_bytes))
+    return min(MAX_SHARD_IMAGES, 1 << (fitting.bit_length() - 1))
+
+
 @dataclass(frozen=True)
 class StorageConfig:
     """How features are stored. ``unit_size`` images form one work unit (one ``status`` chunk);
     with ``shard_images > 0`` arrays are sharded with that many images per shard and the unit
-    equals the shard."""
+    equals the shard; ``shard_images=None`` (the default) lets :meth:`resolved` pick it for the group's size
+    (:func:`auto_shard_images`) before a group is created."""
 
     dtype: str = "float16"
     codec: str = "blosc-zstd"
     level: int = 5
     unit_size: int = 64
-    shard_images: int = 0
+    shard_images: int | None = None  # None: auto_shard_images at creation; a resumed group keeps its own
     encoding: EncodingConfig = EncodingConfig()
     checksum: bool = True  # crc32c of every feature chunk (groups made before this key read as False)
 
@@ -118,12 +135,22 @@ class StorageConfig:
             raise StoreError(f"dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if self.codec not in CODECS:
             raise StoreError(f"codec {self.codec!r}; choose one of {', '.join(CODECS)}")
-        if self.unit_size < 1 or self.shard_images < 0:
+        if self.unit_size < 1 or (self.shard_images is not None and self.shard_images < 0):
             raise StoreError("unit_size must be >= 1 and shard_images >= 0")
 
     @property
     def images_per_unit(self) -> int:
+        if self.shard_images is None:
+            raise StoreError("shard_images is still 'auto': resolve the storage for the group first (resolved())")
         return self.shard_images or self.unit_size
+
+    def resolved(self, count: int, image_bytes: int, stored: "StorageConfig | None" = None) -> "StorageConfig":
+        """This config with ``shard_images`` decided: as given; else the ``stored`` group's (a resumed group keeps
+        its layout); else :func:`auto_shard_images` of ``count`` images of ``image_bytes`` raw bytes each."""
+        if self.shard_images is not None:
+            return self
+        chosen = stored.shard_images if stored is not None else auto_shard_images(count, image_bytes)
+        return replace(self, shard_images=chosen)
 
     def to_json(self) -> dict:
         """Provenance ``storage`` section; ``encoding`` (name and params) only when not ``none``, so groups
@@ -176,6 +203,7 @@ class ExtractConfig:
     resize: str = "squash"
     batch_size: int = 32
     num_workers: int | None = None  # decoding workers; None: default_num_workers(device)
+    writer_threads: int = 1  # threads that encode and write each batch's features (docs/benchmarks.md)
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -200,6 +228,8 @@ class ExtractConfig:
         parse_shard(self.shard)
         if self.views < 0:
             raise ValueError(f"--views {self.views}: must be >= 0")
+        if self.writer_threads < 1:
+            raise ValueError(f"--writer-threads {self.writer_threads}: must be >= 1")
         if spec is not None:
             resolve_geometry(spec, self.resolution, self.student_patch, self.student_resolution, self.resize)
 

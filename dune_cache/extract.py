@@ -17,6 +17,7 @@ import queue
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,18 +199,22 @@ def collate_batch(items) -> Batch:
 # Writing (a thread, so that compression and I/O overlap with the next forward)
 # ---------------------------------------------------------------------------------------
 class FeatureWriter:
-    """Writes batches in order; after each batch's features land, marks its images done/failed."""
+    """Writes batches in order; after each batch's features land, marks its images done/failed. With ``threads``
+    > 1, each batch's features are encoded and written by that many threads at once (this one and a pool), each
+    owning whole objects (images, or shards); its failure records and status chunks follow once all have landed."""
 
     def __init__(self, store: TeacherStore, status: np.ndarray, records: list[dict], manifest: ImageManifest,
-                 max_pending: int = 3):
+                 threads: int = 1, max_pending: int = 3):
         """``status`` ``(N,)`` and failure ``records``: those of the units this process owns and alone writes
         (:meth:`TeacherStore.read_unit_state`)."""
-        self.store, self.status, self.manifest = store, status, manifest
+        self.store, self.status, self.manifest, self.threads = store, status, manifest, threads
         self.failures: dict[int, dict[int, dict]] = {}
         for record in records:
             self.failures.setdefault(record["index"] // store.images_per_unit, {})[record["index"]] = record
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
+        self.pool = (ThreadPoolExecutor(threads - 1, thread_name_prefix="dune-cache-writer-pool")
+                     if threads > 1 else None)
         self.thread = threading.Thread(target=self._run, name="dune-cache-writer", daemon=True)
         self.thread.start()
 
@@ -222,6 +227,8 @@ class FeatureWriter:
         """Flush everything submitted, stop the thread, re-raise a write error."""
         self.queue.put(None)
         self.thread.join()
+        if self.pool is not None:
+            self.pool.shutdown()
         self.raise_if_failed()
 
     def raise_if_failed(self) -> None:
@@ -239,7 +246,7 @@ class FeatureWriter:
     def _write(self, indices, cls, patch, views, failures) -> None:
         per = self.store.images_per_unit
         if len(indices):
-            self.store.write_rows(indices, cls, patch, views)
+            self.store.write_rows(indices, cls, patch, views, self.pool, self.threads)
             self.status[indices] = STATUS_DONE
         for index, reason, message in failures:
             self.status[index] = STATUS_FAILED
@@ -297,9 +304,10 @@ def check_rows(cls: torch.Tensor, patch: torch.Tensor, indices: np.ndarray, mani
             "earlier batches are kept. Try --dtype float32 or --no-amp.")
 
 
-def group_complete(root: str, name: str) -> bool:
-    """Whether cache ``root`` has a group ``name`` with its provenance (written last when it is created)."""
-    return TeacherStore.open_if_complete(root, name, mode="r") is not None
+def raw_image_bytes(grid: tuple[int, int], dim: int, dtype: str, views: int) -> int:
+    """Uncompressed feature bytes of one image: CLS and ``grid`` patch tokens of ``dim`` channels in ``dtype``, for
+    the whole image and each of its ``views`` cached views (what sizes the default shard, :func:`auto_shard_images`)."""
+    return (grid[0] * grid[1] + 1) * dim * np.dtype(dtype).itemsize * (1 + views)
 
 
 def warn_if_grids_differ(root: str, name: str, grid: tuple[int, int]) -> None:
@@ -370,20 +378,24 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     spec = teacher.spec
     geometry = resolve_geometry(spec, cfg.resolution, cfg.student_patch, cfg.student_resolution, cfg.resize)
     name = cfg.name or spec.name.replace(":", "-").replace("/", "-")
+    existing = None if cfg.overwrite else TeacherStore.open_if_complete(cfg.out, name, mode="r")
+    storage = cfg.storage.resolved(len(manifest), raw_image_bytes(geometry.grid, spec.embed_dim, cfg.storage.dtype,
+                                                                  cfg.views),
+                                   existing and StorageConfig.from_json(existing.provenance["storage"]))
     provenance = build_provenance(spec, cfg.checkpoint, manifest, str(Path(cfg.images).resolve()), geometry,
-                                  cfg.storage, cfg.view_sampling.to_json(cfg.views) if cfg.views else None)
+                                  storage, cfg.view_sampling.to_json(cfg.views) if cfg.views else None)
     device = pick_device(cfg.device)
     teacher.to(device)
     workers = default_num_workers(device) if cfg.num_workers is None else cfg.num_workers
     slot, slots = worker_slot(cfg.shard)
     creator = slot == 0  # only slot 0 creates (or replaces) the group; the others wait for it (store.py)
-    new_group = creator and (cfg.overwrite or not group_complete(cfg.out, name))
+    new_group = creator and existing is None
     if new_group:
         warn_if_grids_differ(cfg.out, name, geometry.grid)
     # a new group's encoding is calibrated here; an existing group keeps its stored calibration
     encoding = calibrate_encoding(cfg, teacher, manifest, geometry, device, workers) if new_group else None
     store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
-                                        cfg.storage, overwrite=cfg.overwrite, views=cfg.views, encoding=encoding,
+                                        storage, overwrite=cfg.overwrite, views=cfg.views, encoding=encoding,
                                         creator=creator)
     units = my_units(store.num_units, slot, slots)
     status, records = store.read_unit_state(units)  # never another slot's objects: they may be mid-write
@@ -393,7 +405,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
              device, store.encoding)
     start = time.perf_counter()
     processed, skipped = 0, []
-    writer = FeatureWriter(store, status, records, manifest)
+    writer = FeatureWriter(store, status, records, manifest, cfg.writer_threads)
     images = ManifestImages(manifest, todo, geometry, cfg.views, cfg.view_sampling)
     loader = DataLoader(images, batch_size=cfg.batch_size,
                         num_workers=workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",

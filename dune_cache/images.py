@@ -12,6 +12,7 @@ give them). A name that needs no escaping is written as is, so ordinary image li
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -151,14 +152,27 @@ class ImageManifest:
 def image_files(folder: Path) -> list[str]:
     """Ids of the images below ``folder``: POSIX paths relative to it, sorted, of the files with an image
     extension, dangling symlinks included (extraction records them failed, ``missing``); directories and
-    links to directories are not images."""
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and (p.is_file() or is_dangling_symlink(p)))
+    links to directories are not images, and links to directories are not followed. One ``os.scandir`` per
+    folder, a ``stat`` only for symlinks: ~60x less CPU than ``pathlib.rglob`` on a million files (docs/scale.md)."""
+    ids: list[str] = []
+    folders = [""]  # relative paths ("" or ending in "/") still to list
+    while folders:
+        relative = folders.pop()
+        try:
+            with os.scandir(os.path.join(folder, relative)) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        folders.append(f"{relative}{entry.name}/")
+                    elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and is_image_entry(entry):
+                        ids.append(relative + entry.name)
+        except OSError as exc:
+            raise ManifestError(f"--images {folder}: cannot list {os.path.join(folder, relative)}: {exc}") from exc
+    return sorted(ids)
 
 
-def is_dangling_symlink(path: Path) -> bool:
-    """A symlink whose target does not exist (or a symlink loop)."""
-    return path.is_symlink() and not path.exists()
+def is_image_entry(entry: os.DirEntry) -> bool:
+    """A file, or a dangling symlink (a symlink whose target does not exist, or a loop); not a link to a folder."""
+    return entry.is_file() or (entry.is_symlink() and not os.path.exists(entry.path))
 
 
 def read_list_file(path: Path) -> ImageManifest:

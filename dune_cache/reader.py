@@ -34,6 +34,7 @@ from . import location
 from .backends import BACKEND_FACTORIES, BACKENDS, ReaderError, backend_installed, resolve_backend  # noqa: F401
 from .chunk_cache import ArrayMirror, SpaceLedger, group_directory
 from .encodings import Encoding, Part
+from .image_copy import ImageCopy, read_info
 from .inspect import select_teachers
 from .stats import TeacherStats, read_stats
 from .store import STATUS_DONE, STATUS_PENDING, DamagedFeaturesError, TeacherStore, damaged_message
@@ -96,6 +97,15 @@ def unwritten_rows(values: torch.Tensor) -> torch.Tensor:
     one value per row finds it at no measurable cost (tools/bench_reader.py); extraction never stores non-finite
     values and crc32c checksums turn altered chunk bytes into read errors."""
     return ~torch.isfinite(values.flatten(1)[:, 0])
+
+
+def gather_flags(flags: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], np.ndarray]:
+    """Bool ``(B,)`` flags, each where its values were decoded (e.g. the GPU), as numpy arrays: stacked and
+    copied to the host at once, one device synchronisation per batch instead of one per teacher and kind."""
+    if not flags:
+        return {}
+    stacked = torch.stack(list(flags.values())).cpu().numpy()  # all on the decoding device
+    return dict(zip(flags, stacked))
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,8 +222,12 @@ class CacheReader:
         if not dtype.is_floating_point:
             raise ReaderError(f"dtype {dtype} is not a floating point dtype")
         self.dtype = dtype
-        self.backend: str = resolve_backend(backend, dtype, remote, self.chunk_cache is not None)
+        sharded_checksums = any(store.images_per_object > 1 and store.provenance["storage"]["checksum"]
+                                for store in stores.values())
+        self.backend: str = resolve_backend(backend, dtype, remote, self.chunk_cache is not None, sharded_checksums)
         self._handles: tuple[int, Any, dict[str, Any]] | None = None  # (pid, backend, arrays opened so far)
+        info = read_info(self.root)  # the cache's own copy of its images (dune-cache add-images), if any
+        self.image_copy: ImageCopy | None = ImageCopy(self.root, info) if info is not None else None
         limit = f" (limit {chunk_cache_limit / 1e9:.1f} GB)" if chunk_cache_limit > 0 else ""
         log.info("CacheReader %s: %d samples, teachers %s, backend %s%s", self.root, len(self.image_ids),
                  ", ".join(f"{t} ({self.done_counts[t]} done)" for t in self.teachers), self.backend,
@@ -420,7 +434,7 @@ class CacheReader:
         process holding a reader of the same cache can decode (e.g. the trainer on its GPU). Damaged targets
         (:func:`unwritten_rows`) are an error, or dropped with ``skip_damaged``."""
         decoded: dict[str, dict[str, torch.Tensor]] = {"cls": {}, "patch": {}}
-        damaged: dict[tuple[str, str], np.ndarray] = {}  # (teacher, kind) -> bool (B,)
+        unwritten: dict[tuple[str, str], torch.Tensor] = {}  # (teacher, kind) -> bool (B,), where decoded
         for t, name in enumerate(self.teachers):
             encoding = self.encodings[name]
             absent = ~batch.mask[:, t]
@@ -432,8 +446,8 @@ class CacheReader:
                     if absent.any():
                         values[absent.to(values.device)] = 0
                 decoded[kind][name] = values
-                damaged[name, kind] = unwritten_rows(values).cpu().numpy()
-        dropped = self.drop_damaged(batch, decoded, damaged)
+                unwritten[name, kind] = unwritten_rows(values)
+        dropped = self.drop_damaged(batch, decoded, gather_flags(unwritten))
         return TargetBatch(cls=decoded["cls"], patch=decoded["patch"], mask=batch.mask & ~dropped, damaged=dropped)
 
     def drop_damaged(self, batch: EncodedBatch, decoded: dict[str, dict[str, torch.Tensor]],
@@ -495,6 +509,30 @@ class CacheReader:
         for (_, selected, _), box, flip in zip(parts, values[::2], values[1::2]):
             boxes[selected], flips[selected] = box, flip.astype(bool)
         return boxes, flips
+
+    def check_image_copy(self, resolution: int) -> None:
+        """A :class:`ReaderError` unless the cache holds a complete image copy (``dune-cache add-images``) of the
+        images its teacher groups were extracted from, at no less than ``resolution`` pixels."""
+        fix = f"run `dune-cache add-images {self.root} --images DIR --resolution {resolution}`"
+        if self.image_copy is None:
+            raise ReaderError(f"cache {self.root} holds no copy of its images; {fix}, or give the image files")
+        info = self.image_copy.info
+        if not info.complete:
+            raise ReaderError(f"the image copy of {self.root} is incomplete (its writing stopped); {fix} --overwrite")
+        other = [t for t in self.teachers if self.provenance[t]["images"]["manifest_sha256"] != info.manifest_sha256]
+        if other:
+            raise ReaderError(f"the image copy of {self.root} holds other images than teacher group(s) "
+                              f"{', '.join(other)} were extracted from; {fix} --overwrite")
+        if info.resolution < resolution:
+            raise ReaderError(f"the image copy of {self.root} is {info.resolution} px, less than the student's "
+                              f"{resolution} px; {fix} --overwrite")
+
+    def image_bytes(self, indices: np.ndarray) -> list[bytes]:
+        """The encoded image (JPEG bytes, squashed to the copy's resolution) of each sample of ``indices`` ``(B,)``,
+        from the cache's image copy (call :meth:`check_image_copy` first)."""
+        rows = self._sample_rows(np.asarray(indices, dtype=np.int64))
+        first = rows[np.arange(len(rows)), (rows >= 0).argmax(axis=1)]  # groups share the copy's manifest rows
+        return self.image_copy.read(first)
 
     def stats(self, teacher: str) -> TeacherStats | None:
         """Statistics written by ``dune-cache stats`` for ``teacher``; ``None`` if not computed.

@@ -132,6 +132,12 @@ def crop_pixels(pixels: torch.Tensor, crop: GridCrop, grid: tuple[int, int], out
     return region.flip(-1) if crop.flip else region
 
 
+def draft_size(crop: GridCrop, grid: tuple[int, int], out_size: tuple[int, int]) -> tuple[int, int]:
+    """``(W, H)``: the smallest whole-image size at which the crop's region still has ``out_size`` ``(H_s, W_s)``
+    pixels (a JPEG decoded at a reduced scale no smaller than it loses nothing the student sees)."""
+    return (math.ceil(out_size[1] * grid[1] / crop.w), math.ceil(out_size[0] * grid[0] / crop.h))
+
+
 def crop_tokens(patch: torch.Tensor, crop: GridCrop) -> torch.Tensor:
     """The same box and flip on a token grid: ``(..., h, w, D)`` -> ``(..., crop.h, crop.w, D)``."""
     grid_h, grid_w = patch.shape[-3:-1]
@@ -303,6 +309,12 @@ def photometric(pixels: torch.Tensor, generator: torch.Generator,
     Parameters are drawn per image from ``generator`` (a CPU generator); computed in float32 and
     rounded once at the end.
     """
-    params = sample_photometric_params(len(pixels), generator, cfg)
+    return apply_photometric_uint8(pixels, sample_photometric_params(len(pixels), generator, cfg), cfg)
+
+
+def apply_photometric_uint8(pixels: torch.Tensor, params: PhotometricParams,
+                            cfg: PhotometricConfig = PhotometricConfig()) -> torch.Tensor:
+    """Drawn parameters applied to a uint8 batch ``(B, 3, H, W)`` on its device -> uint8 ``(B, 3, H, W)``: float32
+    in [0, 1], rounded once at the end (the draws can be made in a DataLoader worker, this on the GPU)."""
     out = apply_photometric(pixels.float() / 255, params, cfg)
     return (out * 255).round().clamp(0, 255).to(torch.uint8)

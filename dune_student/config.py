@@ -22,6 +22,8 @@ STUDENT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")  # the sizes 
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
 HEAD_KINDS = ("transformer", "ladder", "mlp")
 AUGMENT_MODES = ("none", "grid-crop", "views")
+PLACES = ("auto", "loader", "device")  # where an input stage runs; auto: the device when training on CUDA
+IMAGE_SOURCES = ("auto", "files", "cache")
 RESOLVED = "resolved"  # section of a run's config.json with the values the run resolved (ignored when loaded)
 
 
@@ -70,6 +72,7 @@ class AugmentConfig:
     flip_p: float = 0.5
     min_cells: int = 2                                    # smallest box side, in grid cells
     photometric: bool = True                              # DUNE's colour augmentation, student input only
+    photometric_on: str = "auto"                          # auto | loader | device (drawn in the loader either way)
 
 
 @dataclass
@@ -88,6 +91,9 @@ class DataConfig:
     chunk_cache_limit_gb: float = 0.0    # GB the chunk cache folder may hold (0: no limit); then read remotely
     holdout: int = 0                     # last N images (manifest order) kept out of training for eval
     skip_damaged: bool = False           # mask out targets whose cached features are NaN/inf (counted), not stop
+    image_source: str = "auto"           # auto (files if data.images, else the cache's copy) | files | cache
+    image_decode: str = "loader"         # loader (PIL) | device (JPEG bytes decoded by torchvision on the device)
+    jpeg_draft: str = "crop"             # loader JPEG draft decode: crop (its need) | double | off (views: double)
 
 
 @dataclass
@@ -144,6 +150,10 @@ CHOICES = {
     "student.attention": ATTENTION_BACKENDS,
     "heads.kind": HEAD_KINDS,
     "augment.mode": AUGMENT_MODES,
+    "augment.photometric_on": PLACES,
+    "data.image_source": IMAGE_SOURCES,
+    "data.image_decode": ("loader", "device"),
+    "data.jpeg_draft": ("crop", "double", "off"),
 }
 
 
@@ -255,8 +265,12 @@ def validate(cfg: TrainConfig) -> None:
             raise ConfigError(f"{path}: {value!r} is not one of {', '.join(choices)}")
     if not cfg.data.cache:
         raise ConfigError("data.cache: required (the cache root to train from)")
-    if not cfg.data.images:
-        raise ConfigError("data.images: required (the image directory or list holding the cache's image ids)")
+    if not cfg.data.images and cfg.data.image_source == "files":
+        raise ConfigError("data.images: required with data.image_source=files (the image directory or list holding "
+                          "the cache's image ids)")
+    if cfg.data.image_decode == "device" and cfg.augment.mode == "views":
+        raise ConfigError("data.image_decode=device: augment.mode=views crops on the loader (set "
+                          "data.image_decode=loader, or augment.mode grid-crop or none)")
     if is_remote(cfg.out):
         raise ConfigError(f"out: run directories are local paths (caches may be URLs); got {cfg.out}")
     if cfg.steps < 1:

@@ -11,9 +11,11 @@ seed, the epoch and the sample — and the student sees that view's crop of the 
 """
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -23,9 +25,10 @@ from torch.utils.data import DataLoader, Dataset
 from dune_cache.images import ImageDecodeError, load_manifest, open_rgb
 from dune_cache.reader import FULL_IMAGE, CacheReader, EncodedBatch, ReaderError
 from dune_cache.shuffle import block_shuffled_order
+from dune_cache.views import decode_size
 
-from .augment import (AugmentConfig, GridCrop, crop_pixels, crop_tokens, crop_view_pixels, full_grid_crop,
-                      photometric, sample_grid_crop)
+from .augment import (AugmentConfig, GridCrop, PhotometricParams, apply_photometric_uint8, crop_pixels, crop_tokens,
+                      crop_view_pixels, draft_size, full_grid_crop, sample_grid_crop, sample_photometric_params)
 from .errors import DataError
 
 
@@ -42,6 +45,10 @@ class TrainBatch:
     are then empty until the trainer decodes them with ``CacheReader.decode``).
     damaged: ``(B, T)`` bool targets dropped as damaged (``data.skip_damaged``; mask False there), ``None``
     until decoded.
+    images: with ``data.image_decode=device``, the encoded images still to decode and crop on the training device
+    (``pixels``/``clean_pixels`` are then empty until :func:`finish_pixels`).
+    photometric: with photometric augmentation on the device, the draws still to apply there (``pixels`` is then
+    ``clean_pixels`` until :func:`finish_pixels`).
     """
 
     step: int
@@ -56,6 +63,59 @@ class TrainBatch:
     views: np.ndarray
     encoded: EncodedBatch | None = None
     damaged: torch.Tensor | None = None
+    images: EncodedImages | None = None
+    photometric: PhotometricParams | None = None
+
+
+@dataclass
+class EncodedImages:
+    """Whole images of a batch as their files' bytes, with the crop each sample shows.
+
+    data: ``B`` 1-D uint8 tensors (the files); crops: the grid crop of each; grid: ``(h, w)`` token grid the crops
+    are in; size: the student's ``(H_s, W_s)``; names: what each image is (for errors).
+    """
+
+    data: list[torch.Tensor]
+    crops: list[GridCrop]
+    grid: tuple[int, int]
+    size: tuple[int, int]
+    names: list[str]
+
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_crops(images: EncodedImages, device: torch.device | str) -> torch.Tensor:
+    """uint8 ``(B, 3, H_s, W_s)`` on ``device``: each image decoded by torchvision (JPEGs batched on ``device``:
+    nvJPEG on CUDA; other formats on the CPU), upright per EXIF, then cut and resized by :func:`crop_pixels`."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+
+    jpeg = [k for k, d in enumerate(images.data) if bytes(d[:3].tolist()) == JPEG_MAGIC]
+    decoded: dict[int, torch.Tensor] = {}
+    try:
+        if jpeg:
+            pixels = decode_jpeg([images.data[k] for k in jpeg], mode=ImageReadMode.RGB, device=device,
+                                 apply_exif_orientation=True)
+            decoded.update(zip(jpeg, pixels))
+        for k in set(range(len(images.data))) - set(jpeg):
+            decoded[k] = decode_image(images.data[k], mode=ImageReadMode.RGB, apply_exif_orientation=True).to(device)
+    except RuntimeError as exc:
+        raise DataError(f"data.image_decode=device: torchvision cannot decode an image of the batch "
+                        f"({', '.join(images.names[:4])}...): {exc}; set data.image_decode=loader") from exc
+    return torch.stack([crop_pixels(decoded[k], crop, images.grid, images.size)
+                        for k, crop in enumerate(images.crops)])
+
+
+def finish_pixels(batch: TrainBatch, device: torch.device | str) -> None:
+    """On the training device: decode and crop the images left encoded (``batch.images``) and apply the photometric
+    draws left to apply (``batch.photometric``), filling ``clean_pixels`` and ``pixels`` there; a batch made whole in
+    the loader is left as it is."""
+    if batch.images is not None:
+        batch.clean_pixels = batch.pixels = decode_crops(batch.images, device)
+    if batch.photometric is not None:
+        batch.clean_pixels = batch.clean_pixels.to(device, non_blocking=True)
+        batch.pixels = apply_photometric_uint8(batch.clean_pixels, batch.photometric)
+    batch.images = batch.photometric = None
 
 
 # Independent random streams of a step (see step_generator).
@@ -145,13 +205,19 @@ class BatchSource(Dataset):
                  samples: np.ndarray, batch_size: int, resolution: int, augment: AugmentConfig, seed: int,
                  shuffle_block: int, shuffle_buffer: int, rank: int = 0, world: int = 1, read_targets: bool = True,
                  decode_on_device: bool = False, chunk_cache: str | None = None, chunk_cache_limit: int = 0,
-                 skip_damaged: bool = False):
+                 skip_damaged: bool = False, images_from_cache: bool = False, decode_images_on_device: bool = False,
+                 photometric_on_device: bool = False, jpeg_draft: str = "crop"):
         # float16 targets (half the bytes through the loader); the trainer widens them on the device
         self.reader_args = dict(root=cache, teachers=teachers or None, backend=backend, allow_partial=allow_partial,
                                 dtype=torch.float16, chunk_cache=chunk_cache, chunk_cache_limit=chunk_cache_limit,
                                 skip_damaged=skip_damaged)
         reader = CacheReader(**self.reader_args)
-        self.paths = image_paths(reader, images)
+        if images_from_cache:  # the cache's own copy of its images (dune-cache add-images)
+            try:
+                reader.check_image_copy(resolution)
+            except ReaderError as exc:
+                raise DataError(f"data.image_source: {exc}") from exc
+        self.paths: list[Path] | None = None if images_from_cache else image_paths(reader, images)
         self.tags = reader.tags
         self.grid = common_grid(reader) if augment.mode == "grid-crop" else next(iter(reader.grids.values()))
         self.num_views = views_per_image(reader) if augment.mode == "views" else 0
@@ -161,6 +227,9 @@ class BatchSource(Dataset):
         self.rank, self.world, self.read_targets = rank, world, read_targets
         # targets leave the workers as stored (e.g. int8 codes) and are decoded on the GPU by the trainer
         self.decode_on_device = decode_on_device
+        # images shipped as file bytes, decoded on the training device; photometric draws applied there
+        self.decode_images_on_device, self.photometric_on_device = decode_images_on_device, photometric_on_device
+        self.jpeg_draft = jpeg_draft  # JPEG decode at a reduced scale in the loader (see student_view)
         self._reader: tuple[int, CacheReader] | None = (os.getpid(), reader)
 
     def reader(self) -> CacheReader:
@@ -183,16 +252,27 @@ class BatchSource(Dataset):
             views.append(pick_view(self.num_views, self.augment, generator))
         views = np.array(views, dtype=np.int64)
         boxes, flips = self.reader().view_boxes(indices, views) if self.num_views else (None, None)
-        clean_pixels = torch.stack([self.student_view(int(index), crop) if boxes is None
-                                    else self.student_cached_view(int(index), boxes[k], bool(flips[k]))
-                                    for k, (index, crop) in enumerate(zip(indices, crops))])
-        pixels = clean_pixels
-        if self.augment.photometric:
-            pixels = photometric(clean_pixels, step_generator(self.seed, step, PHOTOMETRIC_STREAM, self.rank))
+        files = self.image_files(indices)
+        images = None
+        if self.decode_images_on_device:
+            images = EncodedImages(data=[torch.frombuffer(bytearray(read_bytes(f)), dtype=torch.uint8) for f in files],
+                                   crops=crops, grid=self.grid, size=(self.resolution, self.resolution),
+                                   names=[self.image_name(int(i)) for i in indices])
+            clean_pixels = torch.empty(0, 3, self.resolution, self.resolution, dtype=torch.uint8)  # filled there
+        else:
+            clean_pixels = torch.stack([self.student_view(file, int(index), crop) if boxes is None
+                                        else self.student_cached_view(file, int(index), boxes[k], bool(flips[k]))
+                                        for k, (file, index, crop) in enumerate(zip(files, indices, crops))])
+        pixels, params = clean_pixels, None
+        if self.augment.photometric:  # drawn here either way: the same draws wherever they are applied
+            params = sample_photometric_params(len(indices), step_generator(self.seed, step, PHOTOMETRIC_STREAM,
+                                                                            self.rank))
+            if not (self.photometric_on_device or self.decode_images_on_device):
+                pixels, params = apply_photometric_uint8(clean_pixels, params), None
         cls, patch, mask, damaged, encoded = self.cropped_targets(indices, crops, views)
         return TrainBatch(step=step, indices=indices, pixels=pixels, clean_pixels=clean_pixels, cls=cls,
                           patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops, views=views,
-                          encoded=encoded, damaged=damaged)
+                          encoded=encoded, damaged=damaged, images=images, photometric=params)
 
     def crop_size(self, generator: torch.Generator) -> tuple[int, int]:
         """This step's crop size in grid cells (the whole grid without grid-crop)."""
@@ -201,22 +281,46 @@ class BatchSource(Dataset):
         crop = sample_grid_crop(self.grid, self.augment, generator)
         return crop.h, crop.w
 
-    def open_image(self, index: int) -> Image.Image:
-        """The whole RGB image of sample ``index`` (JPEGs DCT-decoded at no less than twice the student size)."""
-        size = 2 * self.resolution
+    def image_files(self, indices: np.ndarray) -> list[Path | io.BytesIO]:
+        """The image of each sample: its file, or (image copy) its JPEG bytes from the cache, read at once."""
+        if self.paths is not None:
+            return [self.paths[i] for i in indices]
         try:
-            return open_rgb(self.paths[index], draft_size=(size, size))
+            return [io.BytesIO(data) for data in self.reader().image_bytes(indices)]
+        except ReaderError as exc:
+            raise DataError(f"data.image_source: {exc}") from exc
+
+    def image_name(self, index: int) -> str:
+        """Sample ``index``'s image, for messages: its path, or its id in the cache's image copy."""
+        return str(self.paths[index]) if self.paths is not None else f"{self.reader().image_ids[index]} (cache copy)"
+
+    def eval_files(self) -> Sequence[Path | io.BytesIO]:
+        """Every sample's image as ``load_pixels`` opens it (held-out evaluation)."""
+        return self.paths if self.paths is not None else CopiedImages(self.reader())
+
+    def open_image(self, file: Path | io.BytesIO, index: int, draft: tuple[int, int] | None) -> Image.Image:
+        """The whole RGB image of sample ``index``, a JPEG DCT-decoded at a reduced scale no smaller than ``draft``
+        ``(W, H)`` (``None``: full size)."""
+        try:
+            return open_rgb(file, draft_size=draft)
         except ImageDecodeError as exc:
-            raise DataError(f"training image {self.paths[index]} became unreadable: {exc}") from exc
+            raise DataError(f"training image {self.image_name(index)} became unreadable: {exc}") from exc
 
-    def student_view(self, index: int, crop: GridCrop) -> torch.Tensor:
-        """uint8 ``(3, S, S)``: the crop's pixels of the whole image, resized for the student."""
-        pixels = torch.from_numpy(np.asarray(self.open_image(index), dtype=np.uint8).copy()).permute(2, 0, 1)
-        return crop_pixels(pixels, crop, self.grid, (self.resolution, self.resolution))
+    def student_view(self, file: Path | io.BytesIO, index: int, crop: GridCrop) -> torch.Tensor:
+        """uint8 ``(3, S, S)``: the crop's pixels of the whole image, resized for the student. JPEGs are decoded at
+        a reduced scale per ``data.jpeg_draft``: ``crop`` no smaller than the crop needs (the whole image at which
+        the crop's region has the student's size), ``double`` twice the student size, ``off`` full size."""
+        size = (self.resolution, self.resolution)
+        draft = {"crop": draft_size(crop, self.grid, size), "double": decode_size(size), "off": None}[self.jpeg_draft]
+        pixels = torch.from_numpy(np.asarray(self.open_image(file, index, draft), dtype=np.uint8).copy())
+        return crop_pixels(pixels.permute(2, 0, 1), crop, self.grid, size)
 
-    def student_cached_view(self, index: int, box: np.ndarray, flip: bool) -> torch.Tensor:
-        """uint8 ``(3, S, S)``: the cached view's box of the whole image, flipped alike, resized for the student."""
-        return crop_view_pixels(self.open_image(index), box, flip, (self.resolution, self.resolution))
+    def student_cached_view(self, file: Path | io.BytesIO, index: int, box: np.ndarray, flip: bool) -> torch.Tensor:
+        """uint8 ``(3, S, S)``: the cached view's box of the whole image, flipped alike, resized for the student;
+        decoded as extraction decoded it for the teacher (``dune_cache.views.decode_size``), whatever
+        ``data.jpeg_draft``, so that both see the same pixels."""
+        size = (self.resolution, self.resolution)
+        return crop_view_pixels(self.open_image(file, index, decode_size(size)), box, flip, size)
 
     def cropped_targets(self, indices: np.ndarray, crops: list[GridCrop], views: np.ndarray):
         """``(cls, patch, mask, damaged, None)`` decoded targets with patch tokens cropped, or with
@@ -230,6 +334,24 @@ class BatchSource(Dataset):
             return {}, {}, targets.mask, None, replace(targets, patch=patch)
         patch = {t: crop_batch(p, crops) for t, p in targets.patch.items()}
         return targets.cls, patch, targets.mask, targets.damaged, None
+
+
+class CopiedImages(Sequence):
+    """Sample ``i`` -> its JPEG bytes in the cache's image copy, as a file object (``reader.image_bytes``)."""
+
+    def __init__(self, reader: CacheReader):
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, index: int) -> io.BytesIO:
+        return io.BytesIO(self.reader.image_bytes(np.array([index]))[0])
+
+
+def read_bytes(file: Path | io.BytesIO) -> bytes:
+    """The bytes of an image file (path or file object)."""
+    return file.getvalue() if isinstance(file, io.BytesIO) else Path(file).read_bytes()
 
 
 def crop_batch(tokens: torch.Tensor, crops: list[GridCrop]) -> torch.Tensor:

@@ -84,10 +84,16 @@ def dotted_fields(config: dict, prefix: str = "") -> dict:
     return flat
 
 
+# Fields added after checkpoints were first written -> the value that does what runs did before the field existed;
+# a checkpoint without the field compares as having it (so resuming one asks for that value, not a silent change).
+ADDED_FIELDS = {"augment.photometric_on": "loader", "data.image_source": "auto", "data.image_decode": "loader",
+                "data.jpeg_draft": "double"}
+
+
 def config_changes(saved: dict, ours: dict) -> list[str]:
     """How the config of a run (``config_to_dict``) differs from the one of its checkpoint (``saved``), one line per
-    field but :data:`RESUMABLE_CHANGES`."""
-    theirs, ours = dotted_fields(saved), dotted_fields(ours)
+    field but :data:`RESUMABLE_CHANGES`; fields of :data:`ADDED_FIELDS` a checkpoint lacks have their former value."""
+    theirs, ours = {**ADDED_FIELDS, **dotted_fields(saved)}, dotted_fields(ours)
     diffs = [f"{k}: checkpoint has {theirs.get(k)!r}, this run has {ours.get(k)!r}"
              for k in sorted((set(ours) | set(theirs)) - RESUMABLE_CHANGES - {"steps"})
              if json.dumps(ours.get(k)) != json.dumps(theirs.get(k))]

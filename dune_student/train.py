@@ -35,8 +35,8 @@ from dune_cache.teachers import create_teacher
 
 from .config import RESOLVED, TrainConfig, config_to_dict
 from .curves import write_curves_safely
-from .data import (TEACHER_DROP_STREAM, BatchSource, TrainBatch, batch_loader, common_grid, step_generator,
-                   views_per_image)
+from .data import (TEACHER_DROP_STREAM, BatchSource, TrainBatch, batch_loader, common_grid, finish_pixels,
+                   step_generator, views_per_image)
 from .errors import DataError, NonFiniteLossError, RunMismatchError
 from .evaluate import LoadedRun, fidelity
 from .heads import TeacherHeads
@@ -112,6 +112,18 @@ def check_cache_fits(cfg: TrainConfig, reader: CacheReader) -> None:
         common_grid(reader)
     elif cfg.augment.mode == "views":
         views_per_image(reader)
+
+
+def images_from_cache(cfg: TrainConfig) -> bool:
+    """Whether the student's images come from the cache's own copy (``data.image_source``; ``auto``: when
+    ``data.images`` is not given)."""
+    return cfg.data.image_source == "cache" or (cfg.data.image_source == "auto" and not cfg.data.images)
+
+
+def on_device(place: str, device: torch.device) -> bool:
+    """Whether an input stage set to ``place`` (``auto`` | ``loader`` | ``device``) runs on the training device:
+    ``auto`` does when training on CUDA, where it frees loader CPU."""
+    return place == "device" or (place == "auto" and device.type == "cuda")
 
 
 def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
@@ -258,7 +270,9 @@ class Trainer:
             cfg.seed, cfg.data.shuffle_block, cfg.data.shuffle_buffer, self.rank, self.world,
             read_targets=not cfg.live_teachers, decode_on_device=self.device.type == "cuda",
             chunk_cache=str(chunk_cache) if chunk_cache else None, chunk_cache_limit=chunk_cache_limit,
-            skip_damaged=cfg.data.skip_damaged)
+            skip_damaged=cfg.data.skip_damaged, images_from_cache=images_from_cache(cfg),
+            decode_images_on_device=cfg.data.image_decode == "device",
+            photometric_on_device=on_device(cfg.augment.photometric_on, self.device), jpeg_draft=cfg.data.jpeg_draft)
         self.workers = default_num_workers(self.device) if cfg.data.num_workers < 0 else cfg.data.num_workers
         self.out = Path(cfg.out)
         self.step = 0
@@ -335,7 +349,7 @@ class Trainer:
         held_out = np.arange(len(self.reader) - self.cfg.data.holdout, len(self.reader))
         self.model.eval()
         try:
-            result = fidelity(run, self.reader, self.source.paths, held_out, self.cfg.data.batch_size)
+            result = fidelity(run, self.reader, self.source.eval_files(), held_out, self.cfg.data.batch_size)
         finally:
             self.model.train()
         return {"step": self.step, **{f"fidelity/{t}/{kind}": r[kind] for t, r in result.items()
@@ -344,6 +358,7 @@ class Trainer:
     # ---- training ------------------------------------------------------------------
     def train_step(self, batch: TrainBatch) -> dict:
         cfg, device = self.cfg, self.device
+        finish_pixels(batch, device)  # decode/crop images and photometric augmentation left for the device
         if self.live is not None:
             live_targets(self.live, batch, cfg.student.patch_size, device, cfg.amp)
         if batch.encoded is not None:  # stored targets (e.g. int8 codes) decoded here, on the device

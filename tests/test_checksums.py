@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from dune_cache.extract import ExtractConfig, run_extraction
@@ -40,8 +41,10 @@ def test_a_flipped_byte_is_an_error_naming_the_image(tmp_path, real_image_dir, t
     [report] = verify_cache(str(out))
     assert [p for p in report.problems if image in p and "does not decode" in p], report.problems
     # zarrs (0.2) skips the crc32c of inner chunks it decodes partially, i.e. in shards (docs/sharing.md)
-    backends = ["tensorstore", "zarr"] + (["zarrs"] if not shard_images else [])
-    for backend in filter(backend_installed, backends):
+    backends = ["tensorstore", "zarr", "auto"] + (["zarrs"] if not shard_images else [])
+    if shard_images:  # so backend auto must not take zarrs for float16 out, its first choice otherwise
+        assert CacheReader(str(out), backend="auto", dtype=torch.float16).backend != "zarrs"
+    for backend in filter(lambda name: name == "auto" or backend_installed(name), backends):
         reader = CacheReader(str(out), backend=backend)
         sample = reader.image_ids.index(image)
         with pytest.raises(ReaderError, match=f"teacher {TEACHER}: patch of image {victim} \\({image}\\)"):

@@ -75,13 +75,18 @@ def store_objects(root: Path) -> dict[str, object]:
     return objects
 
 
-def test_a_kill_at_every_write_boundary_resumes_into_the_reference_store(tmp_path, images, tiny_checkpoint):
-    cfg = config(images, tmp_path / "reference", tiny_checkpoint, batch_size=1)  # unit 1 records 2 failures in turn
+@pytest.mark.parametrize("batch_size, writer_threads, writes", [
+    (1, 1, 60),  # unit 1 records 2 failures in turn
+    (3, 2, 40),  # a pool writes each batch's features (in any order), then its units' failures and status
+])
+def test_a_kill_at_every_write_boundary_resumes_into_the_reference_store(tmp_path, images, tiny_checkpoint,
+                                                                         batch_size, writer_threads, writes):
+    cfg = config(images, tmp_path / "reference", tiny_checkpoint, batch_size=batch_size, writer_threads=writer_threads)
     with killed_at_write(None) as counter:
         run_extraction(cfg)
     reference = store_objects(tmp_path / "reference")
     boundaries = counter["writes"]
-    assert boundaries > 60  # creation, then features, failure records and status of 3 units over 9 batches
+    assert boundaries > writes  # creation, then features, failure records and status of 3 units
     for at in range(boundaries):
         out = tmp_path / f"killed_at_{at}"
         with killed_at_write(at), pytest.raises((Killed, RuntimeError)) as died:

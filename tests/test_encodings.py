@@ -198,7 +198,7 @@ def encoded_group(root: Path, text: str, status: list[int], seed: int = 0) -> tu
     manifest = ImageManifest(ids=tuple(f"i{k}" for k in range(n)), tags=("",) * n, base=None)
     spec = TeacherSpec(name="vit", arch="synthetic", patch_size=8, embed_dim=D)
     geometry = Geometry(resolution=(32, 32), grid=GRID, patch_size=8)
-    storage = StorageConfig(unit_size=2, encoding=EncodingConfig.parse(text))
+    storage = StorageConfig(unit_size=2, shard_images=0, encoding=EncodingConfig.parse(text))
     encoding = calibrated(text, dtype=storage.dtype)
     store = TeacherStore.create(str(root), "vit", build_provenance(spec, None, manifest, "test", geometry, storage),
                                 manifest, GRID, D, storage, encoding=encoding)

@@ -31,7 +31,7 @@ def make_group(root: Path, name: str, ids: list[str], status: list[int], grid: t
     manifest = ImageManifest(ids=tuple(ids), tags=tuple(tags or [""] * len(ids)), base=None)
     spec = TeacherSpec(name=name, arch="synthetic", patch_size=8, embed_dim=dim)
     geometry = Geometry(resolution=(grid[0] * 8, grid[1] * 8), grid=grid, patch_size=8)
-    storage = StorageConfig(unit_size=2)
+    storage = StorageConfig(unit_size=2, shard_images=0)
     store = TeacherStore.create(str(root), name, build_provenance(spec, None, manifest, "test", geometry, storage),
                                 manifest, grid, dim, storage)
     rng = np.random.default_rng(seed)

@@ -157,3 +157,17 @@ def test_checkpoint_minutes_writes_checkpoints_between_checkpoint_every(tmp_path
     saved.clear()
     Trainer(config(cache, real_image_dir, tmp_path / "stepped", "steps=3", "checkpoint_every=1000")).run()
     assert saved == [3]
+
+
+def test_a_checkpoint_older_than_a_field_resumes_only_with_the_fields_former_value():
+    from dune_student.config import TrainConfig, config_to_dict
+    from dune_student.run_control import ADDED_FIELDS, config_changes
+
+    ours = config_to_dict(TrainConfig())
+    saved = json.loads(json.dumps(ours))
+    del saved["data"]["jpeg_draft"], saved["augment"]["photometric_on"]  # written before these fields existed
+    changes = config_changes(saved, ours)
+    assert len(changes) == 2 and "data.jpeg_draft: checkpoint has 'double', this run has 'crop'" in changes
+    former = config_to_dict(TrainConfig())
+    former["data"]["jpeg_draft"], former["augment"]["photometric_on"] = ADDED_FIELDS["data.jpeg_draft"], "loader"
+    assert config_changes(saved, former) == []

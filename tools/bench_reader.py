@@ -77,7 +77,7 @@ def build_cache(root: str, images: int, grid: int, dim: int, seed: int = 0) -> N
     spec = TeacherSpec(name=TEACHER, arch="synthetic", patch_size=14, embed_dim=dim)
     manifest = ImageManifest(ids=tuple(f"img{i:08d}.jpg" for i in range(images)), tags=("",) * images, base=None)
     geometry = Geometry(resolution=(grid * 14, grid * 14), grid=(grid, grid), patch_size=14)
-    storage = StorageConfig()
+    storage = StorageConfig(shard_images=0)
     provenance = build_provenance(spec, None, manifest, "synthetic", geometry, storage)
     store = TeacherStore.create(root, TEACHER, provenance, manifest, (grid, grid), dim, storage)
     rng = np.random.default_rng(seed)

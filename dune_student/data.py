@@ -187,15 +187,30 @@ def views_per_image(reader: CacheReader) -> int:
         raise DataError(f"augment.mode=views: {exc}") from exc
 
 
-def image_paths(reader: CacheReader, images: str) -> list[Path]:
+class ImagePaths(Sequence[Path]):
+    """``paths[i]``: the image file of cache sample ``i``, its id under ``base`` (absolute ids as they are), made
+    on access: a million samples hold their id strings only, no ``Path`` objects (docs/scale.md)."""
+
+    def __init__(self, base: Path | None, ids: Sequence[str]):
+        self.base, self.ids = base, ids
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> Path:  # type: ignore[override]
+        path = Path(self.ids[index])
+        return path if path.is_absolute() or self.base is None else self.base / path
+
+
+def image_paths(reader: CacheReader, images: str) -> ImagePaths:
     """Path of every cache sample, from the image directory/list the run is given."""
     manifest = load_manifest(images)
-    lookup = {image_id: manifest.path(i) for i, image_id in enumerate(manifest.ids)}
-    missing = [i for i in reader.image_ids if i not in lookup]
+    listed = set(manifest.ids)
+    missing = [i for i in reader.image_ids if i not in listed]
     if missing:
         raise DataError(f"data.images {images}: {len(missing)} cached image ids are not in it "
                         f"(e.g. {', '.join(missing[:5])}); give the image set the cache was extracted from")
-    return [lookup[i] for i in reader.image_ids]
+    return ImagePaths(manifest.base, reader.image_ids)
 
 
 class BatchSource(Dataset):
@@ -217,7 +232,7 @@ class BatchSource(Dataset):
                 reader.check_image_copy(resolution)
             except ReaderError as exc:
                 raise DataError(f"data.image_source: {exc}") from exc
-        self.paths: list[Path] | None = None if images_from_cache else image_paths(reader, images)
+        self.paths: ImagePaths | None = None if images_from_cache else image_paths(reader, images)
         self.tags = reader.tags
         self.grid = common_grid(reader) if augment.mode == "grid-crop" else next(iter(reader.grids.values()))
         self.num_views = views_per_image(reader) if augment.mode == "views" else 0

@@ -36,6 +36,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -134,16 +135,18 @@ def objects_on_disk(root: Path) -> dict:
 
 
 def timed_command(argv: list[str]) -> dict:
-    """Run ``argv`` in a fresh process: wall and CPU seconds, peak RSS (MiB), exit status, last output line."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    """Run ``argv`` in a fresh process: wall and CPU seconds, its own peak RSS (MiB), exit status, last output line."""
     start = time.perf_counter()
-    done = subprocess.run(argv, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
-    tail = (done.stdout.strip().splitlines() or done.stderr.strip().splitlines() or [""])[-1]
-    return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "peak_rss_mib": round(after.ru_maxrss / 1024),
-            "exit": done.returncode, "last_line": tail[:200]}
+    with tempfile.TemporaryFile("w+") as output, tempfile.TemporaryFile("w+") as errors:
+        process = subprocess.Popen(argv, stdout=output, stderr=errors, text=True)
+        _, status, usage = os.wait4(process.pid, 0)  # this child's own resource usage
+        wall = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        errors.seek(0)
+        lines = output.read().strip().splitlines() or errors.read().strip().splitlines() or [""]
+    return {"wall_s": round(wall, 2), "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024), "exit": process.returncode, "last_line": lines[-1][:200]}
 
 
 PYTHON_STEP = textwrap.dedent("""

@@ -31,13 +31,13 @@ import numpy as np
 import torch
 
 from . import location
+from .alignment import align_groups, done_rows, open_teacher_stores
 from .backends import BACKEND_FACTORIES, BACKENDS, ReaderError, backend_installed, resolve_backend  # noqa: F401
 from .chunk_cache import ArrayMirror, SpaceLedger, group_directory
 from .encodings import Encoding, Part
 from .image_copy import ImageCopy, read_info
-from .inspect import select_teachers
 from .stats import TeacherStats, read_stats
-from .store import STATUS_DONE, STATUS_PENDING, DamagedFeaturesError, TeacherStore, damaged_message
+from .store import DamagedFeaturesError, damaged_message
 
 log = logging.getLogger(__name__)
 
@@ -106,61 +106,6 @@ def gather_flags(flags: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, 
         return {}
     stacked = torch.stack(list(flags.values())).cpu().numpy()  # all on the decoding device
     return dict(zip(flags, stacked))
-
-
-# ---------------------------------------------------------------------------------------
-# Alignment of teacher groups by image id
-# ---------------------------------------------------------------------------------------
-def open_teacher_stores(root: str, teachers: Sequence[str] | None) -> dict[str, TeacherStore]:
-    """Read-only stores of the requested teacher groups (all when ``None``)."""
-    return {name: TeacherStore.open(root, name, mode="r") for name in select_teachers(root, teachers, ReaderError)}
-
-
-def done_rows(store: TeacherStore, name: str, allow_partial: bool) -> np.ndarray:
-    """Indices of done images of a group; refuses a group with pending images unless ``allow_partial``."""
-    status = store.read_status()
-    pending = int((status == STATUS_PENDING).sum())
-    if pending and not allow_partial:
-        raise ReaderError(f"teacher group {name!r} is incomplete: {pending} of {len(status)} images pending "
-                          f"(finish the extraction, or pass allow_partial=True to use the done images only)")
-    return np.flatnonzero(status == STATUS_DONE)
-
-
-@dataclass
-class Alignment:
-    """Union of done image ids over groups; ``rows[i, t]`` = row of sample ``i`` in group ``t`` or -1."""
-
-    image_ids: list[str]
-    tags: list[str]
-    rows: np.ndarray  # (N, T) int64
-
-
-def align_groups(groups: list[tuple[list[str], list[str], np.ndarray]]) -> Alignment:
-    """Align groups given as ``(manifest ids, manifest tags, done rows)``.
-
-    Samples are ordered by first appearance: the first group's done images in manifest order, then
-    images only later groups have. A sample's tag is the first non-empty tag among its groups.
-    """
-    sample_of: dict[str, int] = {}
-    image_ids: list[str] = []
-    tags: list[str] = []
-    columns = []
-    for ids, group_tags, done in groups:
-        column = {}
-        for row in done.tolist():
-            image_id = ids[row]
-            sample = sample_of.setdefault(image_id, len(image_ids))
-            if sample == len(image_ids):
-                image_ids.append(image_id)
-                tags.append(group_tags[row])
-            elif not tags[sample]:
-                tags[sample] = group_tags[row]
-            column[sample] = row
-        columns.append(column)
-    rows = np.full((len(image_ids), len(groups)), -1, dtype=np.int64)
-    for t, column in enumerate(columns):
-        rows[list(column.keys()), t] = list(column.values())
-    return Alignment(image_ids=image_ids, tags=tags, rows=rows)
 
 
 # ---------------------------------------------------------------------------------------

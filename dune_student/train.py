@@ -23,7 +23,6 @@ from typing import Iterator, TextIO
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -31,7 +30,6 @@ from dune_cache.chunk_cache import resolve_directory
 from dune_cache.interrupt import Interrupted
 from dune_cache.reader import CacheReader
 from dune_cache.runtime import default_num_workers, pick_device
-from dune_cache.teachers import create_teacher
 
 from .config import RESOLVED, TrainConfig, config_to_dict
 from .curves import write_curves_safely
@@ -40,6 +38,7 @@ from .data import (TEACHER_DROP_STREAM, BatchSource, TrainBatch, batch_loader, c
 from .errors import DataError, NonFiniteLossError, RunMismatchError
 from .evaluate import LoadedRun, fidelity
 from .heads import TeacherHeads
+from .live_teachers import live_targets, load_live_teachers
 from .losses import Standardizer, drop_teachers, ema_momentum, sharing_mask, teacher_losses, use_cls_from_provenance
 from .model import Student
 from .run_control import (CheckpointSchedule, StopSignals, cache_changes, config_changes, ignore_signals_in_worker,
@@ -154,48 +153,6 @@ def build_standardizer(cfg: TrainConfig, reader: CacheReader) -> Standardizer:
             raise DataError(f"loss.standardize={cfg.loss.standardize} needs cache statistics for {missing}: "
                             f"run `dune-cache stats {cfg.data.cache}` first, or set loss.standardize=ema")
     return Standardizer(reader.dims, stats, mode=cfg.loss.standardize)
-
-
-# ---------------------------------------------------------------------------------------
-# Live teachers (baseline)
-# ---------------------------------------------------------------------------------------
-def load_live_teachers(cfg: TrainConfig, reader: CacheReader, device: torch.device) -> dict[str, nn.Module]:
-    """The cache's teachers, from checkpoints whose sha256 must equal the cache's provenance."""
-    from dune_cache.extract import file_sha256
-
-    teachers = {}
-    for t in reader.teachers:
-        prov = reader.provenance[t]
-        path = cfg.teacher_checkpoints.get(t)
-        if path is None and prov["checkpoint"]["sha256"] == "random-weights":
-            log.warning("teacher %s: the cache was extracted with random weights (speed tests only); the live "
-                        "teacher gets other random weights, so its targets differ from the cache's", t)
-            teachers[t] = create_teacher(prov["teacher"]["name"]).to(device)
-            continue
-        if path is None:
-            raise DataError(f"teacher_checkpoints.{t}: required with live_teachers "
-                            f"(the cache was made from {prov['checkpoint']['file']})")
-        if file_sha256(Path(path)) != prov["checkpoint"]["sha256"]:
-            raise DataError(f"teacher_checkpoints.{t}: {path} is not the checkpoint the cache was made with "
-                            f"(sha256 differs from {prov['checkpoint']['sha256']})")
-        teachers[t] = create_teacher(prov["teacher"]["name"], path).to(device)
-    return teachers
-
-
-def live_targets(teachers: dict[str, nn.Module], batch: TrainBatch, student_patch: int, device: torch.device,
-                 amp: bool) -> None:
-    """Fill ``batch`` targets by running each teacher on the clean crops at ``S · p_t / p_s`` (DUNE)."""
-    pixels = batch.clean_pixels.to(device)
-    for t, teacher in teachers.items():
-        size = pixels.shape[-1] * teacher.spec.patch_size // student_patch
-        view = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", align_corners=False,
-                             antialias=True).clamp(0, 255)
-        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16,
-                                                    enabled=amp and device.type == "cuda"):
-            out = teacher(view)
-        batch.cls[t] = out.cls.float().clone()
-        batch.patch[t] = out.patch.float().clone()
-    batch.mask = torch.ones(len(pixels), len(teachers), dtype=torch.bool)
 
 
 # ---------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from dune_cache.stats import compute_stats, write_stats
 from dune_student.cli import app
 from dune_student.config import load_config
 from dune_student.model import Student, StudentConfig
-from dune_student.probe import (ProbeConfig, ProbeData, StereoPair, StudentSource, cell_centres, cell_disparity,
-                                classification_scores, collect, correspondence_scores, disparity_scores,
-                                load_probe_data)
+from dune_student.probe import ProbeConfig, ProbeData, StereoPair, StudentSource, collect, load_probe_data
+from dune_student.probe_scores import (cell_centres, cell_disparity, classification_scores, correspondence_scores,
+                                       disparity_scores)
 from dune_student.probe_data import WINDOW, write_probe_data
 from dune_student.train import train
 

@@ -12,7 +12,7 @@ reads, so the token grid's cells cover the same parts of the copy as of the orig
   ``manifest_sha256`` (the teacher groups' manifest the rows follow), ``complete`` (false while being written)
 
 Plain zarr reads it (docs/cache-format.md, "Image copy"). Cost: one JPEG of ``R × R`` per image (measured by
-``tools/bench_input_pipeline.py``, docs/_scale_input.md).
+``tools/bench_input_pipeline.py``, docs/scale.md §2b).
 """
 from __future__ import annotations
 

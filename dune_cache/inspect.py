@@ -172,7 +172,7 @@ def checked_reads(store: TeacherStore) -> dict[str, Callable[[slice], np.ndarray
 def feature_read(store: TeacherStore, name: str) -> Callable[[slice], np.ndarray]:
     """``rows -> float32 (n, ..., D)``: feature array ``name`` decoded as stored (no damage check). The stored parts
     of a local group are read by tensorstore when it is installed: it checks the crc32c of every chunk, inner
-    chunks of shards included, at ~1/50 of zarr-python's CPU on 1024-image shards (docs/scale.md); zarrs skips
+    chunks of shards included, at 1/28 of zarr-python's CPU on 1024-image shards (docs/scale.md); zarrs skips
     the crc32c of inner chunks, and remote groups are read by zarr-python."""
     local = isinstance(store.group.store, zarr.storage.LocalStore)
     if not local or importlib.util.find_spec("tensorstore") is None:

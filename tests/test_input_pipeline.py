@@ -118,6 +118,9 @@ def test_image_copy_is_refused_when_it_does_not_match_the_cache(tmp_path, cache,
     group.attrs["dune_cache"] = {**group.attrs["dune_cache"], "manifest_sha256": "0" * 64}
     with pytest.raises(ReaderError, match="holds other images than teacher group"):
         CacheReader(str(root)).check_image_copy(16)
+    group.attrs["dune_cache"] = {**group.attrs["dune_cache"], "complete": False}  # its writing was killed
+    with pytest.raises(ReaderError, match="is incomplete \\(its writing stopped\\); .*--overwrite"):
+        CacheReader(str(root)).check_image_copy(16)
 
 
 def test_device_input_options_are_config_fields():

@@ -3,12 +3,13 @@
 A cache is found by its root group's ``zarr.json`` (attributes ``dune_cache.kind == "cache_root"``),
 searching folders down to ``depth`` levels below ``ROOT`` (``ROOT`` itself is level 0); the search
 does not enter a cache once found, nor any other zarr array. Each teacher group is then described
-from its provenance, its ``status`` array and the bytes its objects occupy. Nothing is written.
+from its provenance (including the intermediate blocks it stores, ``extract --blocks``), its ``status``
+array and the bytes its objects occupy. Nothing is written.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
@@ -33,6 +34,7 @@ class GroupEntry:
     images: dict | None = None  # {"count", "manifest_sha256"}
     geometry: dict | None = None  # {"resolution": [H, W], "grid": [h, w], "resize"}
     storage: dict | None = None  # {"dtype", "codec", "level", "shard_images", "encoding" (NAME[:params] or None)}
+    blocks: list[int] = field(default_factory=list)  # intermediate blocks stored as levels/b{k} (none: [])
     done: int = 0
     failed: int = 0
     pending: int = 0
@@ -107,6 +109,7 @@ def describe_group(cache: str, name: str) -> GroupEntry:
         storage={"dtype": storage["dtype"], "codec": storage["codec"], "level": storage["level"],
                  "shard_images": storage["shard_images"], "encoding": str(EncodingConfig.from_json(storage["encoding"]))
                  if storage.get("encoding") else None},
+        blocks=list(store.blocks),
         done=int(counts[STATUS_DONE]), failed=int(counts[STATUS_FAILED]), pending=int(counts[STATUS_PENDING]),
         bytes=sum(location.object_sizes(store.group.store, store.group.path).values()))
 
@@ -124,7 +127,8 @@ def catalog_json(entries: list[CacheEntry]) -> list[dict]:
 # ---------------------------------------------------------------------------------------
 # Table
 # ---------------------------------------------------------------------------------------
-COLUMNS = ("cache", "group", "teacher", "checkpoint", "images", "geometry", "storage", "done/failed/pending", "size")
+COLUMNS = ("cache", "group", "teacher", "checkpoint", "images", "geometry", "storage", "levels", "done/failed/pending",
+           "size")
 
 
 def human_bytes(n: int) -> str:
@@ -136,9 +140,9 @@ def human_bytes(n: int) -> str:
 
 
 def group_row(cache: str, g: GroupEntry) -> tuple[str, ...]:
-    """Table cells of one group (shortened sha256s; ``resolution -> grid``)."""
+    """Table cells of one group (shortened sha256s; ``resolution -> grid``; levels ``b2,b5,b8,b11`` or ``-``)."""
     if g.error is not None:
-        return (cache, g.group, f"unreadable: {g.error}", "", "", "", "", "", "")
+        return (cache, g.group, f"unreadable: {g.error}", "", "", "", "", "", "", "")
     res, grid = g.geometry["resolution"], g.geometry["grid"]
     storage = f"{g.storage['dtype']} {g.storage['codec']}" + (f" {g.storage['encoding']}"
                                                                if g.storage["encoding"] else "")
@@ -146,7 +150,7 @@ def group_row(cache: str, g: GroupEntry) -> tuple[str, ...]:
             f"{g.checkpoint['file'] or '-'} {g.checkpoint['sha256'][:SHORT_SHA]}",
             f"{g.images['count']} {g.images['manifest_sha256'][:SHORT_SHA]}",
             f"{res[0]}x{res[1]} -> {grid[0]}x{grid[1]} {g.geometry['resize']}", storage,
-            f"{g.done}/{g.failed}/{g.pending}", human_bytes(g.bytes))
+            ",".join(f"b{k}" for k in g.blocks) or "-", f"{g.done}/{g.failed}/{g.pending}", human_bytes(g.bytes))
 
 
 def table_lines(entries: list[CacheEntry]) -> list[str]:

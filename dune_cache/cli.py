@@ -14,14 +14,16 @@ from .console import fail, new_app, setup_logging
 from .errors import CheckpointError, ManifestError, NonFiniteFeaturesError, StoreError
 from .geometry import GeometryError
 from .interrupt import Interrupted
+from .levels import parse_blocks
 from .teachers import UnknownTeacherError, list_prefixes, list_teachers
 from .teachers.spec import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 
 app = new_app(__doc__)
 NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5"}
 ENCODING_HELP = (f"Feature encoding NAME[:key=value,...], NAME one of {', '.join(ENCODINGS)}; e.g. bitround:keepbits=7, "
-                 "int8-channel, int8-token:outlier_ratio=6, pca:variance=0.99 or pca:rank=96 "
-                 "(docs/cache-format.md, Encodings).")
+                 "int8-channel, int8-token:outlier_ratio=6, pca:variance=0.99, pca-int8:rank=128 or "
+                 "lowrank:image_rank=48 (each image's own rank-48 SVD; sizes and fidelity per teacher in "
+                 "docs/benchmarks.md; layout in docs/cache-format.md, Encodings).")
 USER_ERRORS = (CheckpointError, UnknownTeacherError, GeometryError, ManifestError, StoreError,
                NonFiniteFeaturesError, ValueError)
 
@@ -41,15 +43,18 @@ def teachers(offline: bool = typer.Option(False, "--offline", help="List instead
         except USER_ERRORS as exc:
             fail(exc)
         return
-    header = f"{'name':24} {'arch':34} {'patch':>5} {'dim':>5} {'reg':>3} {'cls':10} {'native':>9} {'norm':>4}  mean/std"
+    specs = list_teachers()
+    width = max(len(s.name) for s in specs)  # the longest name and arch set their columns
+    arch_width = max(len(s.arch) for s in specs)
+    header = f"{'name':{width}} {'arch':{arch_width}} {'patch':>5} {'dim':>5} {'reg':>3} {'cls':10} {'native':>9} {'norm':>4}  mean/std"
     typer.echo(header)
-    for s in list_teachers():
+    for s in specs:
         native = f"{s.native_resolution[0]}x{s.native_resolution[1]}"
         norm = NORMALISATION_NAMES.get((s.mean, s.std), f"{s.mean}/{s.std}")
-        typer.echo(f"{s.name:24} {s.arch:34} {s.patch_size:>5} {s.embed_dim:>5} {s.num_registers:>3} "
+        typer.echo(f"{s.name:{width}} {s.arch:{arch_width}} {s.patch_size:>5} {s.embed_dim:>5} {s.num_registers:>3} "
                    f"{s.cls_source:10} {native:>9} {'yes' if s.final_norm else 'no':>4}  {norm}")
     for prefix, description in list_prefixes().items():
-        typer.echo(f"{prefix + ':<model_name>':24} {description}")
+        typer.echo(f"{prefix + ':<model_name>':{width}} {description}")
 
 
 @app.command()
@@ -85,8 +90,12 @@ def extract(
     views: int = typer.Option(0, min=0, help="K random views per image (RandomResizedCrop 0.4-1 + flip) stored "
                               "with their boxes besides the whole image: K+1 times the features."),
     view_seed: int = typer.Option(ViewSampling.seed, help="Seed of the views' boxes (recorded in provenance)."),
+    blocks: Optional[str] = typer.Option(None, help="Also store these intermediate blocks' tokens (before the "
+                                         "final norm): 0-based indices, e.g. 5,11,17,23, or `sak` (SAK's four: "
+                                         "[2,5,8,11] for 12 blocks); docs/cache-format.md, \"Levels\"."),
     shard: str = typer.Option("0/1", help="This machine's share i/n of the work (several machines)."),
-    overwrite: bool = typer.Option(False, help="Replace an existing teacher group that does not match."),
+    overwrite: bool = typer.Option(False, help="Delete an existing teacher group, matching or not, and extract it "
+                                   "again from scratch (without it a matching group is resumed, a mismatching one refused)."),
     retry_failed: bool = typer.Option(False, help="Try again images recorded as failed."),
     random_weights: bool = typer.Option(False, help="Run without a checkpoint (speed tests only)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -105,7 +114,8 @@ def extract(
             storage=StorageConfig(dtype=dtype, codec=codec, level=level, unit_size=unit_size,
                                   shard_images=shard_images, encoding=EncodingConfig.parse(encoding),
                                   checksum=checksum),
-            views=views, view_sampling=ViewSampling(seed=view_seed), shard=shard, overwrite=overwrite,
+            views=views, view_sampling=ViewSampling(seed=view_seed), blocks=parse_blocks(blocks), shard=shard,
+            overwrite=overwrite,
             retry_failed=retry_failed, random_weights=random_weights, progress=progress)
         cfg.check()  # every flag, before torch is imported
         from .extract import run_extraction
@@ -146,6 +156,11 @@ def info(cache: str = typer.Argument(..., help="Cache root."),
         typer.echo(f"  storage    codec {t['codec']} level {t['level']}, shard images {t['shard_images']}, "
                    f"crc32c {'yes' if p['storage']['checksum'] else 'no'}")
         typer.echo(f"  encoding   {encoding_summary(t['encoding'])}")
+        if t["levels"]:
+            typer.echo(f"  levels     blocks {p['levels']['blocks']}: {p['levels']['tokens']}")
+        for level in t["levels"].values():
+            typer.echo(f"    b{level['block']:<7} {level['bytes'] / 2**20:.2f} MiB on disk, "
+                       f"{level['share']:.1%} of the group")
         typer.echo(f"  on disk    {t['bytes_stored'] / 2**20:.2f} MiB, {t['bytes_per_image'] / 1024:.1f} KiB/image, "
                    f"ratio {t['compression_ratio']:.3f}x vs raw {t['raw_dtype']}")
         g = p["geometry"]

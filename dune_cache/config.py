@@ -11,10 +11,11 @@ from pathlib import Path
 
 from .errors import EncodingError, StoreError
 from .geometry import resolve_geometry
+from .levels import SAK, BlockChoice, check_block_indices
 from .teachers.registry import check_teacher_name
 from .teachers.spec import check_checkpoint_file
 
-ENCODINGS = ("none", "bitround", "int8-channel", "int8-token", "pca")
+ENCODINGS = ("none", "bitround", "int8-channel", "int8-token", "pca", "pca-int8", "lowrank")
 CODECS = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
 DTYPES = ("float16", "float32")
 
@@ -32,9 +33,11 @@ class EncodingConfig:
     outlier_ratio: ``int8-token``: a channel whose calibration absmax exceeds ``outlier_ratio`` × the
         median channel absmax is a massive-activation channel, kept in the storage dtype. ViT "massive
         activations" reach 100-1000× the median; ordinary channels of the e2e teachers stay below 2.6×.
-    rank, variance: ``pca`` rank, or with ``rank == 0`` the smallest rank keeping ``variance`` of the
-        calibration tokens' variance (0.99: 153 of 384 DINOv2-S channels, 619 of 1280 MobileNetV2 ones).
-    calibration_images: images whose features calibrate ``int8-channel``, ``int8-token`` and ``pca``.
+    rank, variance: ``pca`` / ``pca-int8`` rank, or with ``rank == 0`` the smallest rank keeping ``variance`` of
+        the calibration tokens' variance (0.99: 153 of 384 DINOv2-S channels, 619 of 1280 MobileNetV2 ones).
+    image_rank: ``lowrank``: rank of each image's own factorisation of its ``(h·w, D)`` token matrix.
+    calibration_images: images whose features calibrate the lossy encodings (``lowrank`` only records its
+        diagnostics on them).
     """
 
     name: str = "none"
@@ -44,6 +47,7 @@ class EncodingConfig:
     outlier_ratio: float = 6.0
     rank: int = 0
     variance: float = 0.99
+    image_rank: int = 48
     calibration_images: int = 64
 
     def __post_init__(self) -> None:
@@ -51,12 +55,14 @@ class EncodingConfig:
             raise EncodingError(f"encoding {self.name!r}; choose one of {', '.join(ENCODINGS)}")
         if self.keepbits < 0 or self.margin < 0 or self.sigmas < 0 or self.rank < 0:
             raise EncodingError("keepbits, margin, sigmas and rank must be >= 0")
+        if self.image_rank < 1:
+            raise EncodingError(f"image_rank {self.image_rank}: must be >= 1")
         if self.outlier_ratio <= 1 or not 0 < self.variance <= 1 or self.calibration_images < 1:
             raise EncodingError("need outlier_ratio > 1, 0 < variance <= 1 and calibration_images >= 1")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.name in ("int8-channel", "int8-token", "pca")
+        return self.name in ("int8-channel", "int8-token", "pca", "pca-int8", "lowrank")
 
     def params(self) -> dict:
         """The parameters that apply to this encoding."""
@@ -96,6 +102,8 @@ PARAMS = {
     "int8-channel": ("margin", "sigmas", "calibration_images"),
     "int8-token": ("outlier_ratio", "calibration_images"),
     "pca": ("rank", "variance", "calibration_images"),
+    "pca-int8": ("rank", "variance", "calibration_images"),
+    "lowrank": ("image_rank", "calibration_images"),
 }
 
 
@@ -209,8 +217,10 @@ class ExtractConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     views: int = 0  # K random views per image stored besides the whole image (docs/augmentation.md)
     view_sampling: ViewSampling = field(default_factory=ViewSampling)
+    # intermediate blocks stored besides the final features ("sak" or 0-based indices; docs/cache-format.md, "Levels")
+    blocks: BlockChoice = ()
     shard: str = "0/1"  # this machine's share i/n of the work units
-    overwrite: bool = False
+    overwrite: bool = False  # delete the group, matching or not, and extract it from scratch
     retry_failed: bool = False
     random_weights: bool = False  # allow running without a checkpoint (speed tests only)
     progress: bool = True
@@ -230,6 +240,10 @@ class ExtractConfig:
             raise ValueError(f"--views {self.views}: must be >= 0")
         if self.writer_threads < 1:
             raise ValueError(f"--writer-threads {self.writer_threads}: must be >= 1")
+        if isinstance(self.blocks, str) and self.blocks != SAK:
+            raise ValueError(f"--blocks {self.blocks!r}: expected {SAK!r} or block indices, e.g. 5,11,17,23")
+        if not isinstance(self.blocks, str):
+            check_block_indices(tuple(self.blocks), None, f"--blocks {list(self.blocks)}")
         if spec is not None:
             resolve_geometry(spec, self.resolution, self.student_patch, self.student_resolution, self.resize)
 

@@ -2,7 +2,7 @@
 
 Pipeline: DataLoader workers decode and resize images (and cut ``--views K`` random views of each,
 dune_cache/views.py) -> batched ``inference_mode`` forward of the images and their views
-(bf16 autocast on CUDA) -> finite / fp16-range check -> a writer thread stores features and then
+(bf16 autocast on CUDA; with ``--blocks``, the chosen blocks' outputs too, dune_cache/levels.py) -> finite / fp16-range check -> a writer thread stores features and then
 marks the images done. Work is split in units (one ``status`` chunk, or one shard, each) that are
 dealt round-robin over ``torchrun`` ranks and ``--shard i/n`` machines; re-running resumes.
 """
@@ -33,6 +33,7 @@ from .errors import CacheNotFoundError, EncodingError, NonFiniteFeaturesError
 from .geometry import Geometry, resolve_geometry
 from .images import ImageDecodeError, ImageManifest, load_manifest, load_pixels, open_rgb
 from .interrupt import Interrupted, disk_full_error, signals_interrupt
+from .levels import level_name, levels_section, resolve_blocks
 from .runtime import default_num_workers, pick_device
 from .store import (ATTR_KEY, FLOAT16_MAX, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore,
                     ViewRows, open_root, unit_bounds)
@@ -99,9 +100,11 @@ def hashed_file(path: str, size: int, mtime_ns: int, block: int = 1 << 24) -> st
 
 
 def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: ImageManifest, source: str,
-                     geometry: Geometry, storage: StorageConfig, views: dict | None = None) -> dict:
+                     geometry: Geometry, storage: StorageConfig, views: dict | None = None,
+                     levels: dict | None = None) -> dict:
     """The teacher group's ``dune_cache`` attributes (docs/cache-format.md); ``views``: the views section
-    (:meth:`ViewSampling.to_json`) of a group with cached views, else ``None`` (no section)."""
+    (:meth:`ViewSampling.to_json`) of a group with cached views, ``levels``: the levels section
+    (:func:`levels.levels_section`) of a group with intermediate blocks, else ``None`` (no section)."""
     import timm
     import zarr
 
@@ -125,6 +128,9 @@ def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: Image
     if views is not None:
         provenance["views"] = views
         provenance["arrays"]["views"] = "views"
+    if levels is not None:
+        provenance["levels"] = levels
+        provenance["arrays"]["levels"] = "levels"
     return provenance
 
 
@@ -219,9 +225,12 @@ class FeatureWriter:
         self.thread.start()
 
     def submit(self, indices: np.ndarray, cls: np.ndarray | None, patch: np.ndarray | None,
-               views: ViewRows | None, failures: list[tuple[int, str, str]]) -> None:
+               views: ViewRows | None, failures: list[tuple[int, str, str]],
+               levels: dict[str, np.ndarray] | None = None) -> None:
+        """Queue a batch: features of ``indices`` (``levels``: level name -> ``(B, ...)``, see
+        :meth:`TeacherStore.write_rows`) and the images that failed to decode."""
         self.raise_if_failed()
-        self.queue.put((indices, cls, patch, views, failures))
+        self.queue.put((indices, cls, patch, views, failures, levels))
 
     def close(self) -> None:
         """Flush everything submitted, stop the thread, re-raise a write error."""
@@ -243,10 +252,10 @@ class FeatureWriter:
                 except BaseException as exc:  # noqa: BLE001 - reported to the main thread
                     self.error = exc
 
-    def _write(self, indices, cls, patch, views, failures) -> None:
+    def _write(self, indices, cls, patch, views, failures, levels) -> None:
         per = self.store.images_per_unit
         if len(indices):
-            self.store.write_rows(indices, cls, patch, views, self.pool, self.threads)
+            self.store.write_rows(indices, cls, patch, views, self.pool, self.threads, levels)
             self.status[indices] = STATUS_DONE
         for index, reason, message in failures:
             self.status[index] = STATUS_FAILED
@@ -264,38 +273,45 @@ class FeatureWriter:
 # ---------------------------------------------------------------------------------------
 # Compute
 # ---------------------------------------------------------------------------------------
-def teacher_features(teacher: Teacher, pixels: torch.Tensor, device: torch.device, amp: bool):
-    """uint8 ``(B, 3, H, W)`` -> float32 cls ``(B, D)`` and patch ``(B, h, w, D)`` on ``device``."""
+def teacher_features(teacher: Teacher, pixels: torch.Tensor, device: torch.device, amp: bool,
+                     blocks: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+    """uint8 ``(B, 3, H, W)`` -> float32 features on ``device`` by name: ``cls`` ``(B, D)``, ``patch``
+    ``(B, h, w, D)`` and, per block of ``blocks``, ``levels/b{k}/cls`` ``(B, D)``, ``levels/b{k}/patch``."""
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
                                                 enabled=amp and device.type == "cuda"):
-        out = teacher(pixels.to(device, non_blocking=True))
-    return out.cls.float(), out.patch.float()
+        pixels = pixels.to(device, non_blocking=True)
+        out = teacher(pixels, blocks=blocks) if blocks else teacher(pixels)
+    features = {"cls": out.cls.float(), "patch": out.patch.float()}
+    for k, (cls, patch) in out.levels.items():
+        features.update({level_name(k, "cls"): cls.float(), level_name(k, "patch"): patch.float()})
+    return features
 
 
-def forward_images_and_views(teacher: Teacher, batch: Batch, device: torch.device, amp: bool):
-    """One forward of the ``B`` images and their ``K`` views: cls ``(B, 1 + K, D)``, patch ``(B, 1 + K, h, w, D)``
-    float32 on ``device``, index 0 the whole image (``K = 0`` without views)."""
+def forward_images_and_views(teacher: Teacher, batch: Batch, device: torch.device, amp: bool,
+                             blocks: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
+    """One forward of the ``B`` images and their ``K`` views: :func:`teacher_features` with a view axis, e.g.
+    cls ``(B, 1 + K, D)``, patch ``(B, 1 + K, h, w, D)``, index 0 the whole image (``K = 0`` without views)."""
     pixels = batch.pixels.unsqueeze(1)
     if batch.views is not None:
         pixels = torch.cat([pixels, batch.views.pixels], dim=1)
-    cls, patch = teacher_features(teacher, pixels.flatten(0, 1), device, amp)
-    return cls.unflatten(0, pixels.shape[:2]), patch.unflatten(0, pixels.shape[:2])
+    features = teacher_features(teacher, pixels.flatten(0, 1), device, amp, blocks)
+    return {name: values.unflatten(0, pixels.shape[:2]) for name, values in features.items()}
 
 
-def bad_rows(cls: torch.Tensor, patch: torch.Tensor, dtype: str) -> torch.Tensor:
-    """Bool ``(B,)``: rows of cls ``(B, ..., D)`` / patch ``(B, ..., h, w, D)`` with non-finite values, or
-    values beyond float16's range when storing float16."""
-    flat = torch.cat([cls.flatten(1), patch.flatten(1)], dim=1)
+def bad_rows(features: dict[str, torch.Tensor], dtype: str) -> torch.Tensor:
+    """Bool ``(B,)``: rows with non-finite values in any of ``features`` (name -> ``(B, ..., D)``), or values
+    beyond float16's range when storing float16."""
+    flat = torch.cat([values.flatten(1) for values in features.values()], dim=1)
     bad = ~torch.isfinite(flat).all(dim=1)
     if dtype == "float16":
         bad |= flat.abs().amax(dim=1) > FLOAT16_MAX
     return bad
 
 
-def check_rows(cls: torch.Tensor, patch: torch.Tensor, indices: np.ndarray, manifest: ImageManifest,
+def check_rows(features: dict[str, torch.Tensor], indices: np.ndarray, manifest: ImageManifest,
                spec: TeacherSpec, dtype: str) -> None:
     """Refuse (:class:`NonFiniteFeaturesError` naming the images) a batch with :func:`bad_rows`."""
-    bad = bad_rows(cls, patch, dtype)
+    bad = bad_rows(features, dtype)
     if bad.any():
         ids = [manifest.ids[i] for i in indices[bad.cpu().numpy()]]
         raise NonFiniteFeaturesError(
@@ -328,28 +344,36 @@ def warn_if_grids_differ(root: str, name: str, grid: tuple[int, int]) -> None:
 
 
 def calibrate_encoding(cfg: ExtractConfig, teacher: Teacher, manifest: ImageManifest, geometry: Geometry,
-                       device: torch.device, workers: int) -> Encoding:
+                       device: torch.device, workers: int, blocks: tuple[int, ...] = ()
+                       ) -> tuple[Encoding, dict[int, Encoding]]:
     """``cfg.storage.encoding`` calibrated on the teacher's features (stored dtype precision) of
-    ``calibration_images`` images spread evenly over the manifest; unreadable ones are skipped."""
-    storage = cfg.storage
+    ``calibration_images`` images spread evenly over the manifest (unreadable ones are skipped), and the same
+    encoding calibrated on each of ``blocks``' features, by block."""
+    storage, dim = cfg.storage, teacher.spec.embed_dim
     if not storage.encoding.needs_calibration:
-        return Encoding.calibrate(storage.encoding, teacher.spec.embed_dim, storage.dtype)
+        return (Encoding.calibrate(storage.encoding, dim, storage.dtype),
+                {k: Encoding.calibrate(storage.encoding, dim, storage.dtype) for k in blocks})
     indices = calibration_indices(len(manifest), storage.encoding.calibration_images)
     loader = DataLoader(ManifestImages(manifest, indices, geometry), batch_size=cfg.batch_size, num_workers=workers,
                         collate_fn=collate_batch)
-    features: dict[str, list[np.ndarray]] = {"cls": [], "patch": []}
+    gathered: dict[str, list[np.ndarray]] = {}
     for batch in tqdm(loader, desc=f"calibrate {storage.encoding.name}", unit="batch", disable=not cfg.progress,
                       dynamic_ncols=True):
         if len(batch.indices):
-            cls, patch = teacher_features(teacher, batch.pixels, device, cfg.amp)
-            check_rows(cls, patch, batch.indices, manifest, teacher.spec, storage.dtype)
-            for kind, values in (("cls", cls), ("patch", patch)):
-                features[kind].append(values.to(getattr(torch, storage.dtype)).float().cpu().numpy())
-    if not features["cls"]:
+            features = teacher_features(teacher, batch.pixels, device, cfg.amp, blocks)
+            check_rows(features, batch.indices, manifest, teacher.spec, storage.dtype)
+            for name, values in features.items():
+                gathered.setdefault(name, []).append(values.to(getattr(torch, storage.dtype)).float().cpu().numpy())
+    if not gathered:
         raise EncodingError(f"none of the {len(indices)} calibration images of {cfg.images} could be read")
-    log.info("calibrating %s on %d images", storage.encoding, sum(map(len, features["cls"])))
-    samples = {kind: np.concatenate(values) for kind, values in features.items()}
-    return Encoding.calibrate(storage.encoding, teacher.spec.embed_dim, storage.dtype, samples)
+    log.info("calibrating %s on %d images", storage.encoding, sum(map(len, gathered["cls"])))
+    samples = {name: np.concatenate(values) for name, values in gathered.items()}
+
+    def calibrated(prefix: str) -> Encoding:
+        return Encoding.calibrate(storage.encoding, dim, storage.dtype,
+                                  {kind: samples[prefix + kind] for kind in ("cls", "patch")})
+
+    return calibrated(""), {k: calibrated(level_name(k, "")) for k in blocks}
 
 
 def run_extraction(cfg: ExtractConfig) -> ExtractResult:
@@ -376,6 +400,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     manifest = load_manifest(cfg.images)
     teacher = create_teacher(cfg.teacher, cfg.checkpoint)
     spec = teacher.spec
+    blocks = resolve_blocks(cfg.blocks, teacher.depth, spec.name)
     geometry = resolve_geometry(spec, cfg.resolution, cfg.student_patch, cfg.student_resolution, cfg.resize)
     name = cfg.name or spec.name.replace(":", "-").replace("/", "-")
     existing = None if cfg.overwrite else TeacherStore.open_if_complete(cfg.out, name, mode="r")
@@ -383,7 +408,8 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
                                                                   cfg.views),
                                    existing and StorageConfig.from_json(existing.provenance["storage"]))
     provenance = build_provenance(spec, cfg.checkpoint, manifest, str(Path(cfg.images).resolve()), geometry,
-                                  storage, cfg.view_sampling.to_json(cfg.views) if cfg.views else None)
+                                  storage, cfg.view_sampling.to_json(cfg.views) if cfg.views else None,
+                                  levels_section(blocks, teacher.level_description()))
     device = pick_device(cfg.device)
     teacher.to(device)
     workers = default_num_workers(device) if cfg.num_workers is None else cfg.num_workers
@@ -393,10 +419,11 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     if new_group:
         warn_if_grids_differ(cfg.out, name, geometry.grid)
     # a new group's encoding is calibrated here; an existing group keeps its stored calibration
-    encoding = calibrate_encoding(cfg, teacher, manifest, geometry, device, workers) if new_group else None
+    encoding, level_encodings = (calibrate_encoding(cfg, teacher, manifest, geometry, device, workers, blocks)
+                                 if new_group else (None, None))
     store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
                                         storage, overwrite=cfg.overwrite, views=cfg.views, encoding=encoding,
-                                        creator=creator)
+                                        creator=creator, level_encodings=level_encodings)
     units = my_units(store.num_units, slot, slots)
     status, records = store.read_unit_state(units)  # never another slot's objects: they may be mid-write
     todo = pending_indices(status, units, store.images_per_unit, cfg.retry_failed)
@@ -414,17 +441,19 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
                dynamic_ncols=True)
     try:
         for batch in loader:
-            cls = patch = views = None
+            cls = patch = views = levels = None
             if len(batch.indices):
-                cls_t, patch_t = forward_images_and_views(teacher, batch, device, cfg.amp)
-                check_rows(cls_t, patch_t, batch.indices, manifest, spec, cfg.storage.dtype)
-                np_dtype = torch.float16 if cfg.storage.dtype == "float16" else torch.float32
-                cls, patch = cls_t.to(np_dtype).cpu().numpy(), patch_t.to(np_dtype).cpu().numpy()
+                features = forward_images_and_views(teacher, batch, device, cfg.amp, blocks)
+                check_rows(features, batch.indices, manifest, spec, cfg.storage.dtype)
+                stored_dtype = getattr(torch, cfg.storage.dtype)
+                rows = {name: values.to(stored_dtype).cpu().numpy() for name, values in features.items()}
+                cls, patch = rows.pop("cls"), rows.pop("patch")
                 if batch.views is not None:
                     views = ViewRows(cls=cls[:, 1:], patch=patch[:, 1:], boxes=batch.views.boxes,
-                                     flip=batch.views.flips.astype(np.uint8))
-                cls, patch = cls[:, 0], patch[:, 0]
-            writer.submit(batch.indices, cls, patch, views, batch.failures)
+                                     flip=batch.views.flips.astype(np.uint8),
+                                     levels={name: values[:, 1:] for name, values in rows.items()})
+                cls, patch, levels = cls[:, 0], patch[:, 0], {name: values[:, 0] for name, values in rows.items()}
+            writer.submit(batch.indices, cls, patch, views, batch.failures, levels)
             processed += len(batch.indices)
             skipped += batch.failures
             bar.update(len(batch.indices) + len(batch.failures))

@@ -10,7 +10,8 @@ import zarr
 import zarr.storage
 
 from .images import ImageManifest
-from .store import (ATTR_KEY, FEATURES, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StoreError, TeacherStore,
+from .levels import level_prefix
+from .store import (ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StoreError, TeacherStore,
                     open_root)
 
 
@@ -43,8 +44,9 @@ def teacher_info(store: TeacherStore) -> dict:
     status = store.read_status()
     done = int((status == STATUS_DONE).sum())
     meta = store.provenance
-    tokens_per_image = (1 + int(np.prod(store.patch.shape[1:3]))) * (1 + store.num_views)
-    stored = store.nbytes_stored()
+    tokens_per_image = (1 + int(np.prod(store.patch.shape[1:3]))) * (1 + store.num_views) * (1 + len(store.blocks))
+    by_array = store.nbytes_by_array()
+    stored = sum(by_array.values())
     raw = done * tokens_per_image * store.dim * 2
     return {
         "images": store.count,
@@ -65,8 +67,20 @@ def teacher_info(store: TeacherStore) -> dict:
         "raw_bytes": raw,
         "raw_dtype": "float16",
         "compression_ratio": raw / stored if stored else 0.0,
+        "levels": level_bytes(store, by_array),
         "provenance": meta,
     }
+
+
+def level_bytes(store: TeacherStore, by_array: dict[str, int]) -> dict[str, dict]:
+    """Per stored block ``b{k}``: the bytes of its level arrays (cls, patch, their views and its calibration
+    arrays) and their ``share`` of the whole group's stored bytes."""
+    total = sum(by_array.values())
+    levels = {}
+    for k in store.blocks:
+        size = sum(b for name, b in by_array.items() if f"{level_prefix(k)}/" in name)
+        levels[f"b{k}"] = {"block": k, "bytes": size, "share": size / total if total else 0.0}
+    return levels
 
 
 def cache_info(root: str) -> dict[str, dict]:
@@ -100,23 +114,25 @@ class VerifyReport:
         return not self.problems
 
 
-def check_feature_parts(store: TeacherStore, name: str, prefix: tuple[int, ...]) -> list[str]:
-    """Each stored part of feature array ``name`` exists with shape ``(*prefix, part.last)`` and the part's
-    dtype (for ``none``: ``(*prefix, D)`` in the storage dtype)."""
+def check_feature_parts(store: TeacherStore, name: str, lead: tuple[int, ...], grid: tuple[int, ...]) -> list[str]:
+    """Each stored part of feature array ``name`` exists with its shape (``Part.stored_shape(lead, grid)``: per
+    token ``(*lead, *grid, part.last)``) and the part's dtype (for ``none``: ``(*lead, *grid, D)`` in the storage
+    dtype)."""
     problems = []
-    group = store.group if "/" not in name else store.views
-    for part in store.encoding.parts(name):
+    group = store.group if "/" not in name else store.group[name.rpartition("/")[0]]
+    encoding = store.encoding_of(name)
+    for part in encoding.parts(name):
         key = name.rpartition("/")[2] + part.suffix
         label = name + part.suffix
         if key not in group:
-            problems.append(f"{label} is missing (encoding {store.encoding.name})")
+            problems.append(f"{label} is missing (encoding {encoding.name})")
             continue
-        array, shape = group[key], (*prefix, part.last)
+        array, shape = group[key], part.stored_shape(lead, grid)
         if tuple(array.shape) != shape:
             problems.append(f"{label} shape {tuple(array.shape)} != {shape} from provenance")
         if str(array.dtype) != part.dtype:
             problems.append(f"{label} dtype {array.dtype} differs from {part.dtype} of provenance "
-                            f"(storage dtype {store.provenance['storage']['dtype']}, encoding {store.encoding.name})")
+                            f"(storage dtype {store.provenance['storage']['dtype']}, encoding {encoding.name})")
     return problems
 
 
@@ -125,11 +141,11 @@ def check_provenance(store: TeacherStore, manifest: ImageManifest) -> list[str]:
     meta, problems = store.provenance, []
     grid = tuple(meta["geometry"]["grid"])
     n = meta["images"]["count"]
-    problems += check_feature_parts(store, "cls", (n,)) + check_feature_parts(store, "patch", (n, *grid))
+    k = store.num_views
+    for name in store.feature_names():  # cls (n, [k,] D), patch (n, [k,] h, w, D), also of each level
+        lead = (n, *((k,) if name.startswith("views/") else ()))
+        problems += check_feature_parts(store, name, lead, grid if name.endswith("patch") else ())
     if store.views is not None:
-        k = store.num_views
-        problems += check_feature_parts(store, "views/cls", (n, k))
-        problems += check_feature_parts(store, "views/patch", (n, k, *grid))
         expected = {"boxes": (n, k, 4), "flip": (n, k)}
         problems.extend(f"views/{name} shape {tuple(store.views[name].shape)} != {shape} from provenance"
                         for name, shape in expected.items() if tuple(store.views[name].shape) != shape)
@@ -148,8 +164,9 @@ def failure_record_mismatches(store: TeacherStore, status: np.ndarray) -> list[i
 
 
 def feature_names(store: TeacherStore) -> list[str]:
-    """The group's feature arrays: ``cls``, ``patch`` and, with cached views, ``views/cls``, ``views/patch``."""
-    return [name for name in FEATURES if not name.startswith("views/") or store.views is not None]
+    """The group's feature arrays: ``cls``, ``patch``, each stored block's ``levels/b{k}/cls|patch`` and, with
+    cached views, the same under ``views/`` (:meth:`TeacherStore.feature_names`)."""
+    return store.feature_names()
 
 
 def checked_arrays(store: TeacherStore) -> dict[str, zarr.Array]:
@@ -183,9 +200,9 @@ def feature_read(store: TeacherStore, name: str) -> Callable[[slice], np.ndarray
     parts = {part.suffix: tensorstore.open({"driver": "zarr3", "kvstore": {"driver": "file",
                                                                           "path": f"{group}/{name}{part.suffix}"}},
                                            read=True).result()
-             for part in store.encoding.parts(name)}
-    return lambda rows: store.encoding.decode_numpy(name, {suffix: array[rows].read().result()
-                                                           for suffix, array in parts.items()})
+             for part in store.encoding_of(name).parts(name)}
+    return lambda rows: store.encoding_of(name).decode_numpy(name, {suffix: array[rows].read().result()
+                                                                    for suffix, array in parts.items()})
 
 
 def invalid_rows(values: np.ndarray) -> tuple[np.ndarray, str]:

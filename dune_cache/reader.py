@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,80 +31,19 @@ import torch
 
 from . import location
 from .alignment import align_groups, done_rows, open_teacher_stores
+from .batches import (FULL_IMAGE, EncodedBatch, TargetBatch, gather_flags, split_reads,  # noqa: F401  (re-exported)
+                      unwritten_rows)
 from .backends import BACKEND_FACTORIES, BACKENDS, ReaderError, backend_installed, resolve_backend  # noqa: F401
 from .chunk_cache import ArrayMirror, SpaceLedger, group_directory
 from .encodings import Encoding, Part
 from .image_copy import ImageCopy, read_info
+from .levels import block_of, level_name, level_names
 from .stats import TeacherStats, read_stats
 from .store import DamagedFeaturesError, damaged_message
 
 log = logging.getLogger(__name__)
 
 FEATURE_ARRAYS = ("cls", "patch")
-FULL_IMAGE = -1  # the view index of the whole image (the group's cls/patch arrays)
-
-
-@dataclass
-class EncodedBatch:
-    """Targets of ``B`` samples as stored, before decoding (:meth:`CacheReader.read` with ``decode=False``).
-
-    cls:   teacher -> {part suffix: ``(B, C)``}, patch: teacher -> {part suffix: ``(B, h_t, w_t, C)``}: each
-           stored part of the group's encoding (``""``: the array itself; ``C`` the part's last dimension) in
-           its stored dtype (``CacheReader.dtype`` for encodings without a decode step), zeros where the mask
-           is False. Parts of the patch tokens share the token grid, so a crop cuts them all alike.
-    mask:  ``(B, T)`` bool, columns in ``CacheReader.teachers`` order
-    indices, views: ``(B,)`` the samples and their views (:meth:`CacheReader.read`'s arguments), so that
-           :meth:`CacheReader.decode` can name the image of a damaged target
-    """
-
-    cls: dict[str, dict[str, torch.Tensor]]
-    patch: dict[str, dict[str, torch.Tensor]]
-    mask: torch.Tensor
-    indices: np.ndarray | None = None
-    views: np.ndarray | None = None
-
-
-@dataclass
-class TargetBatch:
-    """Targets of ``B`` samples for ``T`` teacher groups.
-
-    cls:   teacher -> ``(B, D_t)`` float32 (``CacheReader.dtype``), zeros where the mask is False
-    patch: teacher -> ``(B, h_t, w_t, D_t)`` float32 (``CacheReader.dtype``), zeros where the mask is False
-    mask:  ``(B, T)`` bool, columns in ``CacheReader.teachers`` order
-    damaged: ``(B, T)`` bool, targets dropped as damaged (``skip_damaged``; their mask is False)
-    """
-
-    cls: dict[str, torch.Tensor]
-    patch: dict[str, torch.Tensor]
-    mask: torch.Tensor
-    damaged: torch.Tensor | None = None
-
-
-def split_reads(rows: np.ndarray, views: np.ndarray) -> list[tuple[str, np.ndarray, tuple]]:
-    """One group's reads for samples with rows ``(B,)`` in it (-1: absent) and views ``(B,)``: at most
-    ``("", selected, (rows,))`` from the whole-image arrays and ``("views/", selected, (rows, views))``
-    from the views arrays; ``selected``: bool ``(B,)`` samples each read returns, in order."""
-    present = rows >= 0
-    whole, viewed = present & (views == FULL_IMAGE), present & (views != FULL_IMAGE)
-    reads = [("", whole, (rows[whole],)), ("views/", viewed, (rows[viewed], views[viewed]))]
-    return [read for read in reads if read[1].any()]
-
-
-def unwritten_rows(values: torch.Tensor) -> torch.Tensor:
-    """Bool ``(B,)``: rows of decoded targets ``(B, ..., D)`` whose first value is NaN/inf. A chunk that was lost
-    or never written decodes to the NaN fill value throughout, and each image (each view) is its own chunk, so
-    one value per row finds it at no measurable cost (tools/bench_reader.py); extraction never stores non-finite
-    values and crc32c checksums turn altered chunk bytes into read errors."""
-    return ~torch.isfinite(values.flatten(1)[:, 0])
-
-
-def gather_flags(flags: dict[tuple[str, str], torch.Tensor]) -> dict[tuple[str, str], np.ndarray]:
-    """Bool ``(B,)`` flags, each where its values were decoded (e.g. the GPU), as numpy arrays: stacked and
-    copied to the host at once, one device synchronisation per batch instead of one per teacher and kind."""
-    if not flags:
-        return {}
-    stacked = torch.stack(list(flags.values())).cpu().numpy()  # all on the decoding device
-    return dict(zip(flags, stacked))
 
 
 # ---------------------------------------------------------------------------------------
@@ -131,13 +69,17 @@ class CacheReader:
     Targets of done images that decode to NaN/inf (a lost or never-written chunk reads as the NaN fill value)
     are a :class:`DamagedFeaturesError` naming teacher, array and image; with ``skip_damaged`` they are dropped
     instead (mask False, zeros, counted in ``TargetBatch.damaged``) and logged.
+
+    ``levels``: also read the intermediate blocks each group stores (``dune-cache extract --blocks``; which ones:
+    ``self.blocks``) into ``TargetBatch.level_cls`` / ``level_patch``, decoded with each level's encoding.
     """
 
     def __init__(self, root: str, teachers: Sequence[str] | None = None, backend: str = "auto",
                  allow_partial: bool = False, dtype: torch.dtype = torch.float32,
                  chunk_cache: str | os.PathLike | None = None, chunk_cache_limit: int = 0,
-                 skip_damaged: bool = False):
+                 skip_damaged: bool = False, levels: bool = False):
         self.root = str(root)
+        self.levels = levels
         self.skip_damaged = skip_damaged
         remote = location.is_remote(self.root)
         stores = open_teacher_stores(self.root, teachers)
@@ -146,6 +88,8 @@ class CacheReader:
         self.grids: dict[str, tuple[int, int]] = {name: tuple(s.patch.shape[1:3]) for name, s in stores.items()}
         self.dims: dict[str, int] = {name: s.dim for name, s in stores.items()}  # the teacher's embed dim
         self.encodings: dict[str, Encoding] = {name: s.encoding for name, s in stores.items()}
+        self.blocks: dict[str, tuple[int, ...]] = {name: s.blocks for name, s in stores.items()}  # () when none
+        self.level_encodings: dict[str, dict[int, Encoding]] = {name: s.level_encodings for name, s in stores.items()}
         self.num_views: dict[str, int] = {name: s.num_views for name, s in stores.items()}  # K, 0 without views
         self.done_counts: dict[str, int] = {}
         self.chunk_cache: str | None = os.fspath(chunk_cache) if chunk_cache and remote else None
@@ -221,10 +165,19 @@ class CacheReader:
             arrays[key] = (mirror, io.open(str(mirror.folder), dtype)) if mirror is not None else None
         return arrays[key]
 
-    def _part_dtype(self, teacher: str, part: Part) -> torch.dtype:
-        """Dtype a stored part is read in: ``self.dtype`` for encodings without a decode step (the backend
-        casts), the stored dtype otherwise."""
-        return self.dtype if self.encodings[teacher].passthrough else getattr(torch, part.dtype)
+    def _part_dtype(self, teacher: str, kind: str, part: Part) -> torch.dtype:
+        """Dtype a stored part of ``kind`` is read in: ``self.dtype`` for encodings without a decode step (the
+        backend casts), the stored dtype otherwise."""
+        return self.dtype if self._encoding(teacher, kind).passthrough else getattr(torch, part.dtype)
+
+    def _kinds(self, teacher: str) -> list[str]:
+        """Feature arrays read per sample of ``teacher``: ``cls``, ``patch`` and, with ``levels``, its levels'."""
+        return [*FEATURE_ARRAYS, *(level_names(self.blocks[teacher]) if self.levels else ())]
+
+    def _encoding(self, teacher: str, kind: str) -> Encoding:
+        """The encoding ``kind`` (``cls``, ``patch``, ``levels/b{k}/...``) of ``teacher`` is stored with."""
+        block = block_of(kind)
+        return self.encodings[teacher] if block is None else self.level_encodings[teacher][block]
 
     def views_per_image(self) -> int:
         """K, the number of cached views per image, shared by all teachers read (with the same boxes: the
@@ -273,23 +226,33 @@ class CacheReader:
         rows = self._sample_rows(indices)  # (B, T)
         views = self._check_views(indices, views)
         reads = [(name, prefix, kind, part, selected, index) for t, name in enumerate(self.teachers)
-                 for prefix, selected, index in split_reads(rows[:, t], views) for kind in FEATURE_ARRAYS
-                 for part in self.encodings[name].parts(kind)]
-        values = self._read_checked([(name, prefix + kind + part.suffix, self._part_dtype(name, part), index)
+                 for prefix, selected, index in split_reads(rows[:, t], views) for kind in self._kinds(name)
+                 for part in self._encoding(name, kind).parts(kind)]
+        values = self._read_checked([(name, prefix + kind + part.suffix, self._part_dtype(name, kind, part), index)
                                      for name, prefix, kind, part, _, index in reads])
         gathered: dict[tuple[str, str, str], list[tuple[np.ndarray, np.ndarray]]] = {}
         for (name, _, kind, part, selected, _), value in zip(reads, values):
             gathered.setdefault((name, kind, part.suffix), []).append((value, selected))
         n = len(indices)
-        stored = {kind: {name: {part.suffix: self.assemble(gathered.get((name, kind, part.suffix), []),
-                                                           (n, *self._token_shape(name, kind), part.last),
-                                                           self._part_dtype(name, part))
-                                for part in self.encodings[name].parts(kind)}
-                         for name in self.teachers}
-                  for kind in FEATURE_ARRAYS}
-        batch = EncodedBatch(cls=stored["cls"], patch=stored["patch"], mask=torch.from_numpy(rows >= 0),
-                             indices=indices, views=views)
+        stored = {name: {kind: {part.suffix: self.assemble(gathered.get((name, kind, part.suffix), []),
+                                                           part.stored_shape((n,), self._token_shape(name, kind)),
+                                                           self._part_dtype(name, kind, part))
+                                for part in self._encoding(name, kind).parts(kind)}
+                         for kind in self._kinds(name)}
+                  for name in self.teachers}
+        batch = EncodedBatch(cls={name: stored[name]["cls"] for name in self.teachers},
+                             patch={name: stored[name]["patch"] for name in self.teachers},
+                             mask=torch.from_numpy(rows >= 0), indices=indices, views=views,
+                             **self._by_level(stored))
         return self.decode(batch) if decode else batch
+
+    def _by_level(self, values: dict[str, dict[str, Any]]) -> dict[str, dict[str, dict[int, Any]]]:
+        """``level_cls`` and ``level_patch`` (teacher -> block -> value) out of teacher -> kind -> value."""
+        if not self.levels:
+            return {"level_cls": {}, "level_patch": {}}
+        return {f"level_{kind}": {name: {k: values[name][level_name(k, kind)] for k in self.blocks[name]}
+                                  for name in self.teachers}
+                for kind in FEATURE_ARRAYS}
 
     def _read_checked(self, requests: list[tuple[str, str, torch.dtype | None, tuple]]) -> list[np.ndarray]:
         """:meth:`_read_routed`, and when a chunk does not decode (crc32c mismatch, corrupt or truncated object)
@@ -370,37 +333,44 @@ class CacheReader:
         return None
 
     def _token_shape(self, teacher: str, kind: str) -> tuple[int, ...]:
-        """Per-sample shape of ``kind`` without the channels: ``()`` for cls, the grid for patch."""
-        return () if kind == "cls" else self.grids[teacher]
+        """Per-sample shape of ``kind`` without the channels: ``()`` for cls, the grid for patch (also of levels)."""
+        return () if kind.endswith("cls") else self.grids[teacher]
 
     def decode(self, batch: EncodedBatch, device: torch.device | str | None = None) -> TargetBatch:
         """Float targets (``self.dtype``) of an :class:`EncodedBatch` on ``device`` (default: where the parts
         are), zeros where the mask is False; only the calibration arrays of the encodings are needed, so any
         process holding a reader of the same cache can decode (e.g. the trainer on its GPU). Damaged targets
         (:func:`unwritten_rows`) are an error, or dropped with ``skip_damaged``."""
-        decoded: dict[str, dict[str, torch.Tensor]] = {"cls": {}, "patch": {}}
+        decoded: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.teachers}  # teacher -> kind -> values
         unwritten: dict[tuple[str, str], torch.Tensor] = {}  # (teacher, kind) -> bool (B,), where decoded
         for t, name in enumerate(self.teachers):
-            encoding = self.encodings[name]
             absent = ~batch.mask[:, t]
-            for kind, parts in (("cls", batch.cls[name]), ("patch", batch.patch[name])):
+            stored = {"cls": batch.cls[name], "patch": batch.patch[name]}
+            for kind in FEATURE_ARRAYS:
+                stored.update({level_name(k, kind): parts for k, parts in
+                               getattr(batch, f"level_{kind}").get(name, {}).items()})
+            for kind, parts in stored.items():
+                encoding = self._encoding(name, kind)
                 if encoding.passthrough:  # read in self.dtype, absent rows already zero
                     values = parts[""].to(device, self.dtype)
                 else:
                     values = encoding.decode(kind, parts, device).to(self.dtype)
                     if absent.any():
                         values[absent.to(values.device)] = 0
-                decoded[kind][name] = values
+                decoded[name][kind] = values
                 unwritten[name, kind] = unwritten_rows(values)
         dropped = self.drop_damaged(batch, decoded, gather_flags(unwritten))
-        return TargetBatch(cls=decoded["cls"], patch=decoded["patch"], mask=batch.mask & ~dropped, damaged=dropped)
+        return TargetBatch(cls={name: decoded[name]["cls"] for name in self.teachers},
+                           patch={name: decoded[name]["patch"] for name in self.teachers},
+                           mask=batch.mask & ~dropped, damaged=dropped, **self._by_level(decoded))
 
     def drop_damaged(self, batch: EncodedBatch, decoded: dict[str, dict[str, torch.Tensor]],
                      damaged: dict[tuple[str, str], np.ndarray]) -> torch.Tensor:
-        """Bool ``(B, T)`` targets found damaged, zeroed in ``decoded`` (``skip_damaged``, logged); without
+        """Bool ``(B, T)`` targets found damaged in any of a teacher's arrays (``decoded``: teacher -> kind -> values,
+        ``damaged``: (teacher, kind) -> bool ``(B,)``), zeroed in ``decoded`` (``skip_damaged``, logged); without
         ``skip_damaged`` a :class:`DamagedFeaturesError` naming the first damaged teacher, array and images."""
-        found = torch.from_numpy(np.stack([damaged[name, "cls"] | damaged[name, "patch"] for name in self.teachers],
-                                          axis=1))
+        found = torch.from_numpy(np.stack([np.any([rows for (teacher, _), rows in damaged.items() if teacher == name],
+                                                  axis=0) for name in self.teachers], axis=1))
         if not found.any():
             return found
         if not self.skip_damaged:
@@ -411,8 +381,8 @@ class CacheReader:
             raise DamagedFeaturesError(damaged_message(name, array, ids, self.root,
                                                        " (or set data.skip_damaged=true to train without them)"))
         for t, name in enumerate(self.teachers):
-            for kind in ("cls", "patch"):
-                decoded[kind][name][found[:, t].to(decoded[kind][name].device)] = 0
+            for values in decoded[name].values():
+                values[found[:, t].to(values.device)] = 0
         ids = [self.image_ids[i] for i in batch.indices[found.any(dim=1).numpy()]] if batch.indices is not None else []
         log.warning("skipped %d damaged target(s) (data.skip_damaged) of image(s) %s; `dune-cache verify %s` lists "
                     "them and `dune-cache repair %s` re-extracts them", int(found.sum()), ", ".join(ids[:10]),

@@ -33,6 +33,7 @@ from zarr.core.sync import sync
 from .extract import ExtractConfig, build_provenance, run_extraction
 from .geometry import resolve_geometry
 from .images import load_manifest
+from .levels import levels_section
 from .inspect import VerifyReport, checked_arrays, select_teachers, verify_teacher
 from .store import (STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, StoreError, TeacherStore,
                     contiguous_runs, provenance_differences)
@@ -143,7 +144,7 @@ def extraction_config(cfg: RepairConfig, store: TeacherStore, group: str) -> Ext
         student_resolution="{}x{}".format(*geometry["student_resolution"]) if student else None,
         resize=geometry["resize"], batch_size=cfg.batch_size, num_workers=cfg.num_workers, device=cfg.device,
         amp=cfg.amp, storage=StorageConfig.from_json(meta["storage"]), views=views["count"] if views else 0,
-        view_sampling=sampling, progress=cfg.progress)
+        view_sampling=sampling, blocks=store.blocks, progress=cfg.progress)
 
 
 def teacher_spec(name: str, checkpoint: Path) -> TeacherSpec:
@@ -162,8 +163,9 @@ def check_inputs(store: TeacherStore, extraction: ExtractConfig, group: str) -> 
                                 extraction.student_resolution, extraction.resize)
     manifest = load_manifest(extraction.images)
     views = extraction.view_sampling.to_json(extraction.views) if extraction.views else None
+    levels = levels_section(tuple(extraction.blocks), (store.provenance.get("levels") or {}).get("tokens", ""))
     requested = build_provenance(spec, extraction.checkpoint, manifest, str(extraction.images), geometry,
-                                 extraction.storage, views)
+                                 extraction.storage, views, levels)
     diffs = provenance_differences(store.provenance, requested)
     if diffs:
         raise RepairError(

@@ -10,6 +10,8 @@ Per teacher group ``<root>/<name>/``:
 - ``views/``   only with K cached views per image (``dune-cache extract --views K``):
   ``cls (N, K, D)``, ``patch (N, K, h, w, D)`` (one object per image or shard, one inner chunk per view),
   ``boxes (N, K, 4)`` float32 and ``flip (N, K)`` uint8, one chunk per work unit
+- ``levels/b<k>/`` only with intermediate blocks (``dune-cache extract --blocks``): ``cls``, ``patch`` of block k
+  laid out like the group's (and ``views/levels/b<k>/`` like ``views/``), ``encoding/`` its own calibration
 
 Every object is written by exactly one work unit's owner, so concurrent writers never collide.
 """
@@ -19,10 +21,10 @@ import datetime as dt
 import json
 import logging
 import time
-from concurrent.futures import Executor, wait
-from dataclasses import dataclass
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import zarr
@@ -33,7 +35,10 @@ from .config import StorageConfig
 from .encodings import Encoding
 from .errors import CacheNotFoundError, StoreError
 from .images import ImageManifest
-from .layout import create_feature_array, create_view_arrays
+from .layout import create_image_features, create_level_arrays, create_view_arrays
+from .levels import block_of, level_names, level_prefix
+from .rows import contiguous_runs, disjoint_parts, run_all  # noqa: F401  (re-exported)
+from .provenance import IDENTITY_SECTIONS, flatten, provenance_differences  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +46,6 @@ FORMAT_VERSION = 1
 ATTR_KEY = "dune_cache"
 STATUS_PENDING, STATUS_DONE, STATUS_FAILED = 0, 1, 2
 FLOAT16_MAX = 65504.0
-# Provenance sections that define what a store *is*; a run that differs in any of them is refused.
-# ``views`` is absent in groups without cached views.
-IDENTITY_SECTIONS = ("teacher", "checkpoint", "images", "geometry", "storage", "views")
 VIEW_ARRAYS = ("cls", "patch", "boxes", "flip")
 FEATURES = ("cls", "patch", "views/cls", "views/patch")  # feature arrays, stored through the group's encoding
 ENCODING_GROUP = "encoding"  # calibration arrays of the group's encoding (docs/cache-format.md, "Encodings")
@@ -79,16 +81,19 @@ def damaged_message(teacher: str, array: str, image_ids: list[str], root: str, o
 @dataclass
 class ViewRows:
     """The K cached views of B images: cls ``(B, K, D)``, patch ``(B, K, h, w, D)`` in the storage dtype,
-    boxes ``(B, K, 4)`` float32 ``(y0, x0, y1, x1)`` relative to the original image, flip ``(B, K)`` uint8."""
+    boxes ``(B, K, 4)`` float32 ``(y0, x0, y1, x1)`` relative to the original image, flip ``(B, K)`` uint8;
+    levels: level feature name (``levels/b{k}/cls|patch``) -> the views' values ``(B, K, ...)`` at that block."""
 
     cls: np.ndarray
     patch: np.ndarray
     boxes: np.ndarray
     flip: np.ndarray
+    levels: dict[str, np.ndarray] = field(default_factory=dict)
 
     def take(self, rows: slice) -> "ViewRows":
         """The views of the images at batch positions ``rows``."""
-        return ViewRows(cls=self.cls[rows], patch=self.patch[rows], boxes=self.boxes[rows], flip=self.flip[rows])
+        return ViewRows(cls=self.cls[rows], patch=self.patch[rows], boxes=self.boxes[rows], flip=self.flip[rows],
+                        levels={name: values[rows] for name, values in self.levels.items()})
 
 
 def unit_bounds(unit: int, images_per_unit: int, count: int) -> tuple[int, int]:
@@ -100,71 +105,6 @@ def unit_bounds(unit: int, images_per_unit: int, count: int) -> tuple[int, int]:
 def failure_key(unit: int) -> str:
     """Name of the failure-record object of ``unit`` under ``<teacher>/failures/``."""
     return f"unit_{unit:08d}"
-
-
-def contiguous_runs(indices: np.ndarray) -> list[tuple[int, int, int]]:
-    """Sorted indices -> ``[(start_index, stop_index, offset_in_input)]`` runs of consecutive values."""
-    if len(indices) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(indices)]])
-    return [(int(indices[a]), int(indices[b - 1]) + 1, int(a)) for a, b in zip(starts, stops)]
-
-
-def disjoint_parts(keys: np.ndarray, parts: int) -> list[slice]:
-    """At most ``parts`` contiguous slices of about equal length covering the sorted object ``keys`` ``(B,)`` of a
-    batch's images, cut only where the key changes: no object is in two slices."""
-    if len(keys) == 0:
-        return []
-    candidates = np.flatnonzero(np.diff(keys)) + 1
-    targets = [j * len(keys) / parts for j in range(1, parts)]
-    cuts = sorted({int(candidates[k]) for k in np.searchsorted(candidates, targets) if k < len(candidates)})
-    bounds = [0, *cuts, len(keys)]
-    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
-
-
-def run_all(tasks: list[Callable[[], None]], executor: Executor | None) -> None:
-    """Run ``tasks``, the first in this thread and the others on ``executor`` (all here without one); return once
-    every task has finished, raising the first error."""
-    if executor is None or len(tasks) < 2:
-        for task in tasks:
-            task()
-        return
-    futures = [executor.submit(task) for task in tasks[1:]]
-    try:
-        tasks[0]()
-    finally:
-        wait(futures)
-    for future in futures:
-        future.result()
-
-
-def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
-
-
-def provenance_differences(stored: dict, requested: dict) -> list[str]:
-    """Human-readable ``field: store has X, this run has Y`` lines over the identity sections."""
-    def identity(meta: dict) -> dict:  # JSON round trip: tuples and lists compare equal
-        flat = flatten(json.loads(json.dumps({k: meta.get(k, {}) for k in IDENTITY_SECTIONS})))
-        # an encoding's per-kind calibration results are derived from the data, not chosen: not identity
-        return {k: v for k, v in flat.items() if not k.startswith("storage.encoding.kinds.")}
-
-    a, b = identity(stored), identity(requested)
-    return [
-        f"{key}: store has {a.get(key, '<absent>')!r}, this run has {b.get(key, '<absent>')!r}"
-        for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key)
-    ]
 
 
 def open_root(root: str, mode: str = "a") -> zarr.Group:
@@ -208,7 +148,7 @@ class TeacherStore:
         self.provenance: dict = meta
         self.dim = int(meta["teacher"]["embed_dim"])
         self.encoding = Encoding.load(meta["storage"].get("encoding"), self.dim, meta["storage"]["dtype"],
-                                      lambda key: group[f"{ENCODING_GROUP}/{key}"][...])
+                                      partial(read_calibration, group, ENCODING_GROUP))
         self.cls = group["cls"]  # stored values (codes under an encoding with a decode step): see read_features
         self.patch = group["patch"]
         self.status = group["status"]
@@ -217,6 +157,12 @@ class TeacherStore:
         self.images_per_object = int(meta["storage"]["shard_images"] or 1)  # of each feature array
         self.num_views = int(meta["views"]["count"]) if "views" in meta else 0
         self.views: zarr.Group | None = group["views"] if self.num_views else None
+        levels = meta.get("levels") or {}
+        self.blocks: tuple[int, ...] = tuple(levels.get("blocks", ()))  # intermediate blocks stored (levels/b{k})
+        self.level_encodings: dict[int, Encoding] = {  # each level's own calibration, under levels/b{k}/encoding
+            k: Encoding.load(levels.get("encodings", {}).get(f"b{k}"), self.dim, meta["storage"]["dtype"],
+                             partial(read_calibration, group, f"{level_prefix(k)}/{ENCODING_GROUP}"))
+            for k in self.blocks}
 
     # ---- creation / opening ---------------------------------------------------------
     @classmethod
@@ -231,44 +177,52 @@ class TeacherStore:
     @classmethod
     def create(cls, root: str, name: str, provenance: dict, manifest: ImageManifest,
                grid: tuple[int, int], dim: int, storage: StorageConfig, views: int = 0,
-               encoding: Encoding | None = None) -> "TeacherStore":
+               encoding: Encoding | None = None, level_encodings: dict[int, Encoding] | None = None
+               ) -> "TeacherStore":
         """Create teacher group ``name`` (with a ``views/`` subgroup of ``views`` views per image when > 0).
         ``encoding``: ``storage.encoding`` calibrated (:meth:`Encoding.calibrate`; may be omitted for
         encodings that need no calibration); its arrays go to ``encoding/`` and its description to provenance
-        ``storage.encoding``. Provenance is written last and marks the group complete."""
+        ``storage.encoding``. Provenance ``levels.blocks`` (if any) adds the ``levels/b{k}`` arrays, each block
+        with its encoding ``level_encodings[k]`` (calibrated on that block's features, arrays under
+        ``levels/b{k}/encoding/``, described in provenance ``levels.encodings``). Provenance is written last and
+        marks the group complete."""
         encoding = encoding or Encoding.calibrate(storage.encoding, dim, storage.dtype)
-        if encoding.config != storage.encoding:
-            raise StoreError(f"encoding {encoding} differs from the storage's {storage.encoding}")
+        blocks = tuple((provenance.get("levels") or {}).get("blocks", ()))
+        level_encodings = {k: (level_encodings or {}).get(k) or Encoding.calibrate(storage.encoding, dim, storage.dtype)
+                           for k in blocks}
+        for enc in (encoding, *level_encodings.values()):
+            if enc.config != storage.encoding:
+                raise StoreError(f"encoding {enc} differs from the storage's {storage.encoding}")
         parent = open_root(root)
         group = parent.create_group(name)
         n, per = len(manifest), storage.images_per_unit
-        shards = (storage.shard_images,) if storage.shard_images else None
-        create_feature_array(group, "cls", (n,), (1,), shards, ("image", "channel"), storage, encoding)
-        create_feature_array(group, "patch", (n, *grid), (1, *grid), shards and (*shards, *grid),
-                             ("image", "y", "x", "channel"), storage, encoding)
+        create_image_features(group, n, grid, storage, encoding)
         group.create_array("status", shape=(n,), chunks=(per,), dtype="uint8", fill_value=STATUS_PENDING,
                            compressors=(zarr.codecs.ZstdCodec(level=3),), dimension_names=("image",))
         if views:
             create_view_arrays(group.create_group("views"), n, views, grid, storage, encoding)
-        calibration = group.create_group(ENCODING_GROUP)
-        for key, value in encoding.arrays().items():
-            calibration.create_array(key, data=value, chunks=tuple(max(1, s) for s in value.shape),
-                                     compressors=(zarr.codecs.ZstdCodec(level=3),))
+        create_level_arrays(group, blocks, n, views, grid, storage, level_encodings)
+        write_calibration(group.create_group(ENCODING_GROUP), encoding)
+        for k, level_encoding in level_encodings.items():
+            write_calibration(group.require_group(f"{level_prefix(k)}/{ENCODING_GROUP}"), level_encoding)
         text = np.frombuffer(manifest.to_text().encode("utf-8"), dtype=np.uint8)
         group.create_array("manifest", data=text, chunks=(min(max(len(text), 1), 1 << 22),),
                            compressors=(zarr.codecs.ZstdCodec(level=3),), attributes=manifest.text_attributes())
         group.create_group("failures")
         section = {k: v for k, v in provenance["storage"].items() if k != "encoding"}
+        levels = {k: v for k, v in (provenance.get("levels") or {}).items() if k != "encodings"}
         if encoding.name != "none":
             section["encoding"] = encoding.to_json()
-        group.attrs[ATTR_KEY] = {**provenance, "storage": section}
+            levels["encodings"] = {f"b{k}": e.to_json() for k, e in level_encodings.items()}
+        group.attrs[ATTR_KEY] = {**provenance, "storage": section, **({"levels": levels} if blocks else {})}
         return cls(group)
 
     @classmethod
     def open_or_create(cls, root: str, name: str, provenance: dict, manifest: ImageManifest,
                        grid: tuple[int, int], dim: int, storage: StorageConfig,
                        overwrite: bool = False, views: int = 0, encoding: Encoding | None = None,
-                       creator: bool = True, wait_s: float = CREATION_WAIT_S) -> "TeacherStore":
+                       creator: bool = True, wait_s: float = CREATION_WAIT_S,
+                       level_encodings: dict[int, Encoding] | None = None) -> "TeacherStore":
         """Resume a matching store, create a missing one, or refuse a mismatching one (unless ``overwrite``).
         ``encoding``: the calibrated encoding for a group created here (see :meth:`create`); a resumed
         group keeps its stored one.
@@ -287,7 +241,8 @@ class TeacherStore:
             if name in parent and (overwrite or ATTR_KEY not in parent[name].attrs):
                 del parent[name]
             if name not in parent:
-                return cls.create(root, name, provenance, manifest, grid, dim, storage, views, encoding)
+                return cls.create(root, name, provenance, manifest, grid, dim, storage, views, encoding,
+                                  level_encodings)
             store = cls.open(root, name, mode="a")
         check_same_settings(store, provenance, location.join(root, name))
         return store
@@ -339,21 +294,32 @@ class TeacherStore:
         array = self.group["manifest"]
         return ImageManifest.from_stored_text(bytes(array[:]).decode("utf-8"), array.attrs)
 
+    def feature_names(self) -> list[str]:
+        """The group's feature arrays: ``cls``, ``patch``, each stored block's ``levels/b{k}/cls|patch`` and, with
+        cached views, the same under ``views/``."""
+        names = [*FEATURES[:2], *level_names(self.blocks)]
+        return names + ([f"views/{name}" for name in names] if self.views is not None else [])
+
+    def encoding_of(self, name: str) -> Encoding:
+        """The encoding feature array ``name`` is stored with: its level's own for ``[views/]levels/b{k}/...``."""
+        block = block_of(name)
+        return self.encoding if block is None else self.level_encodings[block]
+
     def stored_arrays(self, name: str) -> dict[str, zarr.Array]:
-        """``{part suffix: zarr array}`` of feature array ``name`` (one of :data:`FEATURES`)."""
+        """``{part suffix: zarr array}`` of feature array ``name`` (one of :meth:`feature_names`)."""
         group = self.group if "/" not in name else self.group[name.rpartition("/")[0]]
         base = name.rpartition("/")[2]
-        return {part.suffix: group[base + part.suffix] for part in self.encoding.parts(name)}
+        return {part.suffix: group[base + part.suffix] for part in self.encoding_of(name).parts(name)}
 
     def read_features(self, name: str, rows: int | slice | np.ndarray, check: bool = True) -> np.ndarray:
         """Decoded float32 features of feature array ``name`` (``cls``, ``patch``, ``views/cls``,
-        ``views/patch``) at image ``rows`` (an index, a slice or an index array; ``(..., D)``). Chunks never
-        written decode to NaN: that is what pending and failed images hold, while a done image holding any is
+        ``views/patch``, ``[views/]levels/b{k}/cls|patch``) at image ``rows`` (an index, a slice or an index
+        array; ``(..., D)``). Chunks never written decode to NaN: that is what pending and failed images hold, while a done image holding any is
         damaged, a :class:`DamagedFeaturesError` naming it (``check=False``: returned as read, for ``verify``)."""
-        if name not in FEATURES or (name.startswith("views/") and self.views is None):
-            raise StoreError(f"{self.group.path}: no feature array {name!r}")
+        if name not in self.feature_names():
+            raise StoreError(f"{self.group.path}: no feature array {name!r} (it has {', '.join(self.feature_names())})")
         parts = {suffix: array.oindex[rows] for suffix, array in self.stored_arrays(name).items()}
-        values = self.encoding.decode_numpy(name, parts)
+        values = self.encoding_of(name).decode_numpy(name, parts)
         if check:
             single = isinstance(rows, (int, np.integer))
             self.refuse_damaged(name, rows, nonfinite_rows(values[None] if single else values))
@@ -422,32 +388,40 @@ class TeacherStore:
 
     # ---- writing (one writer per unit) -------------------------------------------------
     def write_rows(self, indices: np.ndarray, cls: np.ndarray, patch: np.ndarray, views: ViewRows | None = None,
-                   executor: Executor | None = None, parts: int = 1) -> None:
-        """Write features of sorted image ``indices``: cls ``(B, D)``, patch ``(B, h, w, D)`` and, in a
-        group with cached views, their ``views``. With an ``executor``, the features are encoded and written in
-        up to ``parts`` tasks that own disjoint objects (whole images, or whole shards), all but one on the
+                   executor: Executor | None = None, parts: int = 1, levels: dict[str, np.ndarray] | None = None
+                   ) -> None:
+        """Write features of sorted image ``indices``: cls ``(B, D)``, patch ``(B, h, w, D)``, in a group with
+        stored blocks their ``levels`` (``levels/b{k}/cls|patch`` -> ``(B, ...)``, every one of the group's) and,
+        in a group with cached views, their ``views`` (with the same levels). With an ``executor``, the features
+        are encoded and written in up to ``parts`` tasks that own disjoint objects (whole images, or whole shards), all but one on the
         executor; either way this returns once every write has finished, raising the first error."""
         if (views is None) != (self.views is None):
             raise StoreError(f"{self.group.path}: has {self.num_views} views per image; "
                              f"got {'no' if views is None else views.cls.shape[1]} views to write")
+        levels = levels or {}
+        wanted = set(level_names(self.blocks))
+        if set(levels) != wanted or (views is not None and set(views.levels) != wanted):
+            raise StoreError(f"{self.group.path}: stores blocks {list(self.blocks)}; got levels "
+                             f"{sorted(levels)} to write")
         if views is not None:  # one chunk per work unit: written here, in order
             for start, stop, offset in contiguous_runs(indices):
                 for name in ("boxes", "flip"):
                     self.views[name][start:stop] = getattr(views, name)[offset:offset + stop - start]
         slices = disjoint_parts(indices // self.images_per_object, parts if executor is not None else 1)
-        run_all([partial(self.write_feature_rows, indices[s], cls[s], patch[s],
+        run_all([partial(self.write_feature_rows, indices[s], {"cls": cls[s], "patch": patch[s],
+                                                                **{n: v[s] for n, v in levels.items()}},
                          None if views is None else views.take(s)) for s in slices], executor)
 
-    def write_feature_rows(self, indices: np.ndarray, cls: np.ndarray, patch: np.ndarray,
-                           views: ViewRows | None) -> None:
-        """Encode and write the feature arrays (not the view boxes and flips) of sorted image ``indices``."""
+    def write_feature_rows(self, indices: np.ndarray, features: dict[str, np.ndarray], views: ViewRows | None) -> None:
+        """Encode and write the feature arrays (not the view boxes and flips) of sorted image ``indices``:
+        ``features`` name -> ``(B, ...)`` (``cls``, ``patch``, levels)."""
         for start, stop, offset in contiguous_runs(indices):
             rows = slice(offset, offset + stop - start)
             if views is not None:
-                self.write_features("views/cls", start, views.cls[rows])
-                self.write_features("views/patch", start, views.patch[rows])
-            self.write_features("patch", start, patch[rows])
-            self.write_features("cls", start, cls[rows])
+                for name, values in {"cls": views.cls, "patch": views.patch, **views.levels}.items():
+                    self.write_features(f"views/{name}", start, values[rows])
+            for name, values in features.items():
+                self.write_features(name, start, values[rows])
 
     def write_features(self, name: str, start: int, values: np.ndarray) -> None:
         """Encode float ``values`` ``(B, ..., D)`` and store them at images ``start .. start + B``. zarr's check
@@ -455,7 +429,7 @@ class TeacherStore:
         values, int8 codes in [-127, 127]), and the check is a pass over every chunk, in software for float16 with a
         NaN fill (~7 ms CPU per 2 MB image, more than half of writing it uncompressed)."""
         arrays = self.stored_arrays(name)
-        for suffix, encoded in self.encoding.encode(name, values).items():
+        for suffix, encoded in self.encoding_of(name).encode(name, values).items():
             arrays[suffix].with_config(WRITE_EVERY_CHUNK)[start:start + len(values)] = encoded
 
     def write_unit_status(self, unit: int, status: np.ndarray) -> None:
@@ -476,13 +450,31 @@ class TeacherStore:
                               compressors=(), overwrite=True)
 
     def nbytes_stored(self) -> int:
-        """Bytes the feature arrays (every stored part), the encoding's calibration arrays and cached views
+        """Bytes the feature arrays (every stored part), the encodings' calibration arrays and cached views
         (with boxes and flips) occupy in the store."""
-        names = [name for name in FEATURES if not name.startswith("views/") or self.views is not None]
-        arrays = [array for name in names for array in self.stored_arrays(name).values()]
-        arrays += [self.views[name] for name in ("boxes", "flip")] if self.views is not None else []
-        if ENCODING_GROUP in self.group:
-            arrays += [array for _, array in self.group[ENCODING_GROUP].arrays()]
-        prefixes = tuple(array.path + "/" for array in arrays)
+        return sum(self.nbytes_by_array().values())
+
+    def nbytes_by_array(self) -> dict[str, int]:
+        """Stored bytes per feature array (:meth:`feature_names`, every part), per calibration group
+        (``encoding``, ``levels/b{k}/encoding``) and of ``views/boxes``, ``views/flip``: one listing."""
+        arrays = {name: list(self.stored_arrays(name).values()) for name in self.feature_names()}
+        if self.views is not None:
+            arrays.update({f"views/{name}": [self.views[name]] for name in ("boxes", "flip")})
+        for path in [ENCODING_GROUP, *(f"{level_prefix(k)}/{ENCODING_GROUP}" for k in self.blocks)]:
+            if path in self.group:
+                arrays[path] = [array for _, array in self.group[path].arrays()]
         sizes = location.object_sizes(self.group.store, self.group.path)
-        return sum(size for key, size in sizes.items() if key.startswith(prefixes))
+        return {name: sum(size for key, size in sizes.items() if key.startswith(tuple(a.path + "/" for a in group)))
+                for name, group in arrays.items()}
+
+
+def read_calibration(group: zarr.Group, path: str, key: str) -> np.ndarray:
+    """Calibration array ``key`` of an encoding stored under ``group``/``path``."""
+    return group[f"{path}/{key}"][...]
+
+
+def write_calibration(group: zarr.Group, encoding: Encoding) -> None:
+    """The calibration arrays of ``encoding`` into ``group`` (one chunk each, zstd)."""
+    for key, value in encoding.arrays().items():
+        group.create_array(key, data=value, chunks=tuple(max(1, s) for s in value.shape),
+                           compressors=(zarr.codecs.ZstdCodec(level=3),))

@@ -45,6 +45,8 @@ def train(
     steps: Optional[int] = typer.Option(None, help="= steps"),
     batch_size: Optional[int] = typer.Option(None, help="= data.batch_size"),
     attention: Optional[str] = typer.Option(None, help="= student.attention: auto, xformers or sdpa"),
+    heads: Optional[str] = typer.Option(None, help="= heads.kind: transformer (DUNE), ladder (UNIC), mlp or sak (SAK: "
+                                        "adapter paths, per-level loss on a cache extracted with --blocks)"),
     live_teachers: Optional[bool] = typer.Option(None, "--live-teachers/--cached-targets",
                                                  help="= live_teachers (baseline: run the teachers in the loop)"),
     device: Optional[str] = typer.Option(None, help="= device"),
@@ -60,7 +62,7 @@ def train(
     """Train (or resume) a student; every flag is a shortcut for one config field."""
     setup_logging(verbose)
     flags = {"data.cache": cache, "data.images": images, "out": out, "steps": steps, "data.batch_size": batch_size,
-             "student.attention": attention, "live_teachers": live_teachers, "device": device,
+             "student.attention": attention, "heads.kind": heads, "live_teachers": live_teachers, "device": device,
              "data.allow_partial": True if allow_partial else None, "data.chunk_cache": chunk_cache,
              "data.chunk_cache_limit_gb": chunk_cache_limit_gb, "progress": progress}
     pairs = list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
@@ -122,15 +124,17 @@ def export(
     checkpoint: Path = typer.Option(..., help="Run checkpoint (RUN/checkpoint.pt)."),
     out: Path = typer.Option(..., help="Output .safetensors (a .json sidecar is written beside it)."),
 ) -> None:
-    """Write the student encoder as safetensors that timm.create_model loads."""
+    """Write the student encoder as safetensors that timm.create_model loads (SAK runs: also their teacher paths)."""
     setup_logging(False)
     try:
         import torch
 
         from .evaluate import load_run
-        from .export import export_encoder
+        from .export import export_encoder, export_sak
 
-        path = export_encoder(load_run(checkpoint, torch.device("cpu")).student, out)
+        run = load_run(checkpoint, torch.device("cpu"))
+        path = (export_sak(run.student, run.heads.projectors, out) if run.cfg.heads.kind == "sak"
+                else export_encoder(run.student, out))
     except _user_errors() as exc:
         fail(exc)
     typer.echo(f"encoder written to {path}")
@@ -197,6 +201,33 @@ def probe(
         fail(exc)
     typer.echo(report.table())
     typer.echo(f"report written to {out}")
+
+
+@app.command()
+def route(
+    checkpoint: Path = typer.Option(..., help="Checkpoint of a heads.kind=sak run (RUN/checkpoint.pt)."),
+    data: Path = typer.Option(..., help="Probe data folder (tools/prepare_probe_data.py writes one)."),
+    out: Path = typer.Option(..., help="Folder for route.json, router_weights.png and the export with routers."),
+    steps: int = typer.Option(300, min=1, help="Full-batch training steps per task."),
+    pooling: Optional[str] = typer.Option(None, help="Router weights per `token` or per image (`global`, SAK); "
+                                          "default: the run's heads.router_pooling."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """SAK stage 2: per task (dense disparity, faces) a Mixture-of-Representations router and a light head on the
+    frozen stem and teacher paths; writes scores, the routers' weights picture and the multi-task export."""
+    setup_logging(False)
+    if pooling not in (None, "token", "global"):
+        fail(ValueError(f"--pooling: {pooling!r} is not one of token, global"))
+    try:
+        from .route import RouteConfig, report_table, run_routing
+
+        report = run_routing(RouteConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), steps=steps,
+                                         pooling=pooling, seed=seed, device=device))
+    except _user_errors() as exc:
+        fail(exc)
+    typer.echo(report_table(report))
+    typer.echo(f"routers, picture and export written to {out}")
 
 
 if __name__ == "__main__":  # torchrun -m dune_student.cli train ...

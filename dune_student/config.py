@@ -20,7 +20,8 @@ from dune_cache.urls import is_remote
 
 STUDENT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")  # the sizes model.ARCHS builds (vit_tiny: tests)
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
-HEAD_KINDS = ("transformer", "ladder", "mlp")
+HEAD_KINDS = ("transformer", "ladder", "mlp", "sak")
+ROUTER_POOLING = ("global", "token")  # SAK's MoR router: one weight set per image (global) or per token
 AUGMENT_MODES = ("none", "grid-crop", "views")
 PLACES = ("auto", "loader", "device")  # where an input stage runs; auto: the device when training on CUDA
 IMAGE_SOURCES = ("auto", "files", "cache")
@@ -56,12 +57,19 @@ class StudentConfig:
 class HeadConfig:
     """Which projector every teacher gets."""
 
-    kind: str = "transformer"  # transformer (DUNE) | ladder (UNIC) | mlp
+    kind: str = "transformer"  # transformer (DUNE) | ladder (UNIC) | mlp | sak (SAK: adapter paths, levels)
     mlp_hidden: int | None = None  # hidden width of the mlp head (default 4*D) / of the ladder's non-last rungs (default D)
+    sak_reduction: int = 4  # SAK adapter bottleneck D -> D/reduction -> D (SAK down_ratio)
+    sak_scale_init: float = 0.0  # adapters' learnable scale at init; 0: every adapter is the identity (SAK: 1.0)
+    sak_levels: list[int] = field(default_factory=list)  # student blocks distilled (0-based); empty: SAK's rule
+    router_pooling: str = "token"  # MoR router weights per token, or per image (global: SAK's GlobalRouter)
+    router_noisy_gating: bool = True  # SAK's noisy top-level gating while training the routers
 
     def __post_init__(self) -> None:
         if self.kind not in HEAD_KINDS:
             raise ValueError(f"head kind must be one of {HEAD_KINDS}, got {self.kind!r}")
+        if self.sak_reduction < 1:
+            raise ValueError(f"heads.sak_reduction must be >= 1, got {self.sak_reduction}")
 
 
 @dataclass
@@ -114,6 +122,9 @@ class LossConfig:
     drop_p: float = 0.5
     sharing: str = "all"                 # all | own_data | own+generic
     generic_tag: str = "generic"
+    cos_weight: float | None = None      # per-level loss weight of (1 - cos); None: 0.9 with heads.kind=sak, else 0.5
+    smooth_l1_weight: float | None = None  # of SmoothL1(beta=1); None: 0.1 with heads.kind=sak, else 0.5
+    cosine_over: str = "auto"            # token (DUNE/UNIC: per token) | map (SAK: whole flattened map) | auto: by kind
 
 
 @dataclass
@@ -149,6 +160,8 @@ CHOICES = {
     "student.arch": STUDENT_ARCHS,
     "student.attention": ATTENTION_BACKENDS,
     "heads.kind": HEAD_KINDS,
+    "heads.router_pooling": ROUTER_POOLING,
+    "loss.cosine_over": ("auto", "token", "map"),
     "augment.mode": AUGMENT_MODES,
     "augment.photometric_on": PLACES,
     "data.image_source": IMAGE_SOURCES,
@@ -289,6 +302,10 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("checkpoint_minutes: must be 0 (off) or > 0")
     if cfg.eval_every < 0 or (cfg.eval_every and cfg.data.holdout < 1):
         raise ConfigError("eval_every: must be 0 (off) or > 0 with data.holdout > 0 (the held-out images it evaluates)")
+    if cfg.heads.sak_reduction < 1:
+        raise ConfigError("heads.sak_reduction: must be >= 1")
+    if any(w is not None and w < 0 for w in (cfg.loss.cos_weight, cfg.loss.smooth_l1_weight)):
+        raise ConfigError("loss.cos_weight and loss.smooth_l1_weight: must be >= 0 (or none: the head kind's default)")
     validate_student(cfg)
     validate_augment(cfg.augment)
 
@@ -317,6 +334,17 @@ def validate_augment(augment: AugmentConfig) -> None:
         raise ConfigError("augment.flip_p: must be in [0, 1]")
     if augment.min_cells < 1:
         raise ConfigError("augment.min_cells: must be >= 1")
+
+
+def loss_terms(cfg: TrainConfig) -> tuple[float, float, str]:
+    """``(cos_weight, smooth_l1_weight, cosine_over)`` of the distillation loss: the ``loss`` fields, their ``None`` /
+    ``auto`` resolved by head kind (SAK: ``0.9·(1 − cos of the whole map) + 0.1·SmoothL1``; others: ``0.5``/``0.5``
+    per token)."""
+    sak = cfg.heads.kind == "sak"
+    cos = cfg.loss.cos_weight if cfg.loss.cos_weight is not None else (0.9 if sak else 0.5)
+    l1 = cfg.loss.smooth_l1_weight if cfg.loss.smooth_l1_weight is not None else (0.1 if sak else 0.5)
+    over = cfg.loss.cosine_over if cfg.loss.cosine_over != "auto" else ("map" if sak else "token")
+    return cos, l1, over
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -49,6 +49,8 @@ class TrainBatch:
     (``pixels``/``clean_pixels`` are then empty until :func:`finish_pixels`).
     photometric: with photometric augmentation on the device, the draws still to apply there (``pixels`` is then
     ``clean_pixels`` until :func:`finish_pixels`).
+    level_cls: teacher -> block -> ``(B, D_t)``; level_patch: teacher -> block -> ``(B, h, w, D_t)`` cropped like
+    ``patch``: the intermediate blocks the cache stores, read for SAK heads (``BatchSource(levels=True)``).
     """
 
     step: int
@@ -65,6 +67,8 @@ class TrainBatch:
     damaged: torch.Tensor | None = None
     images: EncodedImages | None = None
     photometric: PhotometricParams | None = None
+    level_cls: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
+    level_patch: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,11 +225,11 @@ class BatchSource(Dataset):
                  shuffle_block: int, shuffle_buffer: int, rank: int = 0, world: int = 1, read_targets: bool = True,
                  decode_on_device: bool = False, chunk_cache: str | None = None, chunk_cache_limit: int = 0,
                  skip_damaged: bool = False, images_from_cache: bool = False, decode_images_on_device: bool = False,
-                 photometric_on_device: bool = False, jpeg_draft: str = "crop"):
+                 photometric_on_device: bool = False, jpeg_draft: str = "crop", levels: bool = False):
         # float16 targets (half the bytes through the loader); the trainer widens them on the device
         self.reader_args = dict(root=cache, teachers=teachers or None, backend=backend, allow_partial=allow_partial,
                                 dtype=torch.float16, chunk_cache=chunk_cache, chunk_cache_limit=chunk_cache_limit,
-                                skip_damaged=skip_damaged)
+                                skip_damaged=skip_damaged, levels=levels)
         reader = CacheReader(**self.reader_args)
         if images_from_cache:  # the cache's own copy of its images (dune-cache add-images)
             try:
@@ -284,10 +288,11 @@ class BatchSource(Dataset):
                                                                             self.rank))
             if not (self.photometric_on_device or self.decode_images_on_device):
                 pixels, params = apply_photometric_uint8(clean_pixels, params), None
-        cls, patch, mask, damaged, encoded = self.cropped_targets(indices, crops, views)
+        cls, patch, mask, damaged, encoded, level_cls, level_patch = self.cropped_targets(indices, crops, views)
         return TrainBatch(step=step, indices=indices, pixels=pixels, clean_pixels=clean_pixels, cls=cls,
                           patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops, views=views,
-                          encoded=encoded, damaged=damaged, images=images, photometric=params)
+                          encoded=encoded, damaged=damaged, images=images, photometric=params, level_cls=level_cls,
+                          level_patch=level_patch)
 
     def crop_size(self, generator: torch.Generator) -> tuple[int, int]:
         """This step's crop size in grid cells (the whole grid without grid-crop)."""
@@ -338,17 +343,24 @@ class BatchSource(Dataset):
         return crop_view_pixels(self.open_image(file, index, decode_size(size)), box, flip, size)
 
     def cropped_targets(self, indices: np.ndarray, crops: list[GridCrop], views: np.ndarray):
-        """``(cls, patch, mask, damaged, None)`` decoded targets with patch tokens cropped, or with
-        ``decode_on_device`` ``({}, {}, mask, None, EncodedBatch)`` whose patch parts are cropped alike."""
+        """``(cls, patch, mask, damaged, None, level_cls, level_patch)`` decoded targets with patch tokens (and the
+        levels' patch tokens) cropped, or with ``decode_on_device`` ``({}, {}, mask, None, EncodedBatch, {}, {})``
+        whose patch parts are cropped alike."""
         if not self.read_targets:
-            return {}, {}, torch.ones(len(indices), 0, dtype=torch.bool), None, None
+            return {}, {}, torch.ones(len(indices), 0, dtype=torch.bool), None, None, {}, {}
         targets = self.reader().read(indices, views, decode=not self.decode_on_device)
         if self.decode_on_device:
-            patch = {t: {suffix: crop_batch(part, crops) for suffix, part in parts.items()}
-                     for t, parts in targets.patch.items()}
-            return {}, {}, targets.mask, None, replace(targets, patch=patch)
+            # a per-image part (B, rows, C) (lowrank's _basis) is not on the token grid: whole, not cropped
+            crop_parts = lambda parts: {suffix: crop_batch(part, crops) if part.dim() == 4 else part  # noqa: E731
+                                        for suffix, part in parts.items()}
+            patch = {t: crop_parts(parts) for t, parts in targets.patch.items()}
+            level_patch = {t: {k: crop_parts(parts) for k, parts in levels.items()}
+                           for t, levels in targets.level_patch.items()}
+            return {}, {}, targets.mask, None, replace(targets, patch=patch, level_patch=level_patch), {}, {}
         patch = {t: crop_batch(p, crops) for t, p in targets.patch.items()}
-        return targets.cls, patch, targets.mask, targets.damaged, None
+        level_patch = {t: {k: crop_batch(p, crops) for k, p in levels.items()}
+                       for t, levels in targets.level_patch.items()}
+        return targets.cls, patch, targets.mask, targets.damaged, None, targets.level_cls, level_patch
 
 
 class CopiedImages(Sequence):

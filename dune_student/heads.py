@@ -13,8 +13,11 @@ Three kinds, each mapping :class:`~dune_student.model.StudentOutput` to the teac
   norm), outputs of all blocks summed. ``hidden`` is D except for the last block, 4*D (UNIC:
   768 and 3072 for ViT-B).
 * ``mlp``: one such MLP per token type on the last block, hidden 4*D (the ladder's last rung alone).
+* ``sak`` (SAK, :mod:`dune_student.sak`): per teacher, residual bottleneck adapters alongside every student
+  block, the teacher's own LayerNorm and a ``Linear(D -> D_t)`` aligner at each distilled level; the final
+  prediction is the last level, :meth:`TeacherHeads.forward_levels` gives every level.
 
-All linear layers start trunc-normal (std 0.02) with zero bias, as UNIC's ladder.
+All linear layers start trunc-normal (std 0.02) with zero bias, as UNIC's ladder and SAK.
 :class:`TeacherHeads` holds one projector per teacher and resizes projected patch tokens
 (bilinear, ``align_corners=False``) to the teacher's target grid when it differs from the
 student's.
@@ -31,6 +34,7 @@ from torch import nn
 from .attention import BackendAttention, set_attention_backend
 from .config import HEAD_KINDS, HeadConfig  # noqa: F401  (HEAD_KINDS re-exported)
 from .model import Student, StudentOutput, split_tokens
+from .sak import SAKProjector, student_levels
 
 PROJECTOR_LAYERSCALE = 1e-4
 
@@ -118,6 +122,9 @@ def build_projector(cfg: HeadConfig, student: Student, out_dim: int) -> nn.Modul
     dim = student.embed_dim
     if cfg.kind == "transformer":
         projector = TransformerProjector(dim, student.num_heads, out_dim)
+    elif cfg.kind == "sak":
+        return SAKProjector(dim, student.num_registers, out_dim, student_levels(cfg.sak_levels, student.depth),
+                            cfg.sak_reduction, cfg.sak_scale_init)  # SAK's own init
     elif cfg.kind == "ladder":
         projector = LadderProjector(dim, student.depth, student.num_registers, out_dim,
                                     hidden=cfg.mlp_hidden or dim, last_hidden=4 * dim)
@@ -157,7 +164,13 @@ class TeacherHeads(nn.Module):
     @property
     def needs_blocks(self) -> bool:
         """Whether the student must be called with ``return_blocks=True``."""
-        return self.kind == "ladder"
+        return self.kind in ("ladder", "sak")
+
+    def forward_levels(self, out: StudentOutput) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """SAK heads: name -> per level (CLS ``(B, D_t)``, patches ``(B, h, w, D_t)`` on the student's grid)."""
+        if self.kind != "sak":
+            raise ValueError(f"only SAK heads predict per level; these are {self.kind!r} heads")
+        return {name: projector.forward_levels(out) for name, projector in self.projectors.items()}
 
     def forward(self, out: StudentOutput, grids: dict[str, tuple[int, int]] | None = None
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -1,9 +1,11 @@
 """Distillation losses, teacher dropping, data sharing and target standardisation.
 
 Loss (DUNE/UNIC, NOTES §1): per teacher and token type ``0.5·(1 − cos) + 0.5·SmoothL1(β=1)``
-(SmoothL1 averaged over channels), in fp32, patch losses averaged over tokens, then CLS and patch
+(SmoothL1 averaged over channels; SAK's ``0.9·(1 − cos of the whole map) + 0.1·SmoothL1`` with other
+:class:`LossTerms`), in fp32, patch losses averaged over tokens, then CLS and patch
 averaged. A teacher without a real CLS token (``cls_source == "mean_patch"``, e.g. MASt3R) is
-distilled on patches only when its ``use_cls`` flag is false, as in DUNE.
+distilled on patches only when its ``use_cls`` flag is false, as in DUNE; a class token or an attention-pool
+output (``"attn_pool"``, SigLIP2) is distilled.
 
 Teacher dropping ``lowest_loss`` (UNIC ``modeling/teacher_dropping.py``, DUNE
 ``TeacherDropping``): per image, the available teacher with the highest loss is always kept and
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -48,9 +51,28 @@ STANDARDIZE_MODES = ("channel", "phis", "ema", "none")
 STD_EPS = 1e-6
 
 
-def token_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``0.5·(1 − cos) + 0.5·SmoothL1(β=1, mean over channels)`` per token, averaged over tokens.
+@dataclass(frozen=True)
+class LossTerms:
+    """Weights of the two terms of the distillation loss and where the cosine is taken.
 
+    cosine_over: ``token`` (DUNE/UNIC: cosine of each token, averaged) or ``map`` (SAK, Theia: one cosine of the
+    whole flattened map per sample). Defaults: DUNE's ``0.5·(1 − cos) + 0.5·SmoothL1``;
+    :func:`dune_student.config.loss_terms` resolves them from a config (SAK: 0.9 / 0.1 over the map).
+    """
+
+    cos_weight: float = 0.5
+    smooth_l1_weight: float = 0.5
+    cosine_over: str = "token"
+
+
+DUNE_TERMS = LossTerms()
+
+
+def token_loss(pred: torch.Tensor, target: torch.Tensor, terms: LossTerms = DUNE_TERMS) -> torch.Tensor:
+    """``w_cos·(1 − cos) + w_l1·SmoothL1(β=1)`` per sample (DUNE: 0.5 / 0.5, cosine per token).
+
+    SmoothL1 is averaged over channels and tokens; the cosine is per token then averaged over tokens
+    (``terms.cosine_over == "token"``) or of the whole flattened ``(..., D)`` map (``"map"``, SAK).
     pred, target: ``(B, ..., D)`` (e.g. ``(B, D)`` for CLS, ``(B, h, w, D)`` for patches), any float
     dtype; computed in fp32 even under autocast. Returns ``(B,)`` float32.
     """
@@ -58,15 +80,18 @@ def token_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     with torch.autocast(device_type=pred.device.type, enabled=False):
         pred, target = pred.float(), target.float()
-        cosine = F.cosine_similarity(pred, target, dim=-1)
-        smooth_l1 = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0).mean(dim=-1)
-        per_token = 0.5 * (1.0 - cosine) + 0.5 * smooth_l1
-        return per_token.reshape(len(per_token), -1).mean(dim=1)
+        batch = len(pred)
+        if terms.cosine_over == "map":
+            cosine = F.cosine_similarity(pred.reshape(batch, -1), target.reshape(batch, -1), dim=1)
+        else:
+            cosine = F.cosine_similarity(pred, target, dim=-1).reshape(batch, -1).mean(dim=1)
+        smooth_l1 = F.smooth_l1_loss(pred, target, reduction="none", beta=1.0).reshape(batch, -1).mean(dim=1)
+        return terms.cos_weight * (1.0 - cosine) + terms.smooth_l1_weight * smooth_l1
 
 
 def teacher_losses(preds: Mapping[str, Tokens], targets: Mapping[str, Tokens], teachers: Sequence[str],
-                   use_cls: Mapping[str, bool] | None = None) -> torch.Tensor:
-    """Loss of every sample for every teacher: mean of its CLS and patch losses.
+                   use_cls: Mapping[str, bool] | None = None, terms: LossTerms = DUNE_TERMS) -> torch.Tensor:
+    """Loss of every sample for every teacher: mean of its CLS and patch losses (:func:`token_loss` with ``terms``).
 
     preds, targets: teacher -> (cls ``(B, D_t)``, patch ``(B, h_t, w_t, D_t)``) (targets standardised);
     use_cls: teacher -> whether its CLS is distilled (default true); false: patch loss only.
@@ -75,15 +100,16 @@ def teacher_losses(preds: Mapping[str, Tokens], targets: Mapping[str, Tokens], t
     columns = []
     for teacher in teachers:
         (pred_cls, pred_patch), (target_cls, target_patch) = preds[teacher], targets[teacher]
-        patch = token_loss(pred_patch, target_patch)
+        patch = token_loss(pred_patch, target_patch, terms)
         distil_cls = True if use_cls is None else use_cls.get(teacher, True)
-        columns.append(0.5 * (token_loss(pred_cls, target_cls) + patch) if distil_cls else patch)
+        columns.append(0.5 * (token_loss(pred_cls, target_cls, terms) + patch) if distil_cls else patch)
     return torch.stack(columns, dim=1)
 
 
 def use_cls_from_provenance(provenance: Mapping[str, Mapping]) -> dict[str, bool]:
-    """teacher -> distil its CLS? False for teachers whose cached CLS is the mean patch (DUNE: MASt3R)."""
-    return {teacher: attrs["teacher"]["cls_source"] == "token" for teacher, attrs in provenance.items()}
+    """teacher -> distil its CLS? False for teachers whose cached CLS is the mean patch (DUNE: MASt3R); true for a
+    class token and for an attention-pool head's output (SigLIP2: an image feature the teacher was trained on)."""
+    return {teacher: attrs["teacher"]["cls_source"] != "mean_patch" for teacher, attrs in provenance.items()}
 
 
 def highest_loss_teacher(losses: torch.Tensor, available: torch.Tensor) -> torch.Tensor:

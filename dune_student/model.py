@@ -53,12 +53,14 @@ class StudentOutput:
     """Student tokens, before any final norm.
 
     cls: ``(B, D)``; patch: ``(B, h, w, D)``; blocks: each block's output ``(B, 1 + R + N, D)``
-    when requested (the ladder projector needs them), else ``[]``.
+    when requested (the ladder and SAK projectors need them), else ``[]``; embedded: the tokens entering the
+    first block ``(B, 1 + R + N, D)`` when blocks are requested (SAK's first adapter reads them), else ``None``.
     """
 
     cls: torch.Tensor
     patch: torch.Tensor
     blocks: list[torch.Tensor] = field(default_factory=list)
+    embedded: torch.Tensor | None = None
 
 
 def timm_model_name(cfg: StudentConfig) -> str:
@@ -123,12 +125,19 @@ class Student(nn.Module):
         grid = self.grid(*pixels_normalised.shape[-2:])
         if self.attention_backend == "xformers" and not pixels_normalised.is_cuda:
             raise RuntimeError("the student uses xformers attention, which needs CUDA inputs")
-        vit = self.vit
-        x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels_normalised))))
-        blocks = []
-        for block in vit.blocks:
-            x = block(x)
-            if return_blocks:
-                blocks.append(x)
-        cls, patch = split_tokens(x, self.num_registers, grid)
-        return StudentOutput(cls=cls, patch=patch, blocks=blocks)
+        return run_stem(self.vit, pixels_normalised, self.num_registers, grid, return_blocks)
+
+
+def run_stem(vit: nn.Module, pixels_normalised: torch.Tensor, num_registers: int, grid: tuple[int, int],
+             return_blocks: bool = False) -> StudentOutput:
+    """A timm ``VisionTransformer`` (built with ``final_norm=False``) on ``(B, 3, H, W)`` -> :class:`StudentOutput`:
+    the last block's tokens, and with ``return_blocks`` the embedded tokens and every block's output."""
+    x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(pixels_normalised))))
+    embedded = x if return_blocks else None
+    blocks = []
+    for block in vit.blocks:
+        x = block(x)
+        if return_blocks:
+            blocks.append(x)
+    cls, patch = split_tokens(x, num_registers, grid)
+    return StudentOutput(cls=cls, patch=patch, blocks=blocks, embedded=embedded)

@@ -31,7 +31,7 @@ from dune_cache.interrupt import Interrupted
 from dune_cache.reader import CacheReader
 from dune_cache.runtime import default_num_workers, pick_device
 
-from .config import RESOLVED, TrainConfig, config_to_dict
+from .config import RESOLVED, TrainConfig, config_to_dict, loss_terms
 from .curves import write_curves_safely
 from .data import (TEACHER_DROP_STREAM, BatchSource, TrainBatch, batch_loader, common_grid, finish_pixels,
                    step_generator, views_per_image)
@@ -39,10 +39,13 @@ from .errors import DataError, NonFiniteLossError, RunMismatchError
 from .evaluate import LoadedRun, fidelity
 from .heads import TeacherHeads
 from .live_teachers import live_targets, load_live_teachers
-from .losses import Standardizer, drop_teachers, ema_momentum, sharing_mask, teacher_losses, use_cls_from_provenance
+from .losses import (LossTerms, Standardizer, drop_teachers, ema_momentum, sharing_mask, teacher_losses,
+                     use_cls_from_provenance)
 from .model import Student
+from .optimization import lr_factor, param_groups
 from .run_control import (CheckpointSchedule, StopSignals, cache_changes, config_changes, ignore_signals_in_worker,
                           shut_down_workers, write_atomically)
+from .sak_training import SAKObjective
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -125,25 +128,6 @@ def on_device(place: str, device: torch.device) -> bool:
     return place == "device" or (place == "auto" and device.type == "cuda")
 
 
-def param_groups(modules: list[nn.Module], weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases and other 1-D parameters (norms, LayerScale, tokens)."""
-    decay, no_decay = [], []
-    for module in modules:
-        for name, p in module.named_parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def lr_factor(step: int, total: int, warmup_fraction: float, min_ratio: float) -> float:
-    """Linear warmup then cosine decay to ``min_ratio`` of the peak."""
-    warmup = int(total * warmup_fraction)
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def build_standardizer(cfg: TrainConfig, reader: CacheReader) -> Standardizer:
     """Target standardisation from the cache's statistics (``dune-cache stats``); a missing one is an error."""
     stats = {t: reader.stats(t) for t in reader.teachers}
@@ -170,14 +154,16 @@ class TrainResult:
 
 class Distiller(nn.Module):
     """Student + per-teacher heads: normalised pixels ``(B, 3, S, S)`` -> teacher -> (cls ``(B, D_t)``,
-    patch ``(B, h_t, w_t, D_t)`` at ``grids[teacher]``)."""
+    patch ``(B, h_t, w_t, D_t)`` at ``grids[teacher]``); SAK heads: teacher -> per level (cls, patch on the
+    student's grid)."""
 
     def __init__(self, student: Student, heads: TeacherHeads, return_blocks: bool):
         super().__init__()
         self.student, self.heads, self.return_blocks = student, heads, return_blocks
 
     def forward(self, pixels: torch.Tensor, grids: dict[str, tuple[int, int]] | None = None) -> dict:
-        return self.heads(self.student(pixels, return_blocks=self.return_blocks), grids)
+        out = self.student(pixels, return_blocks=self.return_blocks)
+        return self.heads.forward_levels(out) if self.heads.kind == "sak" else self.heads(out, grids)
 
 
 class Trainer:
@@ -210,7 +196,10 @@ class Trainer:
         self.student = Student(cfg.student, device=self.device).to(self.device)
         self.heads = TeacherHeads(self.student, {t: (self.reader.dims[t], self.reader.grids[t]) for t in self.teachers},
                                   cfg.heads).to(self.device)
-        self.model = Distiller(self.student, self.heads, return_blocks=cfg.heads.kind == "ladder")
+        self.model = Distiller(self.student, self.heads, return_blocks=self.heads.needs_blocks)
+        self.terms = LossTerms(*loss_terms(cfg))
+        self.sak = (SAKObjective.from_config(cfg, self.reader.blocks, self.student.depth, self.reader.dims,
+                                             self.use_cls).to(self.device) if cfg.heads.kind == "sak" else None)
         self.ddp = (nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device.index]
                                                         if self.device.type == "cuda" else None)
                     if self.world > 1 else self.model)
@@ -229,7 +218,8 @@ class Trainer:
             chunk_cache=str(chunk_cache) if chunk_cache else None, chunk_cache_limit=chunk_cache_limit,
             skip_damaged=cfg.data.skip_damaged, images_from_cache=images_from_cache(cfg),
             decode_images_on_device=cfg.data.image_decode == "device",
-            photometric_on_device=on_device(cfg.augment.photometric_on, self.device), jpeg_draft=cfg.data.jpeg_draft)
+            photometric_on_device=on_device(cfg.augment.photometric_on, self.device), jpeg_draft=cfg.data.jpeg_draft,
+            levels=self.sak is not None)
         self.workers = default_num_workers(self.device) if cfg.data.num_workers < 0 else cfg.data.num_workers
         self.out = Path(cfg.out)
         self.step = 0
@@ -259,6 +249,7 @@ class Trainer:
             "done_counts": self.reader.done_counts,
             "student": self.student.state_dict(), "heads": self.heads.state_dict(),
             "standardizer": self.standardizer.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "sak_objective": self.sak.state_dict() if self.sak is not None else None,
             "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "damaged_targets": self.damaged_targets, "loss": self.last_loss,
@@ -293,6 +284,8 @@ class Trainer:
         self.student.load_state_dict(ckpt["student"])
         self.heads.load_state_dict(ckpt["heads"])
         self.standardizer.load_state_dict(ckpt["standardizer"])
+        if self.sak is not None:  # level statistics (the config check above guarantees the checkpoint has them)
+            self.sak.load_state_dict(ckpt["sak_objective"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         self.scheduler.load_state_dict(ckpt["scheduler"])
         self.step = self.saved_step = ckpt["step"]
@@ -322,6 +315,7 @@ class Trainer:
             decoded = self.reader.decode(batch.encoded, device)
             batch.cls, batch.patch = decoded.cls, decoded.patch
             batch.mask, batch.damaged = decoded.mask, decoded.damaged  # damaged targets are masked out
+            batch.level_cls, batch.level_patch = decoded.level_cls, decoded.level_patch
         pixels = self.student.normalize(batch.pixels.to(device, non_blocking=True))
         mask = batch.mask.to(device)
         targets = {}
@@ -332,7 +326,12 @@ class Trainer:
         grids = {t: tuple(targets[t][1].shape[1:3]) for t in self.teachers}
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
             preds = self.ddp(pixels, grids)
-        losses = teacher_losses(preds, targets, self.teachers, self.use_cls)
+        if self.sak is not None:
+            levels = self.sak.level_targets(batch.level_cls, batch.level_patch, mask, self.teachers,
+                                            ema_momentum(self.step, cfg.steps))
+            losses = self.sak.losses(preds, targets, levels, self.teachers)
+        else:
+            losses = teacher_losses(preds, targets, self.teachers, self.use_cls, self.terms)
         available = mask & sharing_mask(batch.tags, self.teachers, cfg.loss.sharing, cfg.loss.generic_tag).to(device)
         drop_p = cfg.loss.drop_p if cfg.loss.teacher_drop == "lowest_loss" else 0.0  # p=0: mean over available
         weights = drop_teachers(losses.detach(), available, drop_p,

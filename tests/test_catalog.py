@@ -55,6 +55,7 @@ def test_ls_json_describes_every_group_of_every_cache(tree, real_image_dir, tiny
     assert a["geometry"] == {"resolution": [32, 48], "grid": [4, 6], "resize": "squash"}
     assert a["storage"] == {"dtype": "float16", "codec": "blosc-zstd", "level": 5, "shard_images": 0,
                             "encoding": None}
+    assert a["blocks"] == []  # no intermediate blocks stored
     assert (a["done"], a["failed"], a["pending"]) == (6, 0, 0)
     on_disk = sum(p.stat().st_size for p in (tree / "a.zarr" / "tiny_test_teacher").rglob("*") if p.is_file())
     assert a["bytes"] == on_disk and a["error"] is None
@@ -79,6 +80,20 @@ def test_ls_table_depth_and_errors(tree):
     assert "no caches under" in listing(str(tree / "notes")).output
     missing = runner.invoke(app, ["ls", str(tree / "nothing")])
     assert missing.exit_code == 2 and "no such folder" in missing.output
+
+
+def test_ls_shows_the_blocks_each_group_stores(tmp_path, real_image_dir, tiny_checkpoint):
+    cache = tmp_path / "root" / "levels.zarr"
+    extract(real_image_dir, cache, None, teacher="timm:vit_tiny_patch16_224", random_weights=True,
+            resolution="32x48", blocks="sak")  # 12 blocks: SAK's choice is 2, 5, 8, 11
+    extract(real_image_dir, cache, tiny_checkpoint)  # a group without levels next to it
+    [entry] = json.loads(listing(str(tmp_path / "root"), "--json").output)
+    assert {g["group"]: g["blocks"] for g in entry["groups"]} == {"timm-vit_tiny_patch16_224": [2, 5, 8, 11],
+                                                                  "tiny_test_teacher": []}
+    header, *rows = listing(str(tmp_path / "root")).output.splitlines()
+    column = header.index("levels")
+    assert {row.split()[1]: row[column:].split()[0] for row in rows} == {"timm-vit_tiny_patch16_224": "b2,b5,b8,b11",
+                                                                         "tiny_test_teacher": "-"}
 
 
 @pytest.fixture

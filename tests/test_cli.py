@@ -13,10 +13,15 @@ def test_teachers_lists_every_family_with_geometry():
     assert result.exit_code == 0
     rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
     for name in ["dinov2_vits14", "dinov2_vitl14_reg4", "dinov2_vitg14", "mast3r", "multihmr", "dino_vitb16",
-                 "deit3_vitb16", "ibot_vitb16", "dbot_vitb16", "timm:<model_name>"]:
+                 "deit3_vitb16", "ibot_vitb16", "dbot_vitb16", "dino_vitb16_upstream_pos", "dinov3_vitl16",
+                 "dinov3_vit7b16", "siglip2_so400m14_378", "sam_vith", "sam_vitb_encoder", "depth_anything_v2_vitl",
+                 "timm:<model_name>"]:
         assert name in rows, name
     assert rows["mast3r"][2:5] == ["16", "1024", "0"] and rows["mast3r"][5] == "mean_patch"
     assert rows["dinov2_vitl14_reg4"][2:5] == ["14", "1024", "4"]
+    assert rows["dinov3_vitl16"][2:6] == ["16", "1024", "4", "token"]
+    assert rows["siglip2_so400m14_378"][2:7] == ["14", "1152", "0", "attn_pool", "378x378"]
+    assert rows["sam_vith"][2:7] == ["16", "256", "0", "mean_patch", "1024x1024"]
 
 
 def test_user_errors_are_one_clear_line_and_exit_2(tmp_path, tiny_checkpoint, real_image_dir):

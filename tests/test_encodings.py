@@ -139,7 +139,7 @@ def test_values_beyond_float16_are_refused_not_stored_as_inf():
         encoding.encode("patch", np.full((1, *GRID, D), 1e5, dtype=np.float32))
 
 
-@pytest.mark.parametrize("text", ["int8-channel", "int8-token", "pca:rank=8"])
+@pytest.mark.parametrize("text", ["int8-channel", "int8-token", "pca:rank=8", "pca-int8:rank=8"])
 def test_torch_decode_equals_the_numpy_formulas(text):
     encoding = calibrated(text)
     _, patch = vit_like(4, seed=3)
@@ -152,6 +152,8 @@ def test_torch_decode_equals_the_numpy_formulas(text):
     elif scheme.name == "int8-token":
         expected = parts[""] * parts["_scale"]
         expected[..., scheme.arrays["outlier_channels"]] = parts["_outliers"]
+    elif scheme.name == "pca-int8":
+        expected = (parts[""] * parts["_scale"]) @ scheme.arrays["basis"] + scheme.arrays["mean"]
     else:
         expected = parts[""].astype(np.float32) @ scheme.arrays["basis"] + scheme.arrays["mean"]
     np.testing.assert_allclose(got.numpy(), expected, rtol=1e-6, atol=1e-5)
@@ -210,8 +212,9 @@ def encoded_group(root: Path, text: str, status: list[int], seed: int = 0) -> tu
     return store, cls, patch
 
 
-def test_an_unwritten_image_of_an_int8_group_decodes_to_nan_and_fails_verify(tmp_path):
-    store, _, _ = encoded_group(tmp_path / "c.zarr", "int8-token", [1, 1, 1, 1])
+@pytest.mark.parametrize("text", ["int8-token", "pca-int8:rank=8"])
+def test_an_unwritten_image_of_an_int8_group_decodes_to_nan_and_fails_verify(tmp_path, text):
+    store, _, _ = encoded_group(tmp_path / "c.zarr", text, [1, 1, 1, 1])
     store.patch[2] = INT8_MISSING  # as if the chunk were lost: it reads as the fill value
     assert np.isnan(store.read_features("patch", 2, check=False)).all()
     assert np.isfinite(store.read_features("patch", 1)).all()
@@ -222,7 +225,7 @@ def test_an_unwritten_image_of_an_int8_group_decodes_to_nan_and_fails_verify(tmp
     assert not report.ok and any("image 2" in p and "non-finite" in p for p in report.problems)
 
 
-@pytest.mark.parametrize("text", ["int8-channel", "int8-token", "pca:rank=16", "bitround"])
+@pytest.mark.parametrize("text", ["int8-channel", "int8-token", "pca:rank=16", "pca-int8:rank=16", "bitround"])
 def test_reader_returns_decoded_float_targets_and_decodes_stored_parts_on_request(tmp_path, text):
     store, cls, patch = encoded_group(tmp_path / "c.zarr", text, [1, 1, 2, 1, 1, 1])
     reader = CacheReader(str(tmp_path / "c.zarr"), backend="zarr")

@@ -161,6 +161,18 @@ def test_mismatched_store_is_refused_with_what_differs(tmp_path, images, tiny_ch
     assert result.processed == 6 and read_all(out)[2].shape == (9, 5, 6, 16)
 
 
+def test_overwrite_reextracts_a_matching_group_from_scratch(tmp_path, images, tiny_checkpoint):
+    """``--overwrite`` deletes the group even when it matches (its help and the README say so); without it the
+    same command resumes and recomputes nothing."""
+    out = tmp_path / "cache"
+    run_extraction(config(images, out, tiny_checkpoint))
+    assert run_extraction(config(images, out, tiny_checkpoint)).processed == 0  # matching: resumed, all done
+    zarr.open_group(str(out / "tiny_test_teacher"), mode="r+").attrs["left_by_the_old_group"] = True
+    result = run_extraction(config(images, out, tiny_checkpoint, overwrite=True))
+    assert (result.processed, result.failed) == (6, 3)
+    assert "left_by_the_old_group" not in zarr.open_group(str(out / "tiny_test_teacher"), mode="r").attrs
+
+
 def test_non_finite_features_are_an_error_naming_images_and_keep_earlier_batches(tmp_path, images,
                                                                                   tiny_checkpoint, monkeypatch):
     teacher_cls = type(create_teacher("tiny_test_teacher"))

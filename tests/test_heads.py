@@ -32,7 +32,7 @@ def test_output_shapes_and_grid_resize(student, kind):
     assert out["same_grid"][0].shape == (2, 24) and out["same_grid"][1].shape == (2, 3, 4, 24)
     assert out["finer_grid"][0].shape == (2, 40) and out["finer_grid"][1].shape == (2, 6, 8, 40)
     assert overridden["same_grid"][1].shape == (2, 5, 7, 24)
-    assert heads.needs_blocks == (kind == "ladder")
+    assert heads.needs_blocks == (kind in ("ladder", "sak"))
 
 
 def test_transformer_projector_uses_student_attention_backend(student):
@@ -87,7 +87,12 @@ def test_ladder_without_block_outputs_is_an_error(student):
 def test_gradients_reach_every_student_parameter(student, kind):
     heads = TeacherHeads(student, TEACHERS, HeadConfig(kind=kind))
     student.zero_grad(set_to_none=True)
-    out = run_heads(student, heads, torch.randn(2, 3, 48, 64))
+    x = torch.randn(2, 3, 48, 64)
+    if kind == "sak":  # every level is distilled
+        levels = heads.forward_levels(student(x, return_blocks=True))
+        out = {f"{t}/{i}": pair for t, pairs in levels.items() for i, pair in enumerate(pairs)}
+    else:
+        out = run_heads(student, heads, x)
     loss = sum(cls.square().mean() + patch.square().mean() for cls, patch in out.values())
     loss.backward()
     missing = [name for name, p in student.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]

@@ -61,8 +61,9 @@ def test_teacher_losses_average_cls_and_patch_and_skip_cls_when_asked():
 
 
 def test_use_cls_follows_the_cached_cls_source():
-    provenance = {"dino": {"teacher": {"cls_source": "token"}}, "mast3r": {"teacher": {"cls_source": "mean_patch"}}}
-    assert use_cls_from_provenance(provenance) == {"dino": True, "mast3r": False}
+    provenance = {"dino": {"teacher": {"cls_source": "token"}}, "mast3r": {"teacher": {"cls_source": "mean_patch"}},
+                  "siglip2": {"teacher": {"cls_source": "attn_pool"}}}
+    assert use_cls_from_provenance(provenance) == {"dino": True, "mast3r": False, "siglip2": True}
 
 
 def test_dropping_always_keeps_the_highest_loss_teacher_and_drops_others_at_rate_p():

@@ -118,9 +118,10 @@ def test_the_source_itself_is_refused_as_output(source):
         run(source, source.parent / "x.zarr", "int8-token", teachers=["other"])
 
 
-def test_the_training_batches_decode_alike_in_the_worker_and_on_the_device(source, tmp_path, images):
+@pytest.mark.parametrize("encoding", ["int8-token", "lowrank:image_rank=3"])
+def test_the_training_batches_decode_alike_in_the_worker_and_on_the_device(source, tmp_path, images, encoding):
     out = tmp_path / "token.zarr"
-    run(source, out, "int8-token")
+    run(source, out, encoding)
     args = (str(out), None, False, "zarr", str(images), np.arange(6))
     kw = dict(batch_size=3, resolution=32, augment=AugmentConfig(), seed=0, shuffle_block=2, shuffle_buffer=4)
     in_worker = BatchSource(*args, **kw)[1]

@@ -287,3 +287,34 @@ def test_timm_wrong_model_checkpoint_lists_missing_and_unexpected_keys(tmp_path)
 def test_timm_refuses_non_vit_models(name, reason):
     with pytest.raises(ValueError, match=reason):
         create_teacher(f"timm:{name}")
+
+
+@pytest.mark.parametrize("name", ["dino_vitb16", "ibot_vitb16"])
+def test_upstream_pos_variant_resamples_like_dino_and_equals_the_default_at_224(name, tmp_path):
+    """``<name>_upstream_pos``: same checkpoint; off 224 the position embeddings follow DINO/iBOT's own
+    ``interpolate_pos_encoding`` (bicubic, scale factor ``(grid + 0.1) / 14``, no antialias), written here from
+    that rule; at 224 it equals the default (timm-resampled) teacher."""
+    default = create_teacher(name)
+    path = tmp_path / "backbone.pth"
+    torch.save(default.model.state_dict(), path)
+    default = create_teacher(name, path)
+    exact = create_teacher(f"{name}_upstream_pos", path)
+    g = torch.Generator().manual_seed(0)
+    square = torch.randint(0, 256, (1, 3, 224, 224), generator=g, dtype=torch.uint8)
+    with torch.inference_mode():
+        torch.testing.assert_close(exact(square).patch, default(square).patch)
+        pixels = torch.randint(0, 256, (1, 3, 160, 288), generator=g, dtype=torch.uint8)
+        out = exact(pixels)
+        vit = default.model
+        x = default.normalize(pixels)
+        patches = vit.patch_embed(x).flatten(1, 2)  # (1, 10*18, D)
+        dim = patches.shape[-1]
+        grid = vit.pos_embed[:, 1:].reshape(1, 14, 14, dim).permute(0, 3, 1, 2)
+        resized = torch.nn.functional.interpolate(grid, scale_factor=((10 + 0.1) / 14, (18 + 0.1) / 14),
+                                                  mode="bicubic")
+        tokens = torch.cat([vit.cls_token + vit.pos_embed[:, :1],
+                            patches + resized.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+        reference = vit.norm(vit.blocks(tokens))
+    torch.testing.assert_close(out.cls, reference[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.patch, reference[:, 1:].reshape(1, 10, 18, dim), atol=1e-5, rtol=1e-5)
+    assert (out.patch - default(pixels).patch).abs().max() > 1e-4  # timm's antialiased resampling differs off 224

@@ -1,25 +1,32 @@
-"""Feature encodings on real caches: size, speed, token fidelity and what they do to a distilled student.
+"""Feature encodings on real caches: the size/fidelity frontier, speed per core, and what they do to a student.
 
-    python tools/bench_encodings.py --work e2e --steps 150 --json encodings_report.json
-    python tools/bench_encodings.py --work e2e --steps 20 --encodings none int8-token    # smoke run
+Frontier (feature level, no training; the bench of issue 12)::
 
-Needs the caches of ``tools/e2e_cached_vs_live.py`` (``<work>/train.zarr``, ``<work>/heldout.zarr`` with
-the real DINOv2 ViT-S/14 and MobileNetV2 groups, and the ``<work>/train``, ``<work>/heldout`` image
-folders). For each encoding (``NAME[:key=value,...]``, as ``dune-cache recompress --encoding``):
+    OMP_NUM_THREADS=1 python tools/bench_encodings.py frontier --calib calib-448.zarr --eval eval-448.zarr \
+        --teachers dinov2_vits14 mobilenet_v2 --json docs/results/bench_encodings_frontier_448.json
+
+Each encoding (``NAME[:key=value,...]`` as ``--encoding``) is calibrated on the ``--calib`` cache (its
+``calibration_images`` done images spread evenly, as extraction does) and measured on every done image of the
+``--eval`` cache (other images: a global basis is judged on images it was not fitted on):
+
+- bytes per image of CLS + patch tokens as a store holds them (each part written, one chunk per image, with the
+  default storage's compressors: blosc-zstd 5 + crc32c), their ratio to raw float16, and the calibration arrays'
+  bytes (once per group);
+- patch-token fidelity: cosine of each token with its decoded self (mean, 0.1% quantile, minimum) and relative L2;
+- CPU per core (run it with ``OMP_NUM_THREADS=1``; torch is limited to one thread): encode MB/s (numpy, the
+  writer's work) and decode MB/s (torch), MB of float16 patch tokens; and the training path with
+  ``decode=False``: samples per CPU-second that read and decompress their stored parts (random batches of 32
+  images through the reader's backend, ``--backend``, tensorstore by default), which is the DataLoader worker's share once decoding runs on the training device.
+
+Student (needs the caches of ``tools/e2e_cached_vs_live.py``)::
+
+    python tools/bench_encodings.py student --work e2e --steps 150 --json encodings_report.json
 
 - the train cache is recompressed into ``<work>/encodings/<encoding>/train.zarr`` (``none``: the fp16
-  cache itself; runs of the bench replace what an earlier one left there) and ``dune-cache info``'s bytes per image and ratio to raw float16 are read;
-- encode and decode MB/s per core (MB of float16 features; one thread: numpy/BLAS and torch limited to
-  one thread in a fresh process) on the first 64 train images;
-- token cosine similarity on the held-out cache's images, encoded with the train cache's calibration:
-  mean and 0.1% quantile over tokens, over all channels and over the non-outlier channels (those the
-  ``int8-token`` calibration of the train cache does not flag as massive);
+  cache itself) and ``dune-cache info``'s bytes per image and ratio to raw float16 are read;
+- encode and decode MB/s per core on the first 64 train images; token cosine on the held-out cache's images;
 - a student trained on the recompressed cache (same seed, steps, images and settings as the one trained on
-  the fp16 cache; ``dune_student.train`` as ``tools/e2e_cached_vs_live.py`` runs it) evaluated against the
-  fp16 held-out cache: fidelity and its ratio to the fp16-trained student's.
-
-Prints a markdown table and the encodings meeting the target (>= 3x smaller than raw float16, student
-fidelity within 0.5% of the fp16-trained student's for every teacher), and writes JSON with ``--json``.
+  the fp16 cache) evaluated against the fp16 held-out cache: fidelity and its ratio to the fp16-trained one's.
 """
 from __future__ import annotations
 
@@ -35,10 +42,13 @@ from pathlib import Path
 
 import numpy as np
 
-from dune_cache.encodings import Encoding, EncodingConfig
+from dune_cache.backends import BACKEND_FACTORIES
+from dune_cache.encodings import Encoding, EncodingConfig, calibration_indices
+from dune_cache.encodings.base import token_cosines as cosine_per_token
 from dune_cache.inspect import cache_info
+from dune_cache.layout import part_compressors
 from dune_cache.recompress import RecompressConfig, recompress
-from dune_cache.store import STATUS_DONE, TeacherStore
+from dune_cache.store import STATUS_DONE, StorageConfig, TeacherStore
 from dune_student.config import load_config
 from dune_student.evaluate import evaluate
 from dune_student.train import train
@@ -185,8 +195,158 @@ def meets_target(row: dict, base: dict, teachers: list[str]) -> bool:
     return small and close
 
 
+# ---------------------------------------------------------------------------------------
+# Frontier: size, fidelity and CPU per core on real features (issue 12)
+# ---------------------------------------------------------------------------------------
+FRONTIER_ENCODINGS = ["none", "bitround", "int8-channel", "int8-token", "pca:variance=0.95", "pca:variance=0.97",
+                      "pca-int8:rank=64", "pca-int8:rank=128", "pca-int8:variance=0.99",
+                      "lowrank:image_rank=8", "lowrank:image_rank=16", "lowrank:image_rank=24",
+                      "lowrank:image_rank=32", "lowrank:image_rank=48", "lowrank:image_rank=64"]
+READ_BATCH, READ_BATCHES = 32, 8  # random batches timed for the training-path cost
+
+
+def calibrated(config: EncodingConfig, calib: TeacherStore) -> Encoding:
+    """``config`` calibrated on ``calibration_images`` done images of ``calib`` spread evenly (as extraction)."""
+    if not config.needs_calibration:
+        return Encoding.calibrate(config, calib.dim, "float16")
+    done = np.flatnonzero(calib.read_status() == STATUS_DONE)
+    rows = done[calibration_indices(len(done), config.calibration_images)]
+    return Encoding.calibrate(config, calib.dim, "float16", {k: calib.read_features(k, rows) for k in ("cls", "patch")})
+
+
+def write_parts(group, encoding: Encoding, kind: str, parts: dict[str, np.ndarray], grid: tuple[int, ...]) -> list:
+    """Each part of ``kind`` written as the store lays it out (one chunk per image, the default storage's
+    compressors); returns the arrays."""
+    storage = StorageConfig(shard_images=0)
+    arrays = []
+    for part in encoding.parts(kind):
+        values = parts[part.suffix]
+        array = group.create_array(kind + part.suffix, shape=values.shape, chunks=part.stored_shape((1,), grid),
+                                   dtype=part.dtype, fill_value=part.fill,
+                                   compressors=part_compressors(storage, part.dtype))
+        array[...] = values
+        arrays.append(array)
+    return arrays
+
+
+def stored_bytes(root: Path) -> int:
+    return sum(f.stat().st_size for f in root.rglob("*") if f.is_file() and f.name != "zarr.json")
+
+
+def read_cost(arrays: list, n: int, backend: str) -> float:
+    """Samples per CPU-second (the whole process: the backend's threads count) that read and decompress every
+    part of random batches of :data:`READ_BATCH` single images through the reader's ``backend``, as a
+    DataLoader worker does with ``decode=False`` (cached in RAM: the page cache holds the freshly written
+    chunks, so this is the CPU, not the disk)."""
+    io = BACKEND_FACTORIES[backend]()
+    handles = [io.open(str(array.store.root / array.path), None) for array in arrays]
+    batches = np.random.default_rng(0).integers(0, n, (READ_BATCHES, READ_BATCH))
+    io.read([(h, (batches[0],)) for h in handles])  # open files and warm the caches once
+    start = time.process_time()
+    for rows in batches:
+        io.read([(h, (rows,)) for h in handles])
+    return READ_BATCHES * READ_BATCH / (time.process_time() - start)
+
+
+def cpu_seconds(run, repeats: int = 3) -> float:
+    """Least CPU-seconds of ``repeats`` runs of ``run()``."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        run()
+        best = min(best, time.process_time() - start)
+    return best
+
+
+def fidelity(x: np.ndarray, back: np.ndarray) -> dict[str, float]:
+    """Token cosine mean / 0.1% quantile / minimum and relative L2 of decoded ``back`` against ``x``."""
+    cos = cosine_per_token(x, back)
+    x64 = x.astype(np.float64)
+    return {"cos_mean": float(cos.mean()), "cos_p001": float(np.quantile(cos, 0.001)), "cos_min": float(cos.min()),
+            "rel_l2": float(np.linalg.norm(back - x64) / np.linalg.norm(x64))}
+
+
+def frontier_row(text: str, calib: TeacherStore, x: dict[str, np.ndarray], scratch: Path, backend: str) -> dict:
+    """Every frontier measurement of encoding ``text`` on eval features ``x`` (``cls`` ``(n, D)``, ``patch``
+    ``(n, h, w, D)`` float16)."""
+    import torch
+    import zarr
+
+    encoding = calibrated(EncodingConfig.parse(text), calib)
+    n, grid = len(x["patch"]), x["patch"].shape[1:3]
+    parts = {kind: encoding.encode(kind, x[kind]) for kind in ("cls", "patch")}
+    root = scratch / slug(text)
+    shutil.rmtree(root, ignore_errors=True)
+    group = zarr.open_group(str(root), mode="w")
+    arrays = [a for kind in ("cls", "patch") for a in write_parts(group, encoding, kind, parts[kind],
+                                                                   grid if kind == "patch" else ())]
+    image_bytes = stored_bytes(root) / n
+    raw = (x["cls"].size + x["patch"].size) * 2 / n
+    tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in parts["patch"].items()}
+    megabytes = x["patch"].size * 2 / 1e6
+    back = encoding.decode("patch", tensors, "cpu").numpy()
+    calibration = sum(v.nbytes for v in encoding.arrays().values())
+    return {"encoding": text, "bytes_per_image": image_bytes, "ratio_vs_fp16": raw / image_bytes,
+            "calibration_bytes": calibration, "calibration": encoding.to_json()["kinds"]["patch"],
+            **fidelity(x["patch"], back),
+            "encode_mb_s": megabytes / cpu_seconds(lambda: encoding.encode("patch", x["patch"])),
+            "decode_mb_s": megabytes / cpu_seconds(lambda: encoding.decode("patch", tensors, "cpu")),
+            "read_parts_per_cpu_s": read_cost(arrays, n, backend)}
+
+
+def frontier_table(rows: dict[str, list[dict]]) -> str:
+    lines = ["| teacher | encoding | KiB/image | ratio vs fp16 | token cos mean / p0.1 / min | rel. L2 | encode MB/s "
+             "| decode MB/s | `decode=False` reads / CPU-s |", "|---|---|---|---|---|---|---|---|---|"]
+    for teacher, measured in rows.items():
+        for r in measured:
+            lines.append(f"| {teacher} | {r['encoding']} | {r['bytes_per_image'] / 1024:.1f} | {r['ratio_vs_fp16']:.2f}x "
+                         f"| {r['cos_mean']:.4f} / {r['cos_p001']:.4f} / {r['cos_min']:.3f} | {r['rel_l2']:.4f} "
+                         f"| {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} | {r['read_parts_per_cpu_s']:.0f} |")
+    return "\n".join(lines)
+
+
+def frontier(args: argparse.Namespace) -> None:
+    import torch
+
+    torch.set_num_threads(1)
+    rows: dict[str, list[dict]] = {}
+    for teacher in args.teachers:
+        calib, held = TeacherStore.open(str(args.calib), teacher), TeacherStore.open(str(args.eval), teacher)
+        done = np.flatnonzero(held.read_status() == STATUS_DONE)
+        x = {kind: held.read_features(kind, done).astype(np.float16) for kind in ("cls", "patch")}
+        rows[teacher] = []
+        for text in args.encodings:
+            rows[teacher].append(frontier_row(text, calib, x, args.scratch / teacher, args.backend))
+            logging.info("%s %s: %s", teacher, text, {k: v for k, v in rows[teacher][-1].items() if k != "calibration"})
+        shutil.rmtree(args.scratch / teacher, ignore_errors=True)
+    print(frontier_table(rows))
+    if args.json:
+        config = {k: str(v) for k, v in vars(args).items() if k != "run"}
+        threads = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+        args.json.write_text(json.dumps({"config": config, "threads": threads, "rows": rows}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    modes = parser.add_subparsers(dest="mode", required=True)
+    front = modes.add_parser("frontier", help="size / fidelity / CPU of each encoding on real features")
+    front.add_argument("--calib", type=Path, required=True, help="cache whose images calibrate the encodings")
+    front.add_argument("--eval", type=Path, required=True, help="cache whose images are measured")
+    front.add_argument("--teachers", nargs="+", default=["dinov2_vits14"])
+    front.add_argument("--encodings", nargs="+", default=FRONTIER_ENCODINGS)
+    front.add_argument("--scratch", type=Path, default=Path("/tmp/bench_encodings"))
+    front.add_argument("--backend", default="tensorstore", help="reader backend of the decode=False read cost")
+    front.add_argument("--json", type=Path)
+    front.set_defaults(run=frontier)
+    parser_student = modes.add_parser("student", help="students trained on recompressed caches (e2e caches)")
+    add_student_arguments(parser_student)
+    parser_student.set_defaults(run=student_mode)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.run(args)
+
+
+def add_student_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work", type=Path, default=Path("e2e"))
     parser.add_argument("--teachers", nargs="+", default=["dinov2_vits14", "mobilenet_v2"])
     parser.add_argument("--encodings", nargs="+", default=DEFAULT_ENCODINGS)
@@ -199,8 +359,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--progress", default="false")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def student_mode(args: argparse.Namespace) -> None:
     encodings = ["none", *[e for e in args.encodings if e != "none"]]  # the fp16 baseline is always run
     normal = {t: np.setdiff1d(np.arange(TeacherStore.open(str(args.work / "train.zarr"), t).dim),
                               massive_channels(args, t)) for t in args.teachers}

@@ -6,9 +6,10 @@ normalises them itself and returns :class:`TeacherOutput`.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import pickle
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
@@ -26,17 +27,27 @@ class TeacherOutput:
     """Tokens of one batch.
 
     cls: ``(B, D)``; registers: ``(B, R, D)`` (R may be 0); patch: ``(B, h, w, D)``.
+    levels: block ``k`` -> (cls ``(B, D)``, patch ``(B, h, w, D)``) of the blocks asked for
+    (:meth:`Teacher.forward` ``blocks``; see :meth:`Teacher.level_tokens`), empty by default.
     """
 
     cls: torch.Tensor
     registers: torch.Tensor
     patch: torch.Tensor
+    levels: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class Teacher(nn.Module):
-    """Base class: subclasses set ``spec`` and implement :meth:`forward_tokens`."""
+    """Base class: subclasses set ``spec`` and implement :meth:`forward_tokens`.
+
+    Intermediate blocks (``--blocks``) are opt-in: a teacher that returns its transformer blocks from
+    :meth:`block_modules` and sets ``level_layout`` gets the tokens each chosen block outputs (captured
+    by forward hooks, before any final norm) split like its final tokens (:meth:`level_tokens`).
+    """
 
     spec: TeacherSpec
+    # (prefix tokens, registers among them, CLS source "token" | "mean_patch") of a block's output tokens
+    level_layout: tuple[int, int, str] | None = None
 
     def __init__(self, spec: TeacherSpec):
         super().__init__()
@@ -52,14 +63,69 @@ class Teacher(nn.Module):
         """Normalised images ``(B, 3, H, W)`` -> tokens."""
         raise NotImplementedError
 
-    def forward(self, pixels: torch.Tensor) -> TeacherOutput:
-        """uint8 pixels ``(B, 3, H, W)`` -> tokens; H and W must be multiples of the patch size."""
+    def block_modules(self) -> nn.Module | None:
+        """The transformer blocks in the order they run (``nn.ModuleList``/``nn.Sequential``; block ``k`` is
+        ``block_modules()[k]``), or ``None`` for a teacher that does not expose them (no ``--blocks``)."""
+        return None
+
+    @property
+    def depth(self) -> int | None:
+        """Number of blocks :meth:`block_modules` exposes (``None``: none, ``--blocks`` is refused)."""
+        blocks = self.block_modules()
+        return None if blocks is None or self.level_layout is None else len(blocks)
+
+    def level_description(self) -> str:
+        """What a level's tokens are, for provenance ``levels.tokens``."""
+        token = self.level_layout is not None and self.level_layout[2] == "token"
+        cls = "the class token" if token else "the mean of the patch tokens"
+        return (f"output tokens of block k (0-based, of {self.depth}) of {self.spec.name}, before the final norm "
+                f"(none applied), registers dropped; CLS = {cls} of that block's output")
+
+    def level_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block's output tokens ``(B, P + h*w, D)`` -> cls ``(B, D)``, patch ``(B, h, w, D)``. Blocks that
+        output a grid ``(B, h, w, D)`` (e.g. SAM's windowed ViT) have no prefix: CLS is their mean."""
+        num_prefix, num_registers, cls_source = self.level_layout
+        if tokens.dim() == 4:
+            return tokens.mean(dim=(1, 2)), tokens
+        out = tokens_to_output(tokens, num_prefix, num_registers, grid, cls_source)
+        return out.cls, out.patch
+
+    def forward(self, pixels: torch.Tensor, blocks: tuple[int, ...] = ()) -> TeacherOutput:
+        """uint8 pixels ``(B, 3, H, W)`` -> tokens; H and W must be multiples of the patch size. ``blocks``:
+        0-based blocks whose outputs also come back, in ``TeacherOutput.levels``."""
         p = self.spec.patch_size
         if pixels.shape[-2] % p or pixels.shape[-1] % p:
             raise ValueError(
                 f"teacher {self.spec.name}: input {tuple(pixels.shape[-2:])} is not a multiple of patch size {p}"
             )
-        return self.forward_tokens(self.normalize(pixels))
+        if not blocks:
+            return self.forward_tokens(self.normalize(pixels))
+        captured = self.capture_blocks(blocks)
+        try:
+            out = self.forward_tokens(self.normalize(pixels))
+        finally:
+            for hook in captured.pop("hooks"):
+                hook.remove()
+        grid = (pixels.shape[-2] // p, pixels.shape[-1] // p)
+        out.levels = {k: self.level_tokens(captured[k], grid) for k in blocks}
+        return out
+
+    def capture_blocks(self, blocks: tuple[int, ...]) -> dict:
+        """Forward hooks keeping the output of each of ``blocks`` in the returned dict (key: block; ``"hooks"``:
+        the handles to remove); a ``ValueError`` for a teacher without blocks or an index past its depth."""
+        depth = self.depth
+        if depth is None:
+            raise ValueError(f"teacher {self.spec.name} does not support --blocks: it exposes no transformer blocks")
+        if any(not 0 <= k < depth for k in blocks):
+            raise ValueError(f"teacher {self.spec.name} has {depth} blocks (0..{depth - 1}); asked for {list(blocks)}")
+        captured: dict = {}
+        modules = self.block_modules()
+
+        def keep(block: int, _module, _inputs, output) -> None:
+            captured[block] = output
+
+        captured["hooks"] = [modules[k].register_forward_hook(functools.partial(keep, k)) for k in blocks]
+        return captured
 
 
 def tokens_to_output(tokens: torch.Tensor, num_prefix: int, num_registers: int, grid: tuple[int, int],

@@ -25,6 +25,7 @@ from typing import Mapping
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 from timm.models.vision_transformer import VisionTransformer
 
 from .base import (
@@ -119,6 +120,11 @@ class Dinov2Teacher(Teacher):
         super().__init__(spec)
         self.vit = vit
         self.resampling = REGISTER_RESAMPLING if spec.num_registers else ORIGINAL_RESAMPLING
+        self.level_layout = (1 + spec.num_registers, spec.num_registers, "token")
+
+    def block_modules(self) -> nn.Module:
+        """``vit.blocks``: each block's output is the residual stream before the final ``vit.norm``."""
+        return self.vit.blocks
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Normalised images ``(B, 3, H, W)`` -> tokens ``(B, 1 + R + h*w, D)`` ``[CLS, registers, patches]``, grid."""

@@ -138,6 +138,11 @@ class CrocoTeacher(Teacher):
         super().__init__(spec)
         self.geometry = geometry
         self.encoder = CrocoEncoder(spec.patch_size, spec.embed_dim, geometry)
+        self.level_layout = (0, 0, "mean_patch")
+
+    def block_modules(self) -> nn.Module:
+        """``encoder.enc_blocks``: each block's output is the residual stream before ``enc_norm``."""
+        return self.encoder.enc_blocks
 
     def forward_tokens(self, x: torch.Tensor) -> TeacherOutput:
         tokens, grid = self.encoder(x)

@@ -28,8 +28,9 @@ class TeacherSpec:
     embed_dim: int
     num_registers: int = 0
     # "token": a learned CLS token; "mean_patch": the mean of the patch tokens
-    # (teachers without a CLS token, e.g. MASt3R).
-    cls_source: Literal["token", "mean_patch"] = "token"
+    # (teachers without a CLS token, e.g. MASt3R); "attn_pool": the output of the model's own
+    # attention-pooling head (e.g. SigLIP2's MAP head), an image-level feature the model was trained on.
+    cls_source: Literal["token", "mean_patch", "attn_pool"] = "token"
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     native_resolution: tuple[int, int] = (224, 224)  # (H, W)

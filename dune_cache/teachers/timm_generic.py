@@ -144,6 +144,14 @@ class TimmViTTeacher(Teacher):
         self.num_registers = num_register_tokens(model)
         self.token_split = "token" if has_class_token(model) else "mean_patch"
         self.pooled_cls = pools_by_average(model)
+        if isinstance(getattr(model, "blocks", None), (nn.ModuleList, nn.Sequential)):
+            # a block's CLS is the class token when there is one, also for average-pool models
+            self.level_layout = (self.num_prefix_tokens, self.num_registers, self.token_split)
+
+    def block_modules(self) -> nn.Module | None:
+        """The model's ``blocks`` (``VisionTransformer``, ``Eva``, ...): each block's output is the residual
+        stream before the final ``norm``; ``None`` for a model without a ``blocks`` list."""
+        return self.model.blocks if self.level_layout is not None else None
 
     def load_checkpoint(self, path: Path, convert: StateConverter = dict, layout: str = "timm") -> None:
         """Load ``path`` strictly: its state dict, converted to timm names by ``convert``, classifier dropped.

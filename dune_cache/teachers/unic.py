@@ -22,10 +22,13 @@ UNIC distils (its teachers' ``x_norm_clstoken`` / ``x_norm_patchtokens``):
 Full self-distillation training checkpoints of DINO/iBOT (``checkpoint.pth``) also load: their
 ``teacher`` entry holds ``backbone.*`` (maybe ``module.backbone.*``) beside a projection ``head.*``.
 
-At other input sizes timm resamples the absolute position embeddings (bicubic, antialiased when
-shrinking); DINO/iBOT's own ``interpolate_pos_encoding`` uses a ``+0.1`` scale-factor offset
-without antialiasing, so off-224 features differ slightly from the upstream code. DeiT-III and
-dBOT-ft upstream only run at 224.
+At other input sizes timm resamples the absolute position embeddings bicubically with antialiasing,
+whether shrinking or enlarging (PyTorch's antialiased kernel differs from plain bicubic in both
+directions); DINO/iBOT's own ``interpolate_pos_encoding`` uses a ``+0.1`` scale-factor offset without
+antialiasing, so off-224 features of ``dino_vitb16``/``ibot_vitb16`` differ slightly from the upstream
+code. ``dino_vitb16_upstream_pos``/``ibot_vitb16_upstream_pos`` are the same teachers resampling exactly as
+upstream does (:data:`.dinov2.ORIGINAL_RESAMPLING`, the rule DINOv2 inherited from DINO); they equal the
+default names at 224. DeiT-III and dBOT-ft upstream only run at 224.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ import torch
 
 from .base import TeacherSpec, strip_prefix
 from .registry import TeacherFactory
+from .dinov2 import Dinov2Teacher
 from .timm_generic import StateConverter, TimmViTTeacher, create_timm_vit
 
 _LAYER_SCALE = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")
@@ -74,8 +78,20 @@ def _factory(timm_name: str, convert: StateConverter, layout: str, **timm_kwargs
     return build
 
 
-# the factories of the four specs in families.py
+def _with_upstream_pos_resampling(build: TeacherFactory) -> TeacherFactory:
+    """``build``'s teacher run by :class:`Dinov2Teacher`, whose position-embedding resampling for a spec without
+    registers is DINO's own (bicubic, ``+0.1`` scale-factor offset, no antialiasing); same weights, same blocks."""
+
+    def build_upstream_pos(spec: TeacherSpec, checkpoint: Path | None) -> Dinov2Teacher:
+        return Dinov2Teacher(spec, build(spec, checkpoint).model)
+
+    return build_upstream_pos
+
+
+# the factories of the specs in families.py
 build_dino_vitb16 = _factory("vit_base_patch16_224", ssl_backbone_to_timm, "DINO")
 build_ibot_vitb16 = _factory("vit_base_patch16_224", ssl_backbone_to_timm, "iBOT")
 build_deit3_vitb16 = _factory("deit3_base_patch16_224", deit3_to_timm, "DeiT-III")
 build_dbot_vitb16 = _factory("vit_base_patch16_224", dict, "dBOT-ft", global_pool="avg", fc_norm=True)
+build_dino_vitb16_upstream_pos = _with_upstream_pos_resampling(build_dino_vitb16)
+build_ibot_vitb16_upstream_pos = _with_upstream_pos_resampling(build_ibot_vitb16)

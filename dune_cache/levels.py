@@ -1,0 +1,93 @@
+"""Intermediate blocks of a teacher ("levels", ``dune-cache extract --blocks``): names, choice, provenance.
+
+A level is the token output of one transformer block of the teacher, stored next to the final
+``cls``/``patch`` as ``levels/b{k}/cls`` ``(N, D)`` and ``levels/b{k}/patch`` ``(N, h, w, D)`` (block ``k``
+0-based, relative to the teacher; docs/cache-format.md, "Levels"). ``--blocks sak`` takes SAK's
+choice (innovator-zero/SAK ``models/backbones/model_set.py`` ``out_indices_cfg``): four blocks, the
+last of each quarter of the depth, ``ceil(i * L / 4) - 1`` for ``i = 1..4`` -- ``[2, 5, 8, 11]`` for
+12 blocks, ``[5, 11, 17, 23]`` for 24, ``[7, 15, 23, 31]`` for 32, ``[9, 19, 29, 39]`` for 40 and
+``[6, 13, 20, 26]`` for SigLIP-so400m's 27.
+
+Light on purpose (no torch, zarr): the CLI and :mod:`dune_cache.config` parse ``--blocks`` with it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+SAK = "sak"
+LEVELS_GROUP = "levels"
+KINDS = ("cls", "patch")
+
+BlockChoice = Union[str, tuple[int, ...]]  # "sak", or teacher-relative 0-based block indices
+
+
+def sak_blocks(depth: int) -> tuple[int, ...]:
+    """SAK's four blocks for a teacher of ``depth`` blocks: ``ceil(i * depth / 4) - 1``, ``i = 1..4``."""
+    if depth < 4:
+        raise ValueError(f"--blocks sak takes 4 blocks; the teacher has only {depth}")
+    return tuple(math.ceil(i * depth / 4) - 1 for i in range(1, 5))
+
+
+def parse_blocks(text: str | None) -> BlockChoice:
+    """``--blocks`` text -> ``"sak"`` or sorted unique block indices (``""``/``None``: no levels, ``()``)."""
+    if text is None or not text.strip():
+        return ()
+    if text.strip().lower() == SAK:
+        return SAK
+    try:
+        blocks = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--blocks {text!r}: expected 'sak' or comma-separated block indices, "
+                         "e.g. 5,11,17,23") from exc
+    check_block_indices(tuple(blocks), None, f"--blocks {text!r}")
+    return tuple(sorted(set(blocks)))
+
+
+def check_block_indices(blocks: tuple[int, ...], depth: int | None, what: str) -> None:
+    """Refuse negative indices and, with ``depth``, indices past the teacher's last block."""
+    if any(k < 0 for k in blocks):
+        raise ValueError(f"{what}: block indices are 0-based and >= 0")
+    if depth is not None and any(k >= depth for k in blocks):
+        raise ValueError(f"{what}: the teacher has {depth} blocks (indices 0..{depth - 1})")
+
+
+def resolve_blocks(choice: BlockChoice, depth: int | None, teacher: str) -> tuple[int, ...]:
+    """``choice`` as sorted block indices of a teacher with ``depth`` blocks (``None``: it has no blocks to
+    expose, and asking for any is an error naming the teacher)."""
+    if not choice:
+        return ()
+    if depth is None:
+        raise ValueError(f"teacher {teacher} does not support --blocks: it exposes no transformer blocks "
+                         "(extract it without --blocks)")
+    blocks = sak_blocks(depth) if choice == SAK else tuple(sorted(set(choice)))
+    check_block_indices(blocks, depth, f"--blocks for teacher {teacher}")
+    return blocks
+
+
+def level_prefix(block: int) -> str:
+    """Path of block ``block``'s level subgroup inside a teacher group: ``levels/b{block}``."""
+    return f"{LEVELS_GROUP}/b{block}"
+
+
+def level_name(block: int, kind: str) -> str:
+    """Feature array name of ``kind`` (``cls``/``patch``) at block ``block``: ``levels/b{block}/{kind}``."""
+    return f"{level_prefix(block)}/{kind}"
+
+
+def level_names(blocks: tuple[int, ...]) -> list[str]:
+    """Every level feature array of ``blocks``, block by block: ``levels/b{k}/cls``, ``levels/b{k}/patch``."""
+    return [level_name(k, kind) for k in blocks for kind in KINDS]
+
+
+def block_of(name: str) -> int | None:
+    """The block of a level feature array name (``levels/b5/patch``, ``views/levels/b5/patch`` -> 5), else None."""
+    parts = name.split("/")
+    if LEVELS_GROUP not in parts:
+        return None
+    return int(parts[parts.index(LEVELS_GROUP) + 1][1:])
+
+
+def levels_section(blocks: tuple[int, ...], note: str) -> dict | None:
+    """Provenance ``levels`` section (``None`` without blocks): the blocks and what their tokens are."""
+    return {"blocks": list(blocks), "tokens": note} if blocks else None

@@ -1,0 +1,84 @@
+"""Depth Anything V2 encoders (DepthAnything/Depth-Anything-V2): the DINOv2 ViT its DPT head reads.
+
+``depth_anything_v2_vit{s,b,l,g}.pth`` is a plain state dict of ``DepthAnythingV2``: the encoder
+(``DINOv2(model_name=...)``: facebookresearch DINOv2 layout, no registers, ``init_values=1.0`` so
+``ls1``/``ls2.gamma``, 37x37 position embeddings resized bicubically with the ``+0.1`` offset, ViT-g with a
+SwiGLU ``mlp.w12``/``mlp.w3``) under ``pretrained.``, and the DPT head under ``depth_head.``. The head is
+ignored; any key under another prefix is an error, and the encoder part loads strictly through
+:mod:`.dinov2` (missing/unexpected/mis-shaped keys listed).
+
+Upstream's forward reads ``pretrained.get_intermediate_layers(x, DEPTH_ANYTHING_V2_DPT_BLOCKS[size],
+return_class_token=True)``: four blocks' tokens, each after the final norm. The last of the four is the last
+block, so ``cls``/``patch`` here are the final-norm class and patch tokens of the encoder's last block; the
+four are the teacher's :attr:`DepthAnythingV2Teacher.dpt_blocks`.
+
+Levels (``--blocks``) follow the head's convention, not DINOv2's: block ``k``'s output with ``vit.norm``
+applied (``get_intermediate_layers(..., norm=True)``), CLS = its class token. ``--blocks`` with the
+``dpt_blocks`` of the size stores exactly what the DPT head reads: ``2,5,8,11`` (S, B), ``4,11,17,23`` (L),
+``9,19,29,39`` (g). SAK's rule (``--blocks sak``, ``ceil(i * L / 4) - 1``) gives the same blocks for S, B
+and g, but ``5,11,17,23`` for L.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from ..levels import sak_blocks
+from .base import CheckpointError, TeacherSpec, find_state_dict, read_checkpoint, strip_prefix
+from .dinov2 import Dinov2Teacher, dinov2_teacher_from_state
+from .families import DEPTH_ANYTHING_V2_DPT_BLOCKS
+
+NAME_PREFIX = "depth_anything_v2_vit"  # + size letter s|b|l|g
+ENCODER_PREFIX = "pretrained."
+HEAD_PREFIX = "depth_head."
+
+
+class DepthAnythingV2Teacher(Dinov2Teacher):
+    """A :class:`Dinov2Teacher` that also knows which 4 blocks (0-based) the DPT head reads, final-normed."""
+
+    def __init__(self, spec: TeacherSpec, vit: VisionTransformer):
+        super().__init__(spec, vit)
+        self.dpt_blocks: tuple[int, ...] = DEPTH_ANYTHING_V2_DPT_BLOCKS[spec.name.removeprefix(NAME_PREFIX)]
+
+    def level_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One block's output ``(B, 1 + h*w, D)`` -> final-normed class token ``(B, D)`` and patch tokens
+        ``(B, h, w, D)``: ``vit.norm`` applied, as the DPT head reads its blocks."""
+        return super().level_tokens(self.vit.norm(tokens), grid)
+
+    def level_description(self) -> str:
+        blocks = ",".join(map(str, self.dpt_blocks))
+        sak = ",".join(map(str, sak_blocks(self.depth)))
+        same = "the same blocks" if sak == blocks else f"{sak}, not the same"
+        return (f"output tokens of block k (0-based, of {self.depth}) of {self.spec.name}'s DINOv2 encoder after the "
+                "final norm (vit.norm applied, as the DPT head reads its blocks: get_intermediate_layers(..., "
+                f"norm=True)); CLS = the class token of that normed output. --blocks {blocks} stores exactly what "
+                f"the DPT head reads (--blocks sak gives {same})")
+
+
+def encoder_state(state: dict, source: str) -> dict:
+    """The ``pretrained.*`` weights of a Depth Anything V2 state dict, prefix removed; ``depth_head.*`` ignored.
+
+    A key under neither prefix, or no encoder key at all, is a :class:`CheckpointError` naming them.
+    """
+    unexpected = sorted(k for k in state if not k.startswith((ENCODER_PREFIX, HEAD_PREFIX)))
+    if unexpected:
+        raise CheckpointError(
+            f"checkpoint {source} does not match a Depth Anything V2 model ('{ENCODER_PREFIX}*' encoder, "
+            f"'{HEAD_PREFIX}*' head): unexpected keys {len(unexpected)} [{', '.join(unexpected[:12])}]")
+    encoder = strip_prefix(state, ENCODER_PREFIX)
+    if not encoder:
+        raise CheckpointError(f"checkpoint {source} has no '{ENCODER_PREFIX}*' encoder keys "
+                              f"(first keys: {sorted(state)[:8]})")
+    return encoder
+
+
+def build_depth_anything_v2_teacher(spec: TeacherSpec, checkpoint: Path | None) -> DepthAnythingV2Teacher:
+    """Factory of the ``depth_anything_v2_vit*`` names: the encoder of a release checkpoint."""
+    if checkpoint is None:
+        encoder = dinov2_teacher_from_state(spec, None, "random weights")
+    else:
+        state = find_state_dict(read_checkpoint(checkpoint))
+        encoder = dinov2_teacher_from_state(spec, encoder_state(state, str(checkpoint)), str(checkpoint))
+    return DepthAnythingV2Teacher(spec, encoder.vit)

@@ -92,7 +92,8 @@ def extract(
     view_seed: int = typer.Option(ViewSampling.seed, help="Seed of the views' boxes (recorded in provenance)."),
     blocks: Optional[str] = typer.Option(None, help="Also store these intermediate blocks' tokens (before the "
                                          "final norm): 0-based indices, e.g. 5,11,17,23, or `sak` (SAK's four: "
-                                         "[2,5,8,11] for 12 blocks); docs/cache-format.md, \"Levels\"."),
+                                         "[2,5,8,11] for 12 blocks), or a teacher's own choice (`dpt`: the blocks "
+                                         "Depth Anything V2's head reads); docs/cache-format.md, \"Levels\"."),
     shard: str = typer.Option("0/1", help="This machine's share i/n of the work (several machines)."),
     overwrite: bool = typer.Option(False, help="Delete an existing teacher group, matching or not, and extract it "
                                    "again from scratch (without it a matching group is resumed, a mismatching one refused)."),

@@ -240,8 +240,9 @@ class ExtractConfig:
             raise ValueError(f"--views {self.views}: must be >= 0")
         if self.writer_threads < 1:
             raise ValueError(f"--writer-threads {self.writer_threads}: must be >= 1")
-        if isinstance(self.blocks, str) and self.blocks != SAK:
-            raise ValueError(f"--blocks {self.blocks!r}: expected {SAK!r} or block indices, e.g. 5,11,17,23")
+        if isinstance(self.blocks, str) and not self.blocks.isidentifier():
+            raise ValueError(f"--blocks {self.blocks!r}: expected {SAK!r}, a teacher's own choice name or block "
+                             "indices, e.g. 5,11,17,23")
         if not isinstance(self.blocks, str):
             check_block_indices(tuple(self.blocks), None, f"--blocks {list(self.blocks)}")
         if spec is not None:

@@ -400,7 +400,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     manifest = load_manifest(cfg.images)
     teacher = create_teacher(cfg.teacher, cfg.checkpoint)
     spec = teacher.spec
-    blocks = resolve_blocks(cfg.blocks, teacher.depth, spec.name)
+    blocks = resolve_blocks(cfg.blocks, teacher.depth, spec.name, teacher.no_blocks_reason, teacher.named_blocks)
     geometry = resolve_geometry(spec, cfg.resolution, cfg.student_patch, cfg.student_resolution, cfg.resize)
     name = cfg.name or spec.name.replace(":", "-").replace("/", "-")
     existing = None if cfg.overwrite else TeacherStore.open_if_complete(cfg.out, name, mode="r")

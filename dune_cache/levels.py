@@ -13,13 +13,13 @@ Light on purpose (no torch, zarr): the CLI and :mod:`dune_cache.config` parse ``
 from __future__ import annotations
 
 import math
-from typing import Union
+from typing import Mapping, Union
 
 SAK = "sak"
 LEVELS_GROUP = "levels"
 KINDS = ("cls", "patch")
 
-BlockChoice = Union[str, tuple[int, ...]]  # "sak", or teacher-relative 0-based block indices
+BlockChoice = Union[str, tuple[int, ...]]  # a name ("sak", or one the teacher defines), or 0-based block indices
 
 
 def sak_blocks(depth: int) -> tuple[int, ...]:
@@ -30,16 +30,17 @@ def sak_blocks(depth: int) -> tuple[int, ...]:
 
 
 def parse_blocks(text: str | None) -> BlockChoice:
-    """``--blocks`` text -> ``"sak"`` or sorted unique block indices (``""``/``None``: no levels, ``()``)."""
+    """``--blocks`` text -> a choice name (``"sak"``, or one a teacher defines such as Depth Anything V2's ``"dpt"``;
+    resolved by :func:`resolve_blocks`) or sorted unique block indices (``""``/``None``: no levels, ``()``)."""
     if text is None or not text.strip():
         return ()
-    if text.strip().lower() == SAK:
-        return SAK
+    if text.strip().isidentifier():
+        return text.strip().lower()
     try:
         blocks = [int(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
-        raise ValueError(f"--blocks {text!r}: expected 'sak' or comma-separated block indices, "
-                         "e.g. 5,11,17,23") from exc
+        raise ValueError(f"--blocks {text!r}: expected 'sak', a teacher's own choice name (e.g. 'dpt') or "
+                         "comma-separated block indices, e.g. 5,11,17,23") from exc
     check_block_indices(tuple(blocks), None, f"--blocks {text!r}")
     return tuple(sorted(set(blocks)))
 
@@ -52,15 +53,29 @@ def check_block_indices(blocks: tuple[int, ...], depth: int | None, what: str) -
         raise ValueError(f"{what}: the teacher has {depth} blocks (indices 0..{depth - 1})")
 
 
-def resolve_blocks(choice: BlockChoice, depth: int | None, teacher: str) -> tuple[int, ...]:
+NO_BLOCKS = "it exposes no transformer blocks (extract it without --blocks)"
+
+
+def resolve_blocks(choice: BlockChoice, depth: int | None, teacher: str, why_not: str = NO_BLOCKS,
+                   named: Mapping[str, tuple[int, ...]] | None = None) -> tuple[int, ...]:
     """``choice`` as sorted block indices of a teacher with ``depth`` blocks (``None``: it has no blocks to
-    expose, and asking for any is an error naming the teacher)."""
+    expose, and asking for any is an error naming the teacher and ``why_not``); ``named``: the teacher's own
+    choices by name (e.g. ``{"dpt": (4, 11, 17, 23)}``), besides ``sak``."""
     if not choice:
         return ()
     if depth is None:
-        raise ValueError(f"teacher {teacher} does not support --blocks: it exposes no transformer blocks "
-                         "(extract it without --blocks)")
-    blocks = sak_blocks(depth) if choice == SAK else tuple(sorted(set(choice)))
+        raise ValueError(f"teacher {teacher} does not support --blocks: {why_not}")
+    named = named or {}
+    if choice == SAK:
+        blocks = sak_blocks(depth)
+    elif isinstance(choice, str):
+        if choice not in named:
+            known = ", ".join(sorted({SAK, *named}))
+            raise ValueError(f"--blocks {choice!r} is not a block choice of teacher {teacher} (its choices: "
+                             f"{known}; or give 0-based block indices, e.g. 5,11,17,23)")
+        blocks = tuple(sorted(named[choice]))
+    else:
+        blocks = tuple(sorted(set(choice)))
     check_block_indices(blocks, depth, f"--blocks for teacher {teacher}")
     return blocks
 

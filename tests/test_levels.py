@@ -308,7 +308,9 @@ def test_cli_flag_maps_to_the_config_and_info_prints_levels(tmp_path, level_cach
     common = ["extract", "--teacher", TEACHER, "--checkpoint", str(timm_checkpoint), "--images", str(real_image_dir),
               "--resolution", "32x48", "--num-workers", "0", "--no-progress"]
     bad = runner.invoke(app, [*common, "--out", str(tmp_path / "c"), "--blocks", "2,x"])
-    assert bad.exit_code != 0 and "expected 'sak' or comma-separated block indices" in bad.output
+    assert bad.exit_code != 0 and "expected 'sak', a teacher's own choice name (e.g. 'dpt') or" in bad.output
+    unknown = runner.invoke(app, [*common, "--out", str(tmp_path / "c"), "--blocks", "dpt"])
+    assert unknown.exit_code != 0 and "'dpt' is not a block choice of teacher" in unknown.output
     ok = runner.invoke(app, [*common, "--out", str(tmp_path / "c"), "--blocks", "11,3"])
     assert ok.exit_code == 0, ok.output
     assert TeacherStore.open(str(tmp_path / "c"), GROUP).blocks == (3, 11)

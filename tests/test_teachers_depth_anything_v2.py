@@ -22,7 +22,7 @@ from dune_cache.images import load_manifest, load_pixels
 from dune_cache.store import TeacherStore
 from dune_cache.teachers import CheckpointError, create_teacher, get_spec, list_teachers
 from dune_cache.teachers.base import IMAGENET_MEAN, IMAGENET_STD, load_state_dict_strict
-from dune_cache.levels import sak_blocks
+from dune_cache.levels import parse_blocks, resolve_blocks, sak_blocks
 from dune_cache.teachers.depth_anything_v2 import DepthAnythingV2Teacher, encoder_state
 from dune_cache.teachers.dinov2 import create_dinov2_vit, load_dinov2_state_dict
 from test_teachers_dinov2 import FB_SHAPES, fb_dinov2_state, pixels
@@ -150,13 +150,25 @@ def test_dpt_blocks_levels_of_a_release_file_off_the_native_grid(vits_files):
 
 
 @pytest.mark.parametrize("size", list(DPT_BLOCKS))
+def test_blocks_dpt_resolves_to_the_blocks_the_head_reads(size):
+    """``--blocks dpt`` is this family's own choice; other teachers do not know it, and the error lists theirs."""
+    spec = get_spec(f"depth_anything_v2_vit{size}")
+    teacher = DepthAnythingV2Teacher(spec, create_dinov2_vit(spec.arch, device="meta"))
+    choice = parse_blocks("dpt")
+    assert resolve_blocks(choice, teacher.depth, spec.name, named=teacher.named_blocks) == tuple(DPT_BLOCKS[size])
+    dinov2 = create_teacher("dinov2_vits14")
+    with pytest.raises(ValueError, match="'dpt' is not a block choice of teacher dinov2_vits14 .*choices: sak"):
+        resolve_blocks(choice, dinov2.depth, "dinov2_vits14", named=dinov2.named_blocks)
+
+
+@pytest.mark.parametrize("size", list(DPT_BLOCKS))
 def test_level_description_names_the_dpt_blocks_and_where_sak_differs(size):
     spec = get_spec(f"depth_anything_v2_vit{size}")
     teacher = DepthAnythingV2Teacher(spec, create_dinov2_vit(spec.arch, device="meta"))
     description = teacher.level_description()
     dpt = ",".join(map(str, DPT_BLOCKS[size]))
     assert "after the final norm" in description
-    assert f"--blocks {dpt} stores exactly what the DPT head reads" in description
+    assert f"--blocks dpt ({dpt}) stores exactly what the DPT head reads" in description
     sak = list(sak_blocks(teacher.depth))
     assert (sak == DPT_BLOCKS[size]) == (size != "l")  # SAK's quarters miss the DPT head's first block of ViT-L only
     assert ("sak gives the same blocks" in description) == (sak == DPT_BLOCKS[size])

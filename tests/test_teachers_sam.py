@@ -240,7 +240,8 @@ def test_neck_teacher_refuses_levels_of_another_width(release_checkpoint):
     """After the neck the group is 256-d; the blocks are the encoder width (64 here): no levels."""
     teacher = tiny_teacher("sam_vitb", release_checkpoint[0])
     assert teacher.depth is None
-    with pytest.raises(ValueError, match="sam_vitb does not support --blocks"):
+    with pytest.raises(ValueError, match="sam_vitb does not support --blocks: its blocks are 64-d .* "
+                                         "extract sam_vitb_encoder with --blocks instead"):
         teacher(pixels(1, 64, 64), blocks=(0,))
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..levels import NO_BLOCKS
 from .spec import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec, check_checkpoint_file  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,16 @@ class Teacher(nn.Module):
         blocks = self.block_modules()
         return None if blocks is None or self.level_layout is None else len(blocks)
 
+    @property
+    def named_blocks(self) -> dict[str, tuple[int, ...]]:
+        """The teacher's own ``--blocks`` choices by name, besides ``sak`` (e.g. Depth Anything V2's ``dpt``)."""
+        return {}
+
+    @property
+    def no_blocks_reason(self) -> str:
+        """Why ``--blocks`` is refused when :attr:`depth` is ``None`` (the error's second half)."""
+        return NO_BLOCKS
+
     def level_description(self) -> str:
         """What a level's tokens are, for provenance ``levels.tokens``."""
         token = self.level_layout is not None and self.level_layout[2] == "token"
@@ -115,7 +126,7 @@ class Teacher(nn.Module):
         the handles to remove); a ``ValueError`` for a teacher without blocks or an index past its depth."""
         depth = self.depth
         if depth is None:
-            raise ValueError(f"teacher {self.spec.name} does not support --blocks: it exposes no transformer blocks")
+            raise ValueError(f"teacher {self.spec.name} does not support --blocks: {self.no_blocks_reason}")
         if any(not 0 <= k < depth for k in blocks):
             raise ValueError(f"teacher {self.spec.name} has {depth} blocks (0..{depth - 1}); asked for {list(blocks)}")
         captured: dict = {}

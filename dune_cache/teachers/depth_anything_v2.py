@@ -42,6 +42,11 @@ class DepthAnythingV2Teacher(Dinov2Teacher):
         super().__init__(spec, vit)
         self.dpt_blocks: tuple[int, ...] = DEPTH_ANYTHING_V2_DPT_BLOCKS[spec.name.removeprefix(NAME_PREFIX)]
 
+    @property
+    def named_blocks(self) -> dict[str, tuple[int, ...]]:
+        """``--blocks dpt``: the 4 blocks the DPT head reads."""
+        return {"dpt": self.dpt_blocks}
+
     def level_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """One block's output ``(B, 1 + h*w, D)`` -> final-normed class token ``(B, D)`` and patch tokens
         ``(B, h, w, D)``: ``vit.norm`` applied, as the DPT head reads its blocks."""
@@ -53,7 +58,7 @@ class DepthAnythingV2Teacher(Dinov2Teacher):
         same = "the same blocks" if sak == blocks else f"{sak}, not the same"
         return (f"output tokens of block k (0-based, of {self.depth}) of {self.spec.name}'s DINOv2 encoder after the "
                 "final norm (vit.norm applied, as the DPT head reads its blocks: get_intermediate_layers(..., "
-                f"norm=True)); CLS = the class token of that normed output. --blocks {blocks} stores exactly what "
+                f"norm=True)); CLS = the class token of that normed output. --blocks dpt ({blocks}) stores exactly what "
                 f"the DPT head reads (--blocks sak gives {same})")
 
 

@@ -322,7 +322,7 @@ def _depth_anything_v2_spec(size: str) -> TeacherSpec:
             f"ImageNet mean/std. The DPT head reads get_intermediate_layers(x, {list(blocks)}, "
             "return_class_token=True): those 4 blocks' tokens, each after the final norm. cls / patch = "
             f"block {blocks[-1]} (the last of the 4, the last block) after the final norm: class token / "
-            f"patch tokens. Levels are after the final norm too: --blocks {','.join(map(str, blocks))} stores "
+            f"patch tokens. Levels are after the final norm too: --blocks dpt ({','.join(map(str, blocks))}) stores "
             "exactly what the DPT head reads."
         ),
     )

@@ -112,6 +112,12 @@ class SamTeacher(Teacher):
         ``None`` after the neck (levels of the encoder width do not fit a 256-d group)."""
         return None if self.after_neck else self.encoder.blocks
 
+    @property
+    def no_blocks_reason(self) -> str:
+        width = self.encoder.blocks[0].norm1.normalized_shape[0]
+        return (f"its blocks are {width}-d while its output after the neck is {self.spec.embed_dim}-d, and a group "
+                f"has one width: extract {self.spec.name}_encoder with --blocks instead")
+
     def level_description(self) -> str:
         return (f"output of block k (0-based, of {self.depth}) of {self.spec.name}'s encoder, before the neck "
                 "(SAM's encoder has no final norm), cropped from the padded canvas: the top-left H/16 x W/16 "

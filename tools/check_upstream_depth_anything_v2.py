@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from upstream_check import report  # noqa: E402  (tools/, run as a script)
+
 MODEL_CONFIGS = {  # the README's model_configs: the DPT head's widths (the head is random and ignored)
     "vits": {"encoder": "vits", "features": 64, "out_channels": [48, 96, 192, 384]},
     "vitb": {"encoder": "vitb", "features": 128, "out_channels": [96, 192, 384, 768]},
@@ -131,15 +133,7 @@ def main() -> None:
         for encoder in MODEL_CONFIGS:
             depth = args.giant_depth if encoder == "vitg" and args.giant_depth != 40 else None
             rows += compare(encoder, args.upstream, depth, Path(tmp), args.seed)
-    worst = max(max(r["cls"], r["patch"]) for r in rows)
-    result = {"upstream": "DepthAnything/Depth-Anything-V2", "commit": commit, "torch": torch.__version__,
-              "cpu_seconds": round(time.process_time() - start, 1), "max_abs_diff": worst, "rows": rows}
-    print(f"worst max abs diff {worst:.2e} over {len(rows)} comparisons; {result['cpu_seconds']} CPU-s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    if worst > 1e-4:
-        raise SystemExit(f"max abs diff {worst:.2e} exceeds 1e-4")
+    report("DepthAnything/Depth-Anything-V2", commit, rows, ("cls", "patch"), start, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from upstream_check import report  # noqa: E402  (tools/, run as a script)
+
 REAL_SIZE = ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16")
 WIDE = ("dinov3_vitl16", "dinov3_vith16plus", "dinov3_vit7b16")
 SIZES = ((256, 256), (224, 320))  # native, and an off-native non-square grid (14 x 20)
@@ -140,15 +142,7 @@ def main() -> None:
         for name in REAL_SIZE + WIDE:
             depth = None if args.full or name in REAL_SIZE else args.reduced_depth
             rows += compare(name, args.upstream, depth, Path(tmp), args.seed)
-    worst = max(max(r["cls"], r["registers"], r["patch"]) for r in rows)
-    result = {"upstream": "facebookresearch/dinov3", "commit": commit, "torch": torch.__version__,
-              "cpu_seconds": round(time.process_time() - start, 1), "max_abs_diff": worst, "rows": rows}
-    print(f"worst max abs diff {worst:.2e} over {len(rows)} comparisons; {result['cpu_seconds']} CPU-s")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1) + "\n")
-    if worst > 1e-4:
-        raise SystemExit(f"max abs diff {worst:.2e} exceeds 1e-4")
+    report("facebookresearch/dinov3", commit, rows, ("cls", "registers", "patch"), start, args.out)
 
 
 if __name__ == "__main__":

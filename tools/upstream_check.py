@@ -1,0 +1,26 @@
+"""Shared ending of the ``check_upstream_<family>.py`` tools: worst difference, JSON record, exit status."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+THRESHOLD = 1e-4  # the exactness target of docs/teachers.md
+
+
+def report(upstream: str, commit: str, rows: list[dict], token_keys: tuple[str, ...], cpu_start: float,
+           out: Path | None) -> None:
+    """Print the worst max abs diff over ``rows`` (each with a float per name in ``token_keys``), write the JSON
+    record (upstream, commit, torch, CPU seconds since ``cpu_start``, rows) to ``out``, and exit non-zero when the
+    worst exceeds :data:`THRESHOLD`."""
+    worst = max(max(r[key] for key in token_keys) for r in rows)
+    result = {"upstream": upstream, "commit": commit, "torch": torch.__version__,
+              "cpu_seconds": round(time.process_time() - cpu_start, 1), "max_abs_diff": worst, "rows": rows}
+    print(f"worst max abs diff {worst:.2e} over {len(rows)} comparisons; {result['cpu_seconds']} CPU-s")
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1) + "\n")
+    if worst > THRESHOLD:
+        raise SystemExit(f"max abs diff {worst:.2e} exceeds {THRESHOLD:g}")

@@ -13,7 +13,7 @@ Runs (resumable: a step whose outputs exist is skipped) on the demo's images (``
 4. ``dune-student route`` on the SAK run (routers + light heads per task), picture ``docs/img/sak_router_weights.png``.
 
 Writes ``OUT/compare.json`` and prints a markdown summary (docs/training.md, "SAK", quotes it with the command).
-Usage: ``python tools/compare_heads.py --demo demo --out runs/compare --steps 30``
+Usage: ``python tools/compare_heads.py --demo demo --out runs/compare --steps 250`` (the demo recipe)
 """
 from __future__ import annotations
 

@@ -63,7 +63,11 @@ def test_block_flag_parsing_and_resolution():
     assert parse_blocks("sak") == "sak" and parse_blocks(None) == () and parse_blocks("11, 5,5") == (5, 11)
     assert resolve_blocks("sak", 24, "t") == (5, 11, 17, 23) and resolve_blocks((3, 1), 12, "t") == (1, 3)
     with pytest.raises(ValueError, match="comma-separated"):
-        parse_blocks("five")
+        parse_blocks("5;7")
+    assert parse_blocks("DPT") == "dpt"  # a name: the teacher's own choices are known once it is built
+    with pytest.raises(ValueError, match="'five' is not a block choice of teacher t .*choices: dpt, sak"):
+        resolve_blocks(parse_blocks("five"), 12, "t", named={"dpt": (2, 5)})
+    assert resolve_blocks("dpt", 12, "t", named={"dpt": (5, 2)}) == (2, 5)
     with pytest.raises(ValueError, match="has 12 blocks"):
         resolve_blocks((12,), 12, "t")
     with pytest.raises(ValueError, match="does not support --blocks"):

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from upstream_check import report  # noqa: E402  (tools/, run as a script)
+from upstream_check import randomize as seeded_random, report  # noqa: E402  (tools/, run as a script)
 
 MODEL_CONFIGS = {  # the README's model_configs: the DPT head's widths (the head is random and ignored)
     "vits": {"encoder": "vits", "features": 64, "out_channels": [48, 96, 192, 384]},
@@ -39,20 +39,8 @@ SIZES = ((518, 518), (364, 476))  # native 37 x 37, and an off-native non-square
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter seeded-random: weights/biases N(0, 0.02), norm weights 1 + N(0, 0.1), LayerScale
-    N(0.5, 0.1), tokens and position embeddings N(0, 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("gamma"):
-                p.copy_(0.5 + 0.1 * noise)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            elif name.endswith(("cls_token", "pos_embed", "mask_token")):
-                p.copy_(noise)
-            else:
-                p.copy_(0.02 * noise)
+    """Every parameter seeded-random (:func:`upstream_check.randomize`); tokens and position embeddings N(0, 1)."""
+    seeded_random(model, seed, lambda name, _: name.endswith(("cls_token", "pos_embed", "mask_token")))
 
 
 def upstream_model(upstream: Path, encoder: str, depth: int | None, seed: int) -> torch.nn.Module:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from upstream_check import report  # noqa: E402  (tools/, run as a script)
+from upstream_check import randomize as seeded_random, report  # noqa: E402  (tools/, run as a script)
 
 REAL_SIZE = ("dinov3_vits16", "dinov3_vits16plus", "dinov3_vitb16")
 WIDE = ("dinov3_vitl16", "dinov3_vith16plus", "dinov3_vit7b16")
@@ -37,18 +37,10 @@ SIZES = ((256, 256), (224, 320))  # native, and an off-native non-square grid (1
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Every parameter seeded-random: weights N(0, 0.02), biases N(0, 0.02), norm weights 1 + N(0, 0.1),
-    LayerScale N(0.5, 0.1); the periods rounded to bfloat16 as in the release files."""
-    gen = torch.Generator().manual_seed(seed)
+    """Every parameter seeded-random (:func:`upstream_check.randomize`); 1-D parameters other than biases (tokens,
+    ...) N(0, 1); the periods rounded to bfloat16 as in the release files."""
+    seeded_random(model, seed, lambda name, p: p.ndim <= 1 and not name.endswith("bias"))
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("gamma"):
-                p.copy_(0.5 + 0.1 * noise)
-            elif "norm" in name and name.endswith("weight"):
-                p.copy_(1 + 0.1 * noise)
-            else:
-                p.copy_(0.02 * noise if p.ndim > 1 or name.endswith("bias") else noise)
         periods = model.rope_embed.periods
         periods.copy_(periods.bfloat16().float())
 

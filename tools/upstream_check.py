@@ -4,10 +4,26 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 THRESHOLD = 1e-4  # the exactness target of docs/teachers.md
+
+
+def randomize(model: torch.nn.Module, seed: int, unit_scale: Callable[[str, torch.Tensor], bool]) -> None:
+    """Every parameter seeded-random, in ``named_parameters`` order: LayerScale (``*gamma``) N(0.5, 0.1), norm
+    weights 1 + N(0, 0.1), parameters for which ``unit_scale(name, p)`` holds N(0, 1), the rest N(0, 0.02)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("gamma"):
+                p.copy_(0.5 + 0.1 * noise)
+            elif "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * noise)
+            else:
+                p.copy_(noise if unit_scale(name, p) else 0.02 * noise)
 
 
 def report(upstream: str, commit: str, rows: list[dict], token_keys: tuple[str, ...], cpu_start: float,

@@ -15,11 +15,11 @@ from .errors import CheckpointError, ManifestError, NonFiniteFeaturesError, Stor
 from .geometry import GeometryError
 from .interrupt import Interrupted
 from .levels import parse_blocks
-from .teachers import UnknownTeacherError, list_prefixes, list_teachers
-from .teachers.spec import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
+from .teachers import UnknownTeacherError, list_prefixes, list_teachers, prefix_form
+from .teachers.spec import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 
 app = new_app(__doc__)
-NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5"}
+NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5", (CLIP_MEAN, CLIP_STD): "clip"}
 ENCODING_HELP = (f"Feature encoding NAME[:key=value,...], NAME one of {', '.join(ENCODINGS)}; e.g. bitround:keepbits=7, "
                  "int8-channel, int8-token:outlier_ratio=6, pca:variance=0.99, pca-int8:rank=128 or "
                  "lowrank:image_rank=48 (each image's own rank-48 SVD; sizes and fidelity per teacher in "
@@ -44,8 +44,8 @@ def teachers(offline: bool = typer.Option(False, "--offline", help="List instead
             fail(exc)
         return
     specs = list_teachers()
-    width = max(len(s.name) for s in specs)  # the longest name and arch set their columns
-    arch_width = max(len(s.arch) for s in specs)
+    width = max(len(name) for name in [s.name for s in specs] + [prefix_form(p) for p in list_prefixes()])
+    arch_width = max(len(s.arch) for s in specs)  # the longest name (or prefix form) and arch set their columns
     header = f"{'name':{width}} {'arch':{arch_width}} {'patch':>5} {'dim':>5} {'reg':>3} {'cls':10} {'native':>9} {'norm':>4}  mean/std"
     typer.echo(header)
     for s in specs:
@@ -54,7 +54,7 @@ def teachers(offline: bool = typer.Option(False, "--offline", help="List instead
         typer.echo(f"{s.name:{width}} {s.arch:{arch_width}} {s.patch_size:>5} {s.embed_dim:>5} {s.num_registers:>3} "
                    f"{s.cls_source:10} {native:>9} {'yes' if s.final_norm else 'no':>4}  {norm}")
     for prefix, description in list_prefixes().items():
-        typer.echo(f"{prefix + ':<model_name>':{width}} {description}")
+        typer.echo(f"{prefix_form(prefix):{width}} {description}")
 
 
 @app.command()

@@ -402,7 +402,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     spec = teacher.spec
     blocks = resolve_blocks(cfg.blocks, teacher.depth, spec.name, teacher.no_blocks_reason, teacher.named_blocks)
     geometry = resolve_geometry(spec, cfg.resolution, cfg.student_patch, cfg.student_resolution, cfg.resize)
-    name = cfg.name or spec.name.replace(":", "-").replace("/", "-")
+    name = cfg.name or spec.name.replace(":", "-").replace("/", "-").replace("@", "-")
     existing = None if cfg.overwrite else TeacherStore.open_if_complete(cfg.out, name, mode="r")
     storage = cfg.storage.resolved(len(manifest), raw_image_bytes(geometry.grid, spec.embed_dim, cfg.storage.dtype,
                                                                   cfg.views),

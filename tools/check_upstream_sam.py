@@ -26,13 +26,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from dune_cache.geometry import parse_size
 from dune_cache.teachers import create_teacher, get_spec
 from dune_cache.teachers.sam import sam_teacher
+
+from upstream_check import photo_pixels  # noqa: E402  (tools/, run as a script)
 
 UPSTREAM_SIZES = {  # letter -> (build function of segment_anything.build_sam, real depth, real global blocks)
     "b": ("build_sam_vit_b", 12, (2, 5, 8, 11)),
@@ -82,14 +82,6 @@ def build_upstream(build_sam, size: str, depth: int | None, groups: int):
     sam = build_sam._build_sam(encoder_embed_dim=width, encoder_depth=depth, encoder_num_heads=heads,
                                encoder_global_attn_indexes=list(globals_))
     return sam, globals_
-
-
-def photo_pixels(height: int, width: int) -> torch.Tensor:
-    """scikit-image's astronaut photo resized (bicubic) to ``(1, 3, height, width)`` uint8."""
-    from skimage import data
-
-    img = Image.fromarray(data.astronaut()).resize((width, height), Image.BICUBIC)
-    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].contiguous()
 
 
 @torch.no_grad()

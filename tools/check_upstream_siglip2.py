@@ -24,14 +24,14 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from safetensors.torch import save_file
 
 from dune_cache.teachers import create_teacher, get_spec
 from dune_cache.teachers.base import find_state_dict, read_checkpoint
 from dune_cache.teachers.siglip2 import siglip2_teacher_from_state
+
+from upstream_check import photo_pixels  # noqa: E402  (tools/, run as a script)
 
 
 @dataclass(frozen=True)
@@ -116,14 +116,6 @@ def timm_layout(hf_vision) -> dict[str, torch.Tensor]:
         for kind in ("weight", "bias"):
             state[f"attn_pool.mlp.{n}.{kind}"] = getattr(getattr(head.mlp, n), kind)
     return {k: v.detach().clone().contiguous() for k, v in state.items()}
-
-
-def photo_pixels(height: int, width: int) -> torch.Tensor:
-    """scikit-image's astronaut resized (bicubic) to ``(1, 3, height, width)`` uint8."""
-    from skimage import data
-
-    image = Image.fromarray(data.astronaut()).resize((width, height), Image.BICUBIC)
-    return torch.from_numpy(np.asarray(image)).permute(2, 0, 1)[None].contiguous()
 
 
 def load_package_teacher(name: str, path: Path, depth: int, full_depth: bool):

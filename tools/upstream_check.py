@@ -6,7 +6,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 
 THRESHOLD = 1e-4  # the exactness target of docs/teachers.md
 
@@ -24,6 +26,14 @@ def randomize(model: torch.nn.Module, seed: int, unit_scale: Callable[[str, torc
                 p.copy_(1 + 0.1 * noise)
             else:
                 p.copy_(noise if unit_scale(name, p) else 0.02 * noise)
+
+
+def photo_pixels(height: int, width: int) -> torch.Tensor:
+    """scikit-image's astronaut photo resized (bicubic) to ``(1, 3, height, width)`` uint8."""
+    from skimage import data
+
+    img = Image.fromarray(data.astronaut()).resize((width, height), Image.BICUBIC)
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)[None].contiguous()
 
 
 def report(upstream: str, commit: str, rows: list[dict], token_keys: tuple[str, ...], cpu_start: float,

@@ -6,6 +6,7 @@ from .registry import (
     create_teacher,
     get_spec,
     list_prefixes,
+    prefix_form,
     list_teachers,
     register_prefix,
     register_teacher,
@@ -15,7 +16,7 @@ from . import families  # noqa: F401,E402  (registers the built-in specs)
 
 __all__ = [
     "CheckpointError", "Teacher", "TeacherOutput", "TeacherSpec", "UnknownTeacherError",
-    "create_teacher", "get_spec", "list_prefixes", "list_teachers", "register_prefix", "register_teacher",
+    "create_teacher", "get_spec", "list_prefixes", "list_teachers", "prefix_form", "register_prefix", "register_teacher",
 ]
 _TORCH_CLASSES = ("Teacher", "TeacherOutput")  # in .base, which imports torch: imported on first use
 

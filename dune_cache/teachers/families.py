@@ -7,8 +7,10 @@ family adds its specs here and its factory there.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from .registry import lazy_factory, register_prefix, register_teacher
-from .spec import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, TeacherSpec
+from .spec import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, TeacherSpec
 
 
 def _factory(family: str, name: str):
@@ -330,3 +332,67 @@ def _depth_anything_v2_spec(size: str) -> TeacherSpec:
 
 for _size in DEPTH_ANYTHING_V2_DPT_BLOCKS:
     register_teacher(_depth_anything_v2_spec(_size))(_factory("depth_anything_v2", "build_depth_anything_v2_teacher"))
+
+
+# ---------------------------------------------------------------------------------------
+# RADIO / C-RADIO ViT backbones with CPE (radio.py)
+# ---------------------------------------------------------------------------------------
+RADIO_PATCH_SIZE = 16
+RADIO_ARCH = "radio_cpe_vit_patch16"  # until loaded: then the checkpoint's args.model
+
+
+@dataclass(frozen=True)
+class RadioRelease:
+    """A released RADIO model: upstream's ``hubconf.radio_model(version=...)`` string, width, preferred
+    resolution, and the ``args.model`` random weights are built with (no checkpoint: speed only)."""
+
+    version: str
+    width: int
+    native: int
+    random_model: str
+
+
+RADIO_RELEASES = {
+    "radio_v2_5_b": RadioRelease("radio_v2.5-b", 768, 768, "vit_base_patch16_224"),
+    "radio_v2_5_l": RadioRelease("radio_v2.5-l", 1024, 768, "vit_large_patch16_224"),
+    "radio_v2_5_h": RadioRelease("radio_v2.5-h", 1280, 768, "vit_huge_patch16_224"),
+    "radio_v2_5_h_norm": RadioRelease("radio_v2.5-h-norm", 1280, 768, "vit_huge_patch16_224"),
+    "c_radio_v3_b": RadioRelease("c-radio_v3-b", 768, 512, "vit_base_patch16_v2_224"),
+    "c_radio_v3_l": RadioRelease("c-radio_v3-l", 1024, 512, "vit_large_patch16_v2_224"),
+    "c_radio_v3_h": RadioRelease("c-radio_v3-h", 1280, 512, "vit_huge_patch16_224"),
+    "c_radio_v3_g": RadioRelease("c-radio_v3-g", 1536, 512, "vit_giant_patch16_224"),
+    "c_radio_v4_so400m": RadioRelease("c-radio_v4-so400m", 1152, 512, "vit_so400m_patch16_224"),
+    "c_radio_v4_h": RadioRelease("c-radio_v4-h", 1280, 512, "vit_huge_patch16_224"),
+}
+
+
+def _radio_spec(name: str) -> TeacherSpec:
+    release = RADIO_RELEASES[name]
+    return TeacherSpec(
+        name=name, arch=RADIO_ARCH,
+        patch_size=RADIO_PATCH_SIZE, embed_dim=release.width, num_registers=0, cls_source="token",
+        mean=CLIP_MEAN, std=CLIP_STD, native_resolution=(release.native, release.native),
+        final_norm=False,
+        description=(
+            f"RADIO {release.version} (NVlabs/RADIO release .pth.tar, hubconf version {release.version!r}): args + "
+            "state_dict(_ema); backbone base_model.*, input_conditioner.* (the model's own input normalisation, "
+            "read from the file; CLIP mean/std in the releases), optional _feature_normalizer.*; the adaptor heads "
+            "(_heads.*, _feature_projections.*) and _intermediate_feature_normalizer.* ignored. The backbone, its "
+            "summary tokens and registers are read from args (num_registers here: 0 until loaded). "
+            "RADIO's summary is k per-teacher summary tokens concatenated (k*D); a cache group has one width, so "
+            "cls = the summary token of the checkpoint's first summary teacher (named below once loaded; radio:<this name>@<teacher> picks another). "
+            "patch = RADIO's spatial features (feature normalizer applied when the file has one), no final norm "
+            "unless args.model_norm. Positions (CPE grid, 128x128 at cpe_max_size 2048): resized bilinear, "
+            "align_corners=False, to a square of the larger grid side and cropped top-left, as the NVlabs/RADIO "
+            f"repository does. Preferred resolution {release.native}x{release.native}; any multiple of 16 works."
+        ),
+    )
+
+
+for _name in RADIO_RELEASES:
+    register_teacher(_radio_spec(_name))(_factory("radio", "build_radio_teacher"))
+
+register_prefix("radio", "a RADIO release above with cls = the summary token of another of its summary teachers "
+                "(a name in the checkpoint's args.teachers), e.g. radio:c_radio_v3_b@dino_v2-g",
+                form="<release>@<summary teacher>")(
+    _factory("radio", "radio_head_teacher"))

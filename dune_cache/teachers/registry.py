@@ -27,7 +27,7 @@ TeacherFactory = Callable[[TeacherSpec, "Path | None"], "Teacher"]
 PrefixFactory = Callable[[str, "Path | None"], "Teacher"]
 
 _TEACHERS: dict[str, tuple[TeacherSpec, TeacherFactory]] = {}
-_PREFIXES: dict[str, tuple[PrefixFactory, str]] = {}
+_PREFIXES: dict[str, tuple[PrefixFactory, str, str]] = {}
 
 
 class UnknownTeacherError(KeyError):
@@ -47,11 +47,13 @@ def register_teacher(spec: TeacherSpec) -> Callable[[TeacherFactory], TeacherFac
     return decorator
 
 
-def register_prefix(prefix: str, description: str) -> Callable[[PrefixFactory], PrefixFactory]:
-    """Decorator registering ``factory(suffix, checkpoint)`` for names ``f"{prefix}:{suffix}"``."""
+def register_prefix(prefix: str, description: str, form: str = "<model_name>"
+                    ) -> Callable[[PrefixFactory], PrefixFactory]:
+    """Decorator registering ``factory(suffix, checkpoint)`` for names ``f"{prefix}:{suffix}"``; ``form`` shows
+    what the suffix is (listings print ``f"{prefix}:{form}"``)."""
 
     def decorator(factory: PrefixFactory) -> PrefixFactory:
-        _PREFIXES[prefix] = (factory, description)
+        _PREFIXES[prefix] = (factory, description, form)
         return factory
 
     return decorator
@@ -74,7 +76,12 @@ def list_teachers() -> list[TeacherSpec]:
 
 def list_prefixes() -> dict[str, str]:
     """``{prefix: description}`` of the prefix families (e.g. ``timm``)."""
-    return {p: d for p, (_, d) in sorted(_PREFIXES.items())}
+    return {p: d for p, (_, d, _) in sorted(_PREFIXES.items())}
+
+
+def prefix_form(prefix: str) -> str:
+    """How names of prefix family ``prefix`` are written, e.g. ``timm:<model_name>``."""
+    return f"{prefix}:{_PREFIXES[prefix][2]}"
 
 
 def get_spec(name: str) -> TeacherSpec:
@@ -115,5 +122,5 @@ def create_teacher(name: str, checkpoint: str | Path | None = None) -> Teacher:
 
 def _unknown_message(name: str) -> str:
     known = ", ".join(sorted(_TEACHERS)) or "none"
-    prefixes = ", ".join(f"{p}:<name>" for p in sorted(_PREFIXES))
+    prefixes = ", ".join(prefix_form(p) for p in sorted(_PREFIXES))
     return f"unknown teacher {name!r}; known teachers: {known}; prefix families: {prefixes}"

@@ -22,7 +22,8 @@ app = new_app(__doc__)
 NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5", (CLIP_MEAN, CLIP_STD): "clip"}
 ENCODING_HELP = (f"Feature encoding NAME[:key=value,...], NAME one of {', '.join(ENCODINGS)}; e.g. bitround:keepbits=7, "
                  "int8-channel, int8-token:outlier_ratio=6, pca:variance=0.99, pca-int8:rank=128 or "
-                 "lowrank:image_rank=48 (each image's own rank-48 SVD; sizes and fidelity per teacher in "
+                 "lowrank:image_rank=64,basis=int8 (each image's own rank-64 SVD, its factors int8; sizes and "
+                 "fidelity per teacher in "
                  "docs/benchmarks.md; layout in docs/cache-format.md, Encodings).")
 USER_ERRORS = (CheckpointError, UnknownTeacherError, GeometryError, ManifestError, StoreError,
                NonFiniteFeaturesError, ValueError)

@@ -16,6 +16,7 @@ from .teachers.registry import check_teacher_name
 from .teachers.spec import check_checkpoint_file
 
 ENCODINGS = ("none", "bitround", "int8-channel", "int8-token", "pca", "pca-int8", "lowrank")
+LOWRANK_BASES = ("float", "int8")  # how ``lowrank`` stores each image's factors V: storage dtype, or int8 codes
 CODECS = ("blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
 DTYPES = ("float16", "float32")
 
@@ -36,6 +37,9 @@ class EncodingConfig:
     rank, variance: ``pca`` / ``pca-int8`` rank, or with ``rank == 0`` the smallest rank keeping ``variance`` of
         the calibration tokens' variance (0.99: 153 of 384 DINOv2-S channels, 619 of 1280 MobileNetV2 ones).
     image_rank: ``lowrank``: rank of each image's own factorisation of its ``(h·w, D)`` token matrix.
+    basis: ``lowrank``: its factors ``V`` in the storage dtype (``float``) or as int8 codes with one step per
+        factor (``int8``); recorded only when not ``float``, so groups made before it existed read and compare
+        as before.
     calibration_images: images whose features calibrate the lossy encodings (``lowrank`` only records its
         diagnostics on them).
     """
@@ -48,6 +52,7 @@ class EncodingConfig:
     rank: int = 0
     variance: float = 0.99
     image_rank: int = 48
+    basis: str = "float"
     calibration_images: int = 64
 
     def __post_init__(self) -> None:
@@ -57,6 +62,8 @@ class EncodingConfig:
             raise EncodingError("keepbits, margin, sigmas and rank must be >= 0")
         if self.image_rank < 1:
             raise EncodingError(f"image_rank {self.image_rank}: must be >= 1")
+        if self.basis not in LOWRANK_BASES:
+            raise EncodingError(f"basis {self.basis!r}: choose one of {', '.join(LOWRANK_BASES)}")
         if self.outlier_ratio <= 1 or not 0 < self.variance <= 1 or self.calibration_images < 1:
             raise EncodingError("need outlier_ratio > 1, 0 < variance <= 1 and calibration_images >= 1")
 
@@ -65,8 +72,9 @@ class EncodingConfig:
         return self.name in ("int8-channel", "int8-token", "pca", "pca-int8", "lowrank")
 
     def params(self) -> dict:
-        """The parameters that apply to this encoding."""
-        return {key: getattr(self, key) for key in PARAMS[self.name]}
+        """The parameters that apply to this encoding (those of :data:`RECORDED_UNLESS_DEFAULT` only when set)."""
+        return {key: getattr(self, key) for key in PARAMS[self.name]
+                if key not in RECORDED_UNLESS_DEFAULT or getattr(self, key) != RECORDED_UNLESS_DEFAULT[key]}
 
     def to_json(self) -> dict:
         return {"name": self.name, "params": self.params()}
@@ -88,7 +96,7 @@ class EncodingConfig:
             if not sep or key not in PARAMS[config.name]:
                 raise EncodingError(f"encoding {text!r}: {item!r} is not one of {name}'s parameters "
                                     f"({', '.join(PARAMS[config.name]) or 'none'}), written key=value")
-            values[key] = int(value) if known[key] in ("int", int) else float(value)
+            values[key] = {"int": int, "float": float, "str": str}[known[key]](value.strip())
         return replace(config, **values)
 
     def __str__(self) -> str:
@@ -103,8 +111,11 @@ PARAMS = {
     "int8-token": ("outlier_ratio", "calibration_images"),
     "pca": ("rank", "variance", "calibration_images"),
     "pca-int8": ("rank", "variance", "calibration_images"),
-    "lowrank": ("image_rank", "calibration_images"),
+    "lowrank": ("image_rank", "calibration_images", "basis"),
 }
+# parameters added after caches were made with their default: recorded (and printed) only when not the default,
+# so a group made before reads, prints and compares (resume, repair) exactly as it did
+RECORDED_UNLESS_DEFAULT = {"basis": "float"}
 
 
 AUTO_SHARD_FROM = 100_000          # new groups of at least this many images are sharded by default (docs/scale.md)

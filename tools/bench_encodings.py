@@ -201,7 +201,8 @@ def meets_target(row: dict, base: dict, teachers: list[str]) -> bool:
 FRONTIER_ENCODINGS = ["none", "bitround", "int8-channel", "int8-token", "pca:variance=0.95", "pca:variance=0.97",
                       "pca-int8:rank=64", "pca-int8:rank=128", "pca-int8:variance=0.99",
                       "lowrank:image_rank=8", "lowrank:image_rank=16", "lowrank:image_rank=24",
-                      "lowrank:image_rank=32", "lowrank:image_rank=48", "lowrank:image_rank=64"]
+                      "lowrank:image_rank=32", "lowrank:image_rank=48", "lowrank:image_rank=64",
+                      *(f"lowrank:image_rank={k},basis=int8" for k in (24, 32, 48, 64))]
 READ_BATCH, READ_BATCHES = 32, 8  # random batches timed for the training-path cost
 
 

@@ -1,8 +1,9 @@
 """``lowrank``: each image's own truncated SVD. The ``(h·w, D)`` patch tokens of one image (or view), centred on
 their mean ``m``, are factorised as ``U·S·V`` and the top ``image_rank`` = ``k`` factors kept: the token factors
 ``U·S`` ``(h, w, k)`` as int8 with one step per image and factor, the image's ``V`` ``(k, D)`` (each row times its
-step) and ``m`` in the storage dtype. Per-token steps were measured no better on real DINOv2-S features (docs/
-benchmarks.md) and would cost 4 bytes and one more chunk read per token grid.
+step) and ``m`` in the storage dtype, or with ``basis=int8`` those ``V`` rows as int8 with one step per row (the
+factors' step folded in) and ``m`` in the storage dtype. Per-token steps were measured no better on real DINOv2-S
+features (docs/benchmarks.md) and would cost 4 bytes and one more chunk read per token grid.
 No basis is shared between images, so nothing calibrated can go stale; calibration only records diagnostics.
 CLS vectors are stored as ``none`` (one vector per image has no low-rank structure to use)."""
 from __future__ import annotations
@@ -11,7 +12,8 @@ import numpy as np
 import torch
 
 from ..errors import EncodingError
-from .base import INT8_MAX, INT8_MISSING, Part, Scheme, int8_codes, missing_to_nan, to_storage
+from .base import (INT8_MAX, INT8_MISSING, Part, Scheme, int8_codes, missing_to_nan, per_token_absmax_codes,
+                   to_storage)
 from .registry import register_scheme
 
 NULL_RATIO = 1e-3  # a factor whose singular value is below this fraction of the image's largest is dropped
@@ -61,9 +63,12 @@ def factor_codes(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 @register_scheme
 class LowRankScheme(Scheme):
     """Parts: ``""`` ``(..., h, w, k)`` int8 codes ``q`` of the token factors ``U·S``, one step per image and
-    factor; ``_basis`` ``(..., k + 1, D)`` per image, storage dtype: rows ``0 .. k−1`` the factors ``V`` each
-    multiplied by its step, row ``k`` the token mean ``m``. Decode: ``x = q · _basis[:k] + _basis[k]``. A crop of the
-    token grid cuts ``""`` and leaves ``_basis`` whole."""
+    factor, and per image, with ``basis=float`` (default): ``_basis`` ``(..., k + 1, D)`` storage dtype, rows
+    ``0 .. k−1`` the factors ``V`` each multiplied by its step, row ``k`` the token mean ``m``; decode
+    ``x = q · _basis[:k] + _basis[k]``. With ``basis=int8``: ``_basis`` ``(..., k, D)`` int8 codes of those same
+    rows, one step per row in ``_basis_step`` ``(..., k, 1)`` float32, and ``_mean`` ``(..., 1, D)`` storage
+    dtype; decode ``x = q · (_basis · _basis_step) + _mean``. Either way one matmul per image, and a crop of the
+    token grid cuts ``""`` and leaves the per-image parts whole."""
 
     name = "lowrank"
     needs_calibration = True
@@ -93,21 +98,42 @@ class LowRankScheme(Scheme):
                 f"min {100 * info['energy_kept_min']:.2f}%)"]
 
     def parts(self) -> tuple[Part, ...]:
-        return (Part("", self.rank, "int8", INT8_MISSING),
-                Part("_basis", self.dim, self.dtype, float("nan"), rows=self.rank + 1))
+        codes = Part("", self.rank, "int8", INT8_MISSING)
+        if self.config.basis == "float":
+            return codes, Part("_basis", self.dim, self.dtype, float("nan"), rows=self.rank + 1)
+        return (codes, Part("_basis", self.dim, "int8", INT8_MISSING, rows=self.rank),
+                Part("_basis_step", 1, "float32", float("nan"), rows=self.rank),
+                Part("_mean", self.dim, self.dtype, float("nan"), rows=1))
 
     def encode(self, x):
         weights, factors, mean = image_factors(x, self.rank)
         codes, step = factor_codes(weights)
-        basis = np.concatenate([factors * step[..., None], mean], axis=-2)
-        return {"": codes, "_basis": to_storage(basis, self.dtype)}
+        rows = factors * step[..., None]  # each factor V_j times its step: q · rows = the token factors' part
+        if self.config.basis == "float":
+            return {"": codes, "_basis": to_storage(np.concatenate([rows, mean], axis=-2), self.dtype)}
+        row_codes, row_step = per_token_absmax_codes(rows)  # one step per row: max |row| / 127
+        return {"": codes, "_basis": row_codes, "_basis_step": row_step, "_mean": to_storage(mean, self.dtype)}
+
+    def rows_and_mean(self, parts: dict[str, torch.Tensor], factors: tuple[int, ...], device: torch.device
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Float32 ``(..., k, D)`` rows (NaN where a part's chunk was never written) and ``(..., 1, D)`` token
+        mean of each image, on ``device``, after checking that every per-image part is ``(..., rows, last)`` with
+        the leading axes of the token factors' shape ``factors`` ``(..., h, w, k)``."""
+        for part in self.parts()[1:]:
+            shape = tuple(parts[part.suffix].shape)
+            if shape[-2:] != (part.rows, part.last) or shape[:-2] != factors[:-3]:
+                raise EncodingError(f"lowrank part {part.suffix} {shape} does not match the token factors {factors}: "
+                                    f"expected (..., {part.rows}, {part.last}) per image, uncropped")
+        if self.config.basis == "float":
+            basis = parts["_basis"].to(device, torch.float32)
+            return basis[..., :self.rank, :], basis[..., self.rank:, :]
+        codes = parts["_basis"].to(device)
+        rows = missing_to_nan(codes.float(), codes).mul_(parts["_basis_step"].to(device, torch.float32))
+        return rows, parts["_mean"].to(device, torch.float32)
 
     def decode(self, parts, device=None):
         q = parts[""].to(device)
-        basis = parts["_basis"].to(q.device, torch.float32)
-        if basis.shape[-2:] != (self.rank + 1, self.dim) or basis.shape[:-2] != q.shape[:-3]:
-            raise EncodingError(f"lowrank part _basis {tuple(basis.shape)} does not match the token factors "
-                                f"{tuple(q.shape)}: expected (..., {self.rank + 1}, {self.dim}) per image, uncropped")
         *lead, h, w, k = q.shape
+        rows, mean = self.rows_and_mean(parts, tuple(q.shape), q.device)
         codes = missing_to_nan(q.float(), q).reshape(*lead, h * w, k)
-        return torch.matmul(codes, basis[..., :k, :]).add_(basis[..., k:, :]).reshape(*lead, h, w, self.dim)
+        return torch.matmul(codes, rows).add_(mean).reshape(*lead, h, w, self.dim)

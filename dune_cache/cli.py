@@ -65,7 +65,8 @@ def extract(
     out: str = typer.Option(..., help="Cache root (a Zarr v3 group); one group per teacher inside."),
     checkpoint: Optional[Path] = typer.Option(None, help="Local checkpoint file of the teacher, or `auto`: the real "
                                               "one an installed package ships (`dune-cache teachers --offline`)."),
-    name: Optional[str] = typer.Option(None, help="Teacher group name in the cache (default: teacher name)."),
+    name: Optional[str] = typer.Option(None, help="Teacher group name in the cache (default: the teacher name, "
+                                       "with : / @ replaced by -, e.g. radio-c_radio_v3_b-dino_v2-g)."),
     resolution: Optional[str] = typer.Option(None, help="Teacher input size N or HxW (default: native)."),
     student_patch: Optional[int] = typer.Option(None, help="Shared grid: the student's patch size."),
     student_resolution: Optional[str] = typer.Option(None, help="Shared grid: the student's input size."),

@@ -12,9 +12,9 @@ says whether the difference survives training. Steps (resumable: a step whose ou
 4. ``dune-student eval`` of every run against the **fp16** held-out cache (the exact targets): mean cosine of the
    projected student tokens, CLS and patch. With ``--probe``, ``dune-student probe`` on ``DEMO/probe`` too.
 
-Prints a markdown table: per encoding, the mean over seeds, its difference to fp16 and the seed spread, and the
-smallest difference this setup resolves (2 x the standard error of a difference of means from the pooled seed
-standard deviation); with ``--probe`` a second table of the probes' means over seeds. Writes ``OUT/fidelity.json``.
+Prints a markdown table: per encoding, the mean over seeds, its difference to fp16 and the seed spread, the
+seed-by-seed (paired) patch differences to fp16 with 2 x their standard error, and the smallest difference of
+unpaired means this setup resolves (2 x the standard error of a difference of means, pooled seed std); with ``--probe`` a second table of the probes' means over seeds. Writes ``OUT/fidelity.json``.
 
     python tools/student_fidelity.py --demo demo --out runs/fidelity --steps 300 --batch-size 8 --seeds 0,1,2
 """
@@ -61,13 +61,13 @@ def train_and_score(demo: Path, out: Path, cache: Path, run: Path, seed: int, ar
     recipe = ["student.arch=vit_tiny", f"student.patch_size={PATCH}", f"student.img_size={args.resolution}",
               f"data.resolution={args.resolution}", f"data.batch_size={args.batch_size}", "optim.base_lr=8e-3",
               "log_every=25", f"seed={seed}", f"steps={args.steps}"]
-    train_s = step([run / "checkpoint.pt"], [tool("dune-student"), "train", "--cache", str(cache), "--images",
+    step([run / "checkpoint.pt"], [tool("dune-student"), "train", "--cache", str(cache), "--images",
                                              str(demo / "train"), "--out", str(run), "--no-progress",
                                              "--device", args.device, *recipe])
     step([run / "eval_heldout.json"], [tool("dune-student"), "eval", "--checkpoint", str(run / "checkpoint.pt"),
                                        "--cache", str(out / "heldout.zarr"), "--images", str(demo / "heldout"),
                                        "--device", args.device, "--json"], stdout=run / "eval_heldout.json")
-    result = {"fidelity": json.loads((run / "eval_heldout.json").read_text())[TEACHER], "train_wall_s": train_s}
+    result = {"fidelity": json.loads((run / "eval_heldout.json").read_text())[TEACHER]}
     if args.probe:
         step([run / "probe.json"], [tool("dune-student"), "probe", "--checkpoint", str(run / "checkpoint.pt"),
                                     "--data", str(demo / "probe"), "--no-heads", "--out", str(run / "probe.json")])
@@ -88,10 +88,18 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
             "resolvable_difference": None if pooled is None else 2 * pooled * math.sqrt(2 / seeds),
             "pooled_seed_std": pooled,
             "encodings": {enc: {"values": v, "mean": statistics.mean(v), "minus_fp16": statistics.mean(v) - base,
-                                "spread": max(v) - min(v)} for enc, v in values.items()}}
+                                "spread": max(v) - min(v), **paired(v, values["none"])} for enc, v in values.items()}}
     if all("probe" in r for by_seed in runs.values() for r in by_seed.values()):
         summary["probes"] = {enc: probe_means(list(by_seed.values())) for enc, by_seed in runs.items()}
     return summary
+
+
+def paired(values: list[float], fp16: list[float]) -> dict:
+    """Seed-by-seed differences to the fp16-trained student (same seed: same initialisation and batches, only the
+    targets differ) and 2 x their standard error (``None`` with one seed)."""
+    diffs = [v - b for v, b in zip(values, fp16)]
+    error = 2 * statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else None
+    return {"paired_differences": diffs, "paired_2se": error}
 
 
 def probe_means(results: list[dict]) -> dict[str, float]:
@@ -105,12 +113,13 @@ def probe_means(results: list[dict]) -> dict[str, float]:
 def markdown(summary: dict, steps: int, batch: int, resolution: int, seeds: list[int]) -> str:
     lines = [f"ViT-Tiny/{PATCH} at {resolution} px, {steps} steps of batch {batch}, seeds {seeds}; held-out fidelity "
              f"to the fp16 targets of {TEACHER} (mean cosine).", "",
-             "| training targets | CLS mean (− fp16) | patch mean (− fp16) | CLS / patch seed spread |",
-             "|---|---|---|---|"]
+             "| training targets | CLS mean (− fp16) | patch mean (− fp16) | CLS / patch seed spread | "
+             "patch − fp16 per seed (± 2 SE, paired) |", "|---|---|---|---|---|"]
     cls, patch = summary["cls"]["encodings"], summary["patch"]["encodings"]
     for enc in cls:
         lines.append(f"| {enc} | {cls[enc]['mean']:.4f} ({cls[enc]['minus_fp16']:+.4f}) | {patch[enc]['mean']:.4f} "
-                     f"({patch[enc]['minus_fp16']:+.4f}) | {cls[enc]['spread']:.4f} / {patch[enc]['spread']:.4f} |")
+                     f"({patch[enc]['minus_fp16']:+.4f}) | {cls[enc]['spread']:.4f} / {patch[enc]['spread']:.4f} | "
+                     f"{paired_cell(patch[enc])} |")
     if "probes" in summary:
         lines += ["", "| training targets | CLS kNN / linear % | mean-patch kNN / linear % | disparity RMSE px | "
                       "match ≤ 1 patch % |", "|---|---|---|---|---|"]
@@ -123,6 +132,15 @@ def markdown(summary: dict, steps: int, batch: int, resolution: int, seeds: list
         lines.append(f"\nSmallest difference of means resolved (2 standard errors, pooled seed std): CLS "
                      f"{resolvable[0]:.4f}, patch {resolvable[1]:.4f}.")
     return "\n".join(lines)
+
+
+def paired_cell(row: dict) -> str:
+    """``+a, +b, +c (mean ± 2 SE)`` of one encoding's paired patch differences; ``—`` for fp16 itself."""
+    if not any(row["paired_differences"]):
+        return "—"
+    seeds = ", ".join(f"{d:+.4f}" for d in row["paired_differences"])
+    error = "" if row["paired_2se"] is None else f" ± {row['paired_2se']:.4f}"
+    return f"{seeds} (mean {statistics.mean(row['paired_differences']):+.4f}{error})"
 
 
 def main() -> None:

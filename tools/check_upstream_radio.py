@@ -65,14 +65,9 @@ def release_args(model: str, model_kwargs: dict, teachers: list[dict], extras: d
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
-    """Seeded values (:func:`upstream_check.randomize`): positions and prefix tokens N(0, 1); RADIO's LayerScale
-    ``grandma`` (timm's ``gamma``) N(0.5, 0.1), so no block is near-identity."""
+    """Seeded values (:func:`upstream_check.randomize`, LayerScale ``grandma`` N(0.5, 0.1) so no block is
+    near-identity); positions and prefix tokens N(0, 1)."""
     seeded_random(model, seed, lambda name, p: name.endswith(("pos_embed", "token")))
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("grandma"):
-                p.copy_(0.5 + 0.1 * torch.randn(p.shape, generator=gen))
 
 
 def release_file(create_model_from_args, case, seed: int, folder: Path) -> Path:

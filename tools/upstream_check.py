@@ -1,4 +1,5 @@
-"""Shared ending of the ``check_upstream_<family>.py`` tools: worst difference, JSON record, exit status."""
+"""What the ``check_upstream_<family>.py`` tools share: seeded random weights, the test photo, and the ending (worst
+difference, JSON record, exit status)."""
 from __future__ import annotations
 
 import json
@@ -11,16 +12,17 @@ import torch
 from PIL import Image
 
 THRESHOLD = 1e-4  # the exactness target of docs/teachers.md
+LAYER_SCALE_NAMES = ("gamma", "grandma")  # timm/DINOv2 LayerScale; RADIO renames its parameter "grandma"
 
 
 def randomize(model: torch.nn.Module, seed: int, unit_scale: Callable[[str, torch.Tensor], bool]) -> None:
-    """Every parameter seeded-random, in ``named_parameters`` order: LayerScale (``*gamma``) N(0.5, 0.1), norm
+    """Every parameter seeded-random, in ``named_parameters`` order: LayerScale (``*gamma``/``*grandma``) N(0.5, 0.1), norm
     weights 1 + N(0, 0.1), parameters for which ``unit_scale(name, p)`` holds N(0, 1), the rest N(0, 0.02)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("gamma"):
+            if name.endswith(LAYER_SCALE_NAMES):
                 p.copy_(0.5 + 0.1 * noise)
             elif "norm" in name and name.endswith("weight"):
                 p.copy_(1 + 0.1 * noise)

@@ -40,6 +40,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .base import Teacher, TeacherOutput, TeacherSpec, load_state_dict_strict, read_checkpoint, strip_prefix
+from .families import RADIO_RELEASES
+from .registry import UnknownTeacherError, get_spec
 
 BACKBONE_PREFIX = "base_model."
 CONDITIONER_PREFIX = "input_conditioner."
@@ -122,8 +124,8 @@ def radio_config(args: argparse.Namespace, source: str, head: str | None = None)
     names = [t["name"] for t in args.teachers]
     distinct = list(dict.fromkeys(names))
     num_summary = len(distinct) if per_teacher else 1
-    first_slots = {name: names.index(name) for name in distinct if args.teachers[names.index(name)].get("use_summary", True)}
-    slots = sorted(first_slots.values()) if per_teacher else [0]
+    first_slots = [names.index(name) for name in distinct]
+    slots = sorted(i for i in first_slots if args.teachers[i].get("use_summary", True)) if per_teacher else [0]
     if not slots:
         raise CheckpointError(f"RADIO checkpoint {source}: no teacher of args.teachers has use_summary")
     heads = tuple(names[s] for s in slots) if per_teacher else tuple(distinct)
@@ -323,10 +325,8 @@ def radio_teacher_from_checkpoint(spec: TeacherSpec, checkpoint: Mapping, source
 
 
 def random_radio_teacher(spec: TeacherSpec) -> RadioTeacher:
-    """``spec``'s backbone with random weights (speed only): its release's model, one summary token, the
-    release's prefix length (``spec.num_registers`` registers), the CPE grid of ``cpe_max_size`` 2048."""
-    from .families import RADIO_RELEASES  # noqa: PLC0415  (torch-free table)
-
+    """``spec``'s backbone with random weights (speed only): its release's ``random_model``, one summary token,
+    ``spec.num_registers`` registers, the CPE grid of ``cpe_max_size`` 2048."""
     model = RADIO_RELEASES[spec.name].random_model
     cfg = RadioConfig(model=model, model_kwargs={}, max_grid=2048 // spec.patch_size, num_summary=1,
                       num_registers=spec.num_registers, summary_slot=0, summary_head="(random)",
@@ -344,9 +344,6 @@ def build_radio_teacher(spec: TeacherSpec, checkpoint: Path | None) -> RadioTeac
 def radio_head_teacher(suffix: str, checkpoint: Path | None) -> RadioTeacher:
     """``radio:<release>@<head>``: teacher ``<release>`` (e.g. ``c_radio_v3_b``) with cls = the summary token of
     the checkpoint's summary teacher ``<head>`` (a name in its ``args.teachers``, e.g. ``dino_v2-g``)."""
-    from .families import RADIO_RELEASES  # noqa: PLC0415  (torch-free table)
-    from .registry import UnknownTeacherError, get_spec  # noqa: PLC0415
-
     release, _, head = suffix.partition("@")
     if release not in RADIO_RELEASES or not head:
         raise UnknownTeacherError(f"radio:{suffix}: expected radio:<release>@<summary teacher>, release one of "

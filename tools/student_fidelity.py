@@ -14,7 +14,9 @@ says whether the difference survives training. Steps (resumable: a step whose ou
 
 Prints a markdown table: per encoding, the mean over seeds, its difference to fp16 and the seed spread, the
 seed-by-seed (paired) patch differences to fp16 with 2 x their standard error, and the smallest difference of
-unpaired means this setup resolves (2 x the standard error of a difference of means, pooled seed std); with ``--probe`` a second table of the probes' means over seeds. Writes ``OUT/fidelity.json``.
+unpaired means this setup resolves (2 x the standard error of a difference of means, pooled seed std); with ``--probe`` a
+second table of the probes' means over seeds. Writes ``OUT/fidelity.json``. ``--include`` pools the runs of earlier
+invocations of the same setup (more seeds without retraining the old ones).
 
     python tools/student_fidelity.py --demo demo --out runs/fidelity --steps 300 --batch-size 8 --seeds 0,1,2
 """
@@ -76,21 +78,28 @@ def train_and_score(demo: Path, out: Path, cache: Path, run: Path, seed: int, ar
 
 
 def summarise(runs: dict[str, dict[int, dict]]) -> dict:
-    """Per encoding and metric (cls, patch): seed values, mean, difference to ``none``, spread; and the smallest
-    difference of means the setup resolves (2 x the standard error of a difference, pooled seed std)."""
+    """Per encoding and metric (cls, patch): seed values, mean, difference to ``none`` over the same seeds, spread,
+    paired differences; and the smallest difference of means the setup resolves (2 x the standard error of a
+    difference of independent means, pooled seed std)."""
     summary: dict = {}
     for metric in ("cls", "patch"):
-        values = {enc: [r["fidelity"][metric] for r in by_seed.values()] for enc, by_seed in runs.items()}
-        seeds = len(next(iter(values.values())))
-        pooled = math.sqrt(statistics.mean(statistics.variance(v) for v in values.values())) if seeds > 1 else None
-        base = statistics.mean(values["none"])
-        summary[metric] = {
-            "resolvable_difference": None if pooled is None else 2 * pooled * math.sqrt(2 / seeds),
-            "pooled_seed_std": pooled,
-            "encodings": {enc: {"values": v, "mean": statistics.mean(v), "minus_fp16": statistics.mean(v) - base,
-                                "spread": max(v) - min(v), **paired(v, values["none"])} for enc, v in values.items()}}
-    if all("probe" in r for by_seed in runs.values() for r in by_seed.values()):
-        summary["probes"] = {enc: probe_means(list(by_seed.values())) for enc, by_seed in runs.items()}
+        values = {enc: {seed: r["fidelity"][metric] for seed, r in by_seed.items()} for enc, by_seed in runs.items()}
+        spreads = [statistics.variance(v.values()) for v in values.values() if len(v) > 1]
+        pooled = math.sqrt(statistics.mean(spreads)) if spreads else None
+        fp16 = values["none"]
+        summary[metric] = {"pooled_seed_std": pooled, "encodings": {}}
+        for enc, by_seed in values.items():
+            common = [seed for seed in by_seed if seed in fp16]
+            summary[metric]["encodings"][enc] = {
+                "seeds": list(by_seed), "values": list(by_seed.values()), "mean": statistics.mean(by_seed.values()),
+                "minus_fp16": statistics.mean(by_seed[s] - fp16[s] for s in common),
+                "spread": max(by_seed.values()) - min(by_seed.values()),
+                "resolvable_difference": None if pooled is None else
+                2 * pooled * math.sqrt(1 / len(by_seed) + 1 / len(fp16)),
+                **paired([by_seed[s] for s in common], [fp16[s] for s in common])}
+    probed = {enc: [r for r in by_seed.values() if "probe" in r] for enc, by_seed in runs.items()}
+    if all(probed.values()):
+        summary["probes"] = {enc: {"runs": len(results), **probe_means(results)} for enc, results in probed.items()}
     return summary
 
 
@@ -110,9 +119,11 @@ def probe_means(results: list[dict]) -> dict[str, float]:
     return {name: statistics.mean(r["probe"][a][b] for r in results) for name, (a, b) in picks.items()}
 
 
-def markdown(summary: dict, steps: int, batch: int, resolution: int, seeds: list[int]) -> str:
-    lines = [f"ViT-Tiny/{PATCH} at {resolution} px, {steps} steps of batch {batch}, seeds {seeds}; held-out fidelity "
-             f"to the fp16 targets of {TEACHER} (mean cosine).", "",
+def markdown(summary: dict, steps: int, batch: int, resolution: int) -> str:
+    seeds = {enc: row["seeds"] for enc, row in summary["patch"]["encodings"].items()}
+    lines = [f"ViT-Tiny/{PATCH} at {resolution} px, {steps} steps of batch {batch}; held-out fidelity to the fp16 "
+             f"targets of {TEACHER} (mean cosine); seeds: " + "; ".join(f"{e} {s}" for e, s in seeds.items()) + ".",
+             "",
              "| training targets | CLS mean (− fp16) | patch mean (− fp16) | CLS / patch seed spread | "
              "patch − fp16 per seed (± 2 SE, paired) |", "|---|---|---|---|---|"]
     cls, patch = summary["cls"]["encodings"], summary["patch"]["encodings"]
@@ -124,13 +135,15 @@ def markdown(summary: dict, steps: int, batch: int, resolution: int, seeds: list
         lines += ["", "| training targets | CLS kNN / linear % | mean-patch kNN / linear % | disparity RMSE px | "
                       "match ≤ 1 patch % |", "|---|---|---|---|---|"]
         for enc, p in summary["probes"].items():
-            lines.append(f"| {enc} | {100 * p['cls_knn']:.1f} / {100 * p['cls_linear']:.1f} | "
+            lines.append(f"| {enc} ({p['runs']} runs) | {100 * p['cls_knn']:.1f} / {100 * p['cls_linear']:.1f} | "
                          f"{100 * p['mean_patch_knn']:.1f} / {100 * p['mean_patch_linear']:.1f} | "
                          f"{p['disparity_rmse']:.2f} | {100 * p['within_1_patch']:.1f} |")
-    resolvable = [summary[m]["resolvable_difference"] for m in ("cls", "patch")]
-    if None not in resolvable:
-        lines.append(f"\nSmallest difference of means resolved (2 standard errors, pooled seed std): CLS "
-                     f"{resolvable[0]:.4f}, patch {resolvable[1]:.4f}.")
+    resolvable = {enc: (cls[enc]["resolvable_difference"], patch[enc]["resolvable_difference"])
+                  for enc in cls if enc != "none" and None not in (cls[enc]["resolvable_difference"],
+                                                                   patch[enc]["resolvable_difference"])}
+    if resolvable:
+        lines.append("\nSmallest difference of unpaired means resolved (2 standard errors, pooled seed std), CLS / "
+                     "patch: " + "; ".join(f"{enc} {c:.4f} / {p:.4f}" for enc, (c, p) in resolvable.items()) + ".")
     return "\n".join(lines)
 
 
@@ -156,10 +169,18 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=224, help="student input px (multiple of 14)")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
     parser.add_argument("--probe", action="store_true", help="also run dune-student probe on DEMO/probe")
+    parser.add_argument("--include", type=Path, action="append", default=[],
+                        help="fidelity.json of an earlier invocation with the same setup (teacher, steps, batch size, "
+                             "resolution): its runs are pooled with this invocation's, paired by seed (repeatable)")
     args = parser.parse_args()
     separator = ";" if ";" in args.encodings else ","
     encodings = list(dict.fromkeys(["none", *args.encodings.split(separator)]))
     seeds = [int(s) for s in args.seeds.split(",")]
+    setup = {"teacher": TEACHER, "steps": args.steps, "batch_size": args.batch_size, "resolution": args.resolution}
+    earlier: dict[str, dict[int, dict]] = {}
+    for path in args.include:  # read and checked before any training
+        earlier = pooled(earlier, recorded_runs(path, setup))
+    pooled(earlier, {enc: dict.fromkeys(seeds) for enc in encodings})
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     caches = prepare_caches(args.demo, args.out, args.resolution, encodings)
@@ -169,12 +190,31 @@ def main() -> None:
             run = args.out / encoding_slug(enc) / f"seed{seed}"
             runs.setdefault(enc, {})[seed] = train_and_score(args.demo, args.out, caches[enc], run, seed, args)
             (args.out / "fidelity.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    runs = pooled(runs, earlier)
     summary = summarise(runs)
-    record = {"teacher": TEACHER, "steps": args.steps, "batch_size": args.batch_size, "resolution": args.resolution,
-              "seeds": seeds, "runs": runs, "summary": summary,
+    record = {**setup, "seeds": seeds, "included": [str(p) for p in args.include], "runs": runs, "summary": summary,
               "wall_seconds_this_invocation": round(time.perf_counter() - start, 1)}
     (args.out / "fidelity.json").write_text(json.dumps(record, indent=1) + "\n")
-    print(markdown(summary, args.steps, args.batch_size, args.resolution, seeds))
+    print(markdown(summary, args.steps, args.batch_size, args.resolution))
+
+
+def recorded_runs(path: Path, setup: dict) -> dict[str, dict[int, dict]]:
+    """The runs of an earlier ``fidelity.json``; refuses one made with another setup, naming what differs."""
+    record = json.loads(path.read_text())
+    differ = [f"{key}: {record.get(key)!r} there, {value!r} here" for key, value in setup.items()
+              if record.get(key) != value]
+    if differ:
+        raise SystemExit(f"--include {path}: another setup ({'; '.join(differ)}); only runs of one setup pool")
+    return {enc: {int(seed): result for seed, result in by_seed.items()} for enc, by_seed in record["runs"].items()}
+
+
+def pooled(first: dict[str, dict[int, dict]], second: dict[str, dict[int, dict]]) -> dict[str, dict[int, dict]]:
+    """Both sets of runs, seeds in order; refuses an (encoding, seed) run present in both, naming it."""
+    both = [f"{enc} seed {seed}" for enc, by_seed in second.items() for seed in by_seed if seed in first.get(enc, {})]
+    if both:
+        raise SystemExit(f"runs given twice (--include and --seeds, or two --include files): {', '.join(both)}")
+    merged = {enc: {**first.get(enc, {}), **second.get(enc, {})} for enc in {**first, **second}}
+    return {enc: dict(sorted(by_seed.items())) for enc, by_seed in merged.items()}
 
 
 if __name__ == "__main__":

@@ -84,8 +84,8 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
     summary: dict = {}
     for metric in ("cls", "patch"):
         values = {enc: {seed: r["fidelity"][metric] for seed, r in by_seed.items()} for enc, by_seed in runs.items()}
-        spreads = [statistics.variance(v.values()) for v in values.values() if len(v) > 1]
-        pooled = math.sqrt(statistics.mean(spreads)) if spreads else None
+        variances = [statistics.variance(v.values()) for v in values.values() if len(v) > 1]
+        pooled = math.sqrt(statistics.mean(variances)) if variances else None
         fp16 = values["none"]
         summary[metric] = {"pooled_seed_std": pooled, "encodings": {}}
         for enc, by_seed in values.items():
@@ -130,7 +130,7 @@ def markdown(summary: dict, steps: int, batch: int, resolution: int) -> str:
     for enc in cls:
         lines.append(f"| {enc} | {cls[enc]['mean']:.4f} ({cls[enc]['minus_fp16']:+.4f}) | {patch[enc]['mean']:.4f} "
                      f"({patch[enc]['minus_fp16']:+.4f}) | {cls[enc]['spread']:.4f} / {patch[enc]['spread']:.4f} | "
-                     f"{paired_cell(patch[enc])} |")
+                     f"{'—' if enc == 'none' else paired_cell(patch[enc])} |")
     if "probes" in summary:
         lines += ["", "| training targets | CLS kNN / linear % | mean-patch kNN / linear % | disparity RMSE px | "
                       "match ≤ 1 patch % |", "|---|---|---|---|---|"]
@@ -148,9 +148,7 @@ def markdown(summary: dict, steps: int, batch: int, resolution: int) -> str:
 
 
 def paired_cell(row: dict) -> str:
-    """``+a, +b, +c (mean ± 2 SE)`` of one encoding's paired patch differences; ``—`` for fp16 itself."""
-    if not any(row["paired_differences"]):
-        return "—"
+    """``+a, +b, +c (mean ± 2 SE)`` of one encoding's paired patch differences."""
     seeds = ", ".join(f"{d:+.4f}" for d in row["paired_differences"])
     error = "" if row["paired_2se"] is None else f" ± {row['paired_2se']:.4f}"
     return f"{seeds} (mean {statistics.mean(row['paired_differences']):+.4f}{error})"
@@ -180,7 +178,7 @@ def main() -> None:
     earlier: dict[str, dict[int, dict]] = {}
     for path in args.include:  # read and checked before any training
         earlier = pooled(earlier, recorded_runs(path, setup))
-    pooled(earlier, {enc: dict.fromkeys(seeds) for enc in encodings})
+    pooled(earlier, {enc: dict.fromkeys(seeds) for enc in encodings})  # refuses runs --include already holds
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     caches = prepare_caches(args.demo, args.out, args.resolution, encodings)

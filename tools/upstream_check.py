@@ -16,8 +16,9 @@ LAYER_SCALE_NAMES = ("gamma", "grandma")  # timm/DINOv2 LayerScale; RADIO rename
 
 
 def randomize(model: torch.nn.Module, seed: int, unit_scale: Callable[[str, torch.Tensor], bool]) -> None:
-    """Every parameter seeded-random, in ``named_parameters`` order: LayerScale (``*gamma``/``*grandma``) N(0.5, 0.1), norm
-    weights 1 + N(0, 0.1), parameters for which ``unit_scale(name, p)`` holds N(0, 1), the rest N(0, 0.02)."""
+    """Every parameter seeded-random, in ``named_parameters`` order: LayerScale (``*gamma``/``*grandma``)
+    N(0.5, 0.1), norm weights 1 + N(0, 0.1), parameters for which ``unit_scale(name, p)`` holds N(0, 1), the rest
+    N(0, 0.02)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():

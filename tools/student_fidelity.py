@@ -16,7 +16,8 @@ Prints a markdown table: per encoding, the mean over seeds, its difference to fp
 seed-by-seed (paired) patch differences to fp16 with 2 x their standard error, and the smallest difference of
 unpaired means this setup resolves (2 x the standard error of a difference of means, pooled seed std); with ``--probe`` a
 second table of the probes' means over seeds. Writes ``OUT/fidelity.json``. ``--include`` pools the runs of earlier
-invocations of the same setup (more seeds without retraining the old ones).
+invocations of the same setup: their runs are not retrained (more seeds, or another encoding next to the
+recorded fp16 runs).
 
     python tools/student_fidelity.py --demo demo --out runs/fidelity --steps 300 --batch-size 8 --seeds 0,1,2
 """
@@ -169,7 +170,8 @@ def main() -> None:
     parser.add_argument("--probe", action="store_true", help="also run dune-student probe on DEMO/probe")
     parser.add_argument("--include", type=Path, action="append", default=[],
                         help="fidelity.json of an earlier invocation with the same setup (teacher, steps, batch size, "
-                             "resolution): its runs are pooled with this invocation's, paired by seed (repeatable)")
+                             "resolution): its runs are pooled with this invocation's, paired by seed, and are not "
+                             "retrained (repeatable; two files holding the same run are refused)")
     args = parser.parse_args()
     separator = ";" if ";" in args.encodings else ","
     encodings = list(dict.fromkeys(["none", *args.encodings.split(separator)]))
@@ -178,13 +180,15 @@ def main() -> None:
     earlier: dict[str, dict[int, dict]] = {}
     for path in args.include:  # read and checked before any training
         earlier = pooled(earlier, recorded_runs(path, setup))
-    pooled(earlier, {enc: dict.fromkeys(seeds) for enc in encodings})  # refuses runs --include already holds
+    taken = [f"{enc} seed {seed}" for seed in seeds for enc in encodings if seed in earlier.get(enc, {})]
+    if taken:
+        print(f"taken from --include, not retrained: {', '.join(taken)}")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     caches = prepare_caches(args.demo, args.out, args.resolution, encodings)
     runs: dict[str, dict[int, dict]] = {}
     for seed in seeds:  # every encoding at one seed before the next seed: a partial run is still a comparison
-        for enc in encodings:
+        for enc in [enc for enc in encodings if seed not in earlier.get(enc, {})]:
             run = args.out / encoding_slug(enc) / f"seed{seed}"
             runs.setdefault(enc, {})[seed] = train_and_score(args.demo, args.out, caches[enc], run, seed, args)
             (args.out / "fidelity.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
@@ -210,7 +214,7 @@ def pooled(first: dict[str, dict[int, dict]], second: dict[str, dict[int, dict]]
     """Both sets of runs, seeds in order; refuses an (encoding, seed) run present in both, naming it."""
     both = [f"{enc} seed {seed}" for enc, by_seed in second.items() for seed in by_seed if seed in first.get(enc, {})]
     if both:
-        raise SystemExit(f"runs given twice (--include and --seeds, or two --include files): {', '.join(both)}")
+        raise SystemExit(f"runs given twice (two --include files): {', '.join(both)}")
     merged = {enc: {**first.get(enc, {}), **second.get(enc, {})} for enc in {**first, **second}}
     return {enc: dict(sorted(by_seed.items())) for enc, by_seed in merged.items()}
 

@@ -180,18 +180,20 @@ def main() -> None:
     earlier: dict[str, dict[int, dict]] = {}
     for path in args.include:  # read and checked before any training
         earlier = pooled(earlier, recorded_runs(path, setup))
+    # every encoding at one seed before the next seed: a partial run is still a comparison
+    to_train = [(seed, enc) for seed in seeds for enc in encodings if seed not in earlier.get(enc, {})]
     taken = [f"{enc} seed {seed}" for seed in seeds for enc in encodings if seed in earlier.get(enc, {})]
     if taken:
         print(f"taken from --include, not retrained: {', '.join(taken)}")
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    caches = prepare_caches(args.demo, args.out, args.resolution, encodings)
+    trained = list(dict.fromkeys(enc for _, enc in to_train))
+    caches = prepare_caches(args.demo, args.out, args.resolution, trained) if to_train else {}
     runs: dict[str, dict[int, dict]] = {}
-    for seed in seeds:  # every encoding at one seed before the next seed: a partial run is still a comparison
-        for enc in [enc for enc in encodings if seed not in earlier.get(enc, {})]:
-            run = args.out / encoding_slug(enc) / f"seed{seed}"
-            runs.setdefault(enc, {})[seed] = train_and_score(args.demo, args.out, caches[enc], run, seed, args)
-            (args.out / "fidelity.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    for seed, enc in to_train:
+        run = args.out / encoding_slug(enc) / f"seed{seed}"
+        runs.setdefault(enc, {})[seed] = train_and_score(args.demo, args.out, caches[enc], run, seed, args)
+        (args.out / "fidelity.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     runs = pooled(runs, earlier)
     summary = summarise(runs)
     record = {**setup, "seeds": seeds, "included": [str(p) for p in args.include], "runs": runs, "summary": summary,
@@ -215,7 +217,8 @@ def pooled(first: dict[str, dict[int, dict]], second: dict[str, dict[int, dict]]
     both = [f"{enc} seed {seed}" for enc, by_seed in second.items() for seed in by_seed if seed in first.get(enc, {})]
     if both:
         raise SystemExit(f"runs given twice (two --include files): {', '.join(both)}")
-    merged = {enc: {**first.get(enc, {}), **second.get(enc, {})} for enc in {**first, **second}}
+    encodings = sorted({**first, **second}, key=lambda enc: enc != "none")  # fp16 first, the others as they came
+    merged = {enc: {**first.get(enc, {}), **second.get(enc, {})} for enc in encodings}
     return {enc: dict(sorted(by_seed.items())) for enc, by_seed in merged.items()}
 
 

@@ -8,15 +8,21 @@ from typing import Optional
 import typer
 
 # Light modules only (no torch, timm, zarr, numpy): each command imports the heavy ones it needs.
-from .config import (AUTO_SHARD_FROM, ENCODINGS, MAX_SHARD_IMAGES, SHARD_TARGET_BYTES, EncodingConfig, ExtractConfig,
-                     StorageConfig, ViewSampling)
-from .console import fail, new_app, setup_logging
-from .errors import CheckpointError, ManifestError, NonFiniteFeaturesError, StoreError
-from .geometry import GeometryError
-from .interrupt import Interrupted
-from .levels import parse_blocks
+from .config import (
+    AUTO_SHARD_FROM,
+    ENCODINGS,
+    MAX_SHARD_IMAGES,
+    SHARD_TARGET_BYTES,
+    EncodingConfig,
+    ExtractConfig,
+    StorageConfig,
+    ViewSampling,
+)
+from .errors import CheckpointError, GeometryError, Interrupted, ManifestError, NonFiniteFeaturesError, StoreError
 from .teachers import UnknownTeacherError, list_prefixes, list_teachers, prefix_form
+from .teachers.blocks import parse_blocks
 from .teachers.spec import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
+from .utils.console import fail, new_app, setup_logging
 
 app = new_app(__doc__)
 NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5", (CLIP_MEAN, CLIP_STD): "clip"}
@@ -37,7 +43,7 @@ def teachers(offline: bool = typer.Option(False, "--offline", help="List instead
                                                 "needed).")) -> None:
     """List registered teachers and their geometry (--offline: the real checkpoints installed packages ship)."""
     if offline or path:
-        from .offline_teachers import offline_checkpoint, offline_table
+        from .offline.catalogue import offline_checkpoint, offline_table
 
         try:
             typer.echo(offline_checkpoint(path) if path else "\n".join(offline_table()))
@@ -107,7 +113,7 @@ def extract(
     """Run a teacher over images and store its CLS and patch features (resumes if interrupted)."""
     setup_logging(verbose)
     try:
-        from .offline_teachers import resolve_checkpoint_option
+        from .offline.catalogue import resolve_checkpoint_option
 
         checkpoint = resolve_checkpoint_option(teacher, checkpoint)
         cfg = ExtractConfig(
@@ -121,7 +127,7 @@ def extract(
             overwrite=overwrite,
             retry_failed=retry_failed, random_weights=random_weights, progress=progress)
         cfg.check()  # every flag, before torch is imported
-        from .extract import run_extraction
+        from .extract.pipeline import run_extraction
 
         result = run_extraction(cfg)
     except USER_ERRORS as exc:
@@ -137,8 +143,8 @@ def extract(
 def info(cache: str = typer.Argument(..., help="Cache root."),
          as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Teachers, images done/failed, shapes, dtype, codec, bytes on disk, compression ratio, provenance."""
+    from .commands.info import cache_info
     from .encodings import encoding_summary
-    from .inspect import cache_info
 
     try:
         report = cache_info(cache)
@@ -180,7 +186,7 @@ def verify(cache: str = typer.Argument(..., help="Cache root."),
     """Check completeness, that every chunk decodes and is finite, and provenance consistency (exit 1 on problems)."""
     from tqdm.auto import tqdm
 
-    from .inspect import verify_cache
+    from .commands.verify import verify_cache
 
     try:
         reports = verify_cache(cache, lambda name, total: tqdm(total=total, unit="img", desc=f"verify {name}",
@@ -202,9 +208,10 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
     """Compute per-channel mean/std and PHI-S of each teacher group (out of core) and store them in the cache."""
     import numpy as np
 
-    from .inspect import select_teachers
-    from .location import check_writable
-    from .stats import compute_stats, write_stats
+    from .commands.stats import compute_stats
+    from .format.root import select_teachers
+    from .format.stats import write_stats
+    from .storage.location import check_writable
 
     setup_logging(verbose)
     try:
@@ -237,7 +244,7 @@ def show(cache: str = typer.Argument(..., help="Cache root."),
          cell: int = typer.Option(224, min=8, help="Height in pixels of each picture."),
          verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """PNGs of each teacher's patch features as PCA-RGB maps beside the input image."""
-    from .show import show_cache
+    from .commands.show import show_cache
 
     setup_logging(verbose)
     try:
@@ -255,7 +262,7 @@ def list_caches(root: str = typer.Argument(..., help="Folder or fsspec URL (s3:/
                 as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
     """Catalog of the caches under ROOT: per teacher group its checkpoint, images, geometry, storage, progress
     and size (read-only)."""
-    from .catalog import catalog, catalog_json, table_lines
+    from .commands.catalog import catalog, catalog_json, table_lines
 
     try:
         entries = catalog(root, depth)
@@ -284,7 +291,7 @@ def repair(cache: str = typer.Argument(..., help="Cache root."),
            progress: bool = typer.Option(True, help="Show progress bars."),
            verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Verify, then re-extract only the damaged images (with the group's own settings) so that verify passes."""
-    from .repair import RepairConfig, repair_cache, summary_lines
+    from .commands.repair import RepairConfig, repair_cache, summary_lines
 
     setup_logging(verbose)
     try:
@@ -316,7 +323,8 @@ def recompress(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Re-encode a cache's features into a new cache root (out of core, no teacher run; the source is untouched)."""
-    from .recompress import RecompressConfig, recompress as run_recompress
+    from .commands.recompress import RecompressConfig
+    from .commands.recompress import recompress as run_recompress
 
     setup_logging(verbose)
     try:
@@ -345,14 +353,14 @@ def add_images(
 ) -> None:
     """Store a copy of the cache's images in it (JPEG, R x R; docs/cache-format.md, "Image copy"): a self-contained
     cache that `dune-student train` reads without the image files."""
-    from .image_copy import add_images as run_add_images
+    from .commands.add_images import add_images as run_add_images
 
     setup_logging(verbose)
     try:
         info = run_add_images(cache, str(images), resolution, quality, workers, overwrite)
     except USER_ERRORS as exc:
         fail(exc)
-    from .image_copy import stored_bytes
+    from .format.image_copy import stored_bytes
 
     size = stored_bytes(cache)
     typer.echo(f"{info.count} images at {info.resolution} px (JPEG quality {info.quality}) -> {cache}/images: "

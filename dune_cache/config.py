@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from .errors import EncodingError, StoreError
-from .geometry import resolve_geometry
-from .levels import SAK, BlockChoice, check_block_indices
+from .teachers.blocks import SAK, BlockChoice, check_block_indices
+from .teachers.geometry import resolve_geometry
 from .teachers.registry import check_teacher_name
 from .teachers.spec import check_checkpoint_file
 

@@ -8,11 +8,10 @@ from typing import List, Optional
 import typer
 
 # Light modules only (no torch, timm, zarr): each command imports the heavy ones it needs.
-from dune_cache.console import fail, new_app, setup_logging
-from dune_cache.errors import CheckpointError, StoreError
+from dune_cache import CheckpointError, StoreError, fail, new_app, setup_logging
 
-from .config import ConfigError, load_config
-from .errors import DataError, NonFiniteLossError, RunMismatchError
+from .config import load_config
+from .errors import ConfigError, DataError, NonFiniteLossError, RunMismatchError
 
 app = new_app(__doc__)
 
@@ -66,11 +65,11 @@ def train(
              "data.allow_partial": True if allow_partial else None, "data.chunk_cache": chunk_cache,
              "data.chunk_cache_limit_gb": chunk_cache_limit_gb, "progress": progress}
     pairs = list(overrides or []) + [f"{k}={v}" for k, v in flags.items() if v is not None]
-    from dune_cache.interrupt import Interrupted, disk_full_error
+    from dune_cache import Interrupted, disk_full_error
 
     try:
         cfg = load_config(config, pairs)
-        from .train import train as run_training
+        from .training.trainer import train as run_training
 
         result = run_training(cfg)
     except Interrupted as exc:  # a checkpoint of the step it stopped at was written
@@ -106,7 +105,7 @@ def evaluate_cmd(
     """Per-teacher cosine fidelity (CLS and patch) of the projected student features on held-out images."""
     setup_logging(False)
     try:
-        from .evaluate import evaluate
+        from .evaluation.fidelity import evaluate
 
         result = evaluate(checkpoint, cache, images, batch_size=batch_size, device=device)
     except _user_errors() as exc:
@@ -129,8 +128,8 @@ def export(
     try:
         import torch
 
-        from .evaluate import load_run
-        from .export import export_encoder, export_sak
+        from .model.export import export_encoder, export_sak
+        from .runs.loading import load_run
 
         run = load_run(checkpoint, torch.device("cpu"))
         path = (export_sak(run.student, run.heads.projectors, out) if run.cfg.heads.kind == "sak"
@@ -157,7 +156,7 @@ def show(
     """PNGs of the student's projected patch features next to each teacher's (joint PCA-RGB maps)."""
     setup_logging(False)
     try:
-        from .show import show_run
+        from .evaluation.show import show_run
 
         result = show_run(run, out, cache, images, first, image_root, cell, device)
     except _user_errors() as exc:
@@ -169,7 +168,7 @@ def show(
 def curves(run: Path = typer.Argument(..., help="Run directory (holding metrics.jsonl).")) -> None:
     """Redraw RUN/curves.png (training loss, learning rate, held-out fidelity) from RUN/metrics.jsonl."""
     try:
-        from .curves import plot_curves
+        from .evaluation.curves import plot_curves
 
         path = plot_curves(run)
     except _user_errors() as exc:
@@ -193,7 +192,8 @@ def probe(
     setup_logging(False)
     out = out or checkpoint.parent / "probe.json"
     try:
-        from .probe import ProbeConfig, run_probes
+        from .evaluation.probe import run_probes
+        from .evaluation.probe_data import ProbeConfig
 
         report = run_probes(ProbeConfig(checkpoint=str(checkpoint), data=str(data), cache=cache, out=str(out),
                                         seed=seed, heads=heads, batch_size=batch_size, device=device))
@@ -220,7 +220,7 @@ def route(
     if pooling not in (None, "token", "global"):
         fail(ValueError(f"--pooling: {pooling!r} is not one of token, global"))
     try:
-        from .route import RouteConfig, report_table, run_routing
+        from .evaluation.route import RouteConfig, report_table, run_routing
 
         report = run_routing(RouteConfig(checkpoint=str(checkpoint), data=str(data), out=str(out), steps=steps,
                                          pooling=pooling, seed=seed, device=device))

@@ -1,10 +1,26 @@
-"""Typed training configuration. Defaults reproduce DUNE's recipe (NOTES.md §1); one field per hyper-parameter.
+"""Typed training configuration: one field per hyper-parameter, each default documented where it is declared.
+
+Which defaults follow DUNE (Sariyildiz et al., "DUNE: Distilling a Universal Encoder from Heterogeneous 2D and 3D
+Teachers", CVPR 2025; naver/dune) and which do not:
+
+- **Follow DUNE**: the student (DINOv2-style ViT-B/14, 4 registers, LayerScale 1e-4), one transformer projector per
+  teacher (``heads.kind=transformer``), the loss ``0.5·(1 − cos) + 0.5·SmoothL1`` per teacher, lowest-loss teacher
+  dropping with ``p=0.5``, AdamW (betas (0.9, 0.99), eps 1e-15, weight decay 0.03 off biases and 1-D parameters),
+  ``lr = 3e-4 · batch / 256`` with 20% warmup and a cosine to 1e-6, gradient clipping at 1.0, bf16 autocast, and
+  the crop scale 0.4–1 and colour augmentation of its RandomResizedCrop pipeline.
+- **Adapted to cached targets**: targets are cropped on the token grid (``augment.mode=grid-crop``) or taken from
+  cached views instead of running each teacher on every augmented image; colour augmentation reaches the student
+  only; standardisation uses the cache's statistics (``loss.standardize=channel``, from ``dune-cache stats``)
+  rather than per-batch ones.
+- **Scaled down**: ``steps=1000`` and ``data.batch_size=128`` are a first run on one machine. DUNE trains for 100
+  epochs at 336 px then 50 at 448 px over ~20.7M images with a much larger global batch; set ``steps``,
+  ``data.batch_size`` and ``data.resolution`` for that (docs/training.md).
 
 A config file (TOML or JSON) mirrors the dataclass tree; ``key=value`` overrides use dotted paths
 (``optim.base_lr=1e-4``) and are converted with the field's declared type — never ``eval``. Every field name,
 type and choice is checked while the config is parsed (:func:`load_config`), before torch is imported or a cache
 opened: this module imports neither, and the sections the model, heads and augmentation modules use
-(:class:`StudentConfig`, :class:`HeadConfig`, :class:`AugmentConfig`) are defined here and re-exported there.
+(:class:`StudentConfig`, :class:`HeadConfig`, :class:`AugmentConfig`) are defined here.
 """
 from __future__ import annotations
 
@@ -16,7 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dune_cache.urls import is_remote
+from dune_cache import is_remote
+
+from .errors import ConfigError
 
 STUDENT_ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_large")  # the sizes model.ARCHS builds (vit_tiny: tests)
 ATTENTION_BACKENDS = ("auto", "xformers", "sdpa")
@@ -26,10 +44,6 @@ AUGMENT_MODES = ("none", "grid-crop", "views")
 PLACES = ("auto", "loader", "device")  # where an input stage runs; auto: the device when training on CUDA
 IMAGE_SOURCES = ("auto", "files", "cache")
 RESOLVED = "resolved"  # section of a run's config.json with the values the run resolved (ignored when loaded)
-
-
-class ConfigError(ValueError):
-    """A configuration value or key that cannot be used; the message names the field."""
 
 
 @dataclass
@@ -153,7 +167,7 @@ class TrainConfig:
 
 
 CHOICES = {
-    "data.reader_backend": ("auto", "tensorstore", "zarrs", "zarr", "memory"),  # auto + dune_cache.backends.BACKENDS
+    "data.reader_backend": ("auto", "tensorstore", "zarrs", "zarr", "memory"),  # auto + dune_cache.read.backends.BACKENDS
     "loss.standardize": ("channel", "phis", "ema", "none"),
     "loss.teacher_drop": ("lowest_loss", "none"),
     "loss.sharing": ("all", "own_data", "own+generic"),

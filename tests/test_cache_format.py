@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from dune_cache.encodings import EncodingConfig
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.store import StorageConfig, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.config import StorageConfig
+from dune_cache.format.store import TeacherStore
 
 SPEC = Path(__file__).parents[1] / "docs" / "cache-format.md"
 

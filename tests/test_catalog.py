@@ -9,9 +9,10 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app
 from dune_cache.encodings import EncodingConfig
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.images import load_manifest
-from dune_cache.store import StorageConfig
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.images.manifest import load_manifest
+from dune_cache.config import StorageConfig
 
 runner = CliRunner()
 

@@ -8,10 +8,15 @@ import pytest
 import torch
 import zarr
 
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.inspect import verify_cache
-from dune_cache.reader import CacheReader, ReaderError, backend_installed
-from dune_cache.store import ATTR_KEY, StorageConfig, StoreMismatchError, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.commands.verify import verify_cache
+from dune_cache.read.reader import CacheReader
+from dune_cache.errors import ReaderError
+from dune_cache.read.backends import backend_installed
+from dune_cache.format.store import ATTR_KEY, TeacherStore
+from dune_cache.config import StorageConfig
+from dune_cache.errors import StoreMismatchError
 
 TEACHER = "tiny_test_teacher"
 

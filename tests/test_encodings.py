@@ -10,13 +10,18 @@ import pytest
 import torch
 
 from dune_cache.encodings import INT8_MISSING, Encoding, EncodingConfig, EncodingError, calibration_indices
-from dune_cache.extract import ExtractConfig, build_provenance, run_extraction
-from dune_cache.geometry import Geometry
-from dune_cache.images import ImageManifest
-from dune_cache.inspect import verify_cache
-from dune_cache.reader import CacheReader, EncodedBatch
-from dune_cache.store import STATUS_DONE, DamagedFeaturesError, StorageConfig, StoreMismatchError, TeacherStore
-from dune_cache.teachers.base import TeacherSpec
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.provenance import build_provenance
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.teachers.geometry import Geometry
+from dune_cache.images.manifest import ImageManifest
+from dune_cache.commands.verify import verify_cache
+from dune_cache.read.reader import CacheReader
+from dune_cache.read.batches import EncodedBatch
+from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.errors import DamagedFeaturesError, StoreMismatchError
+from dune_cache.config import StorageConfig
+from dune_cache.teachers.spec import TeacherSpec
 
 D, GRID, MASSIVE = 64, (4, 4), (3, 17, 40)  # channels, token grid, massive-activation channels
 

@@ -11,20 +11,22 @@ import pytest
 import torch
 
 from dune_cache.config import ENCODINGS, PARAMS, ViewSampling
-from dune_cache.encodings import (Encoding, EncodingConfig, EncodingError, encoding_summary, list_schemes,
-                                  scheme_class)
+from dune_cache.encodings import Encoding, EncodingConfig, EncodingError, encoding_summary, list_schemes, scheme_class
 from dune_cache.encodings.base import Scheme, token_cosines
 from dune_cache.encodings.lowrank import image_factors
 from dune_cache.encodings.registry import register_scheme
-from dune_cache.extract import build_provenance
-from dune_cache.geometry import Geometry
-from dune_cache.images import ImageManifest
-from dune_cache.inspect import verify_cache
-from dune_cache.reader import CacheReader
-from dune_cache.store import DamagedFeaturesError, StorageConfig, TeacherStore, ViewRows
-from dune_cache.teachers.base import TeacherSpec
-from dune_student.augment import AugmentConfig, GridCrop
-from dune_student.data import BatchSource
+from dune_cache.extract.provenance import build_provenance
+from dune_cache.teachers.geometry import Geometry
+from dune_cache.images.manifest import ImageManifest
+from dune_cache.commands.verify import verify_cache
+from dune_cache.read.reader import CacheReader
+from dune_cache.errors import DamagedFeaturesError
+from dune_cache.config import StorageConfig
+from dune_cache.format.store import TeacherStore, ViewRows
+from dune_cache.teachers.spec import TeacherSpec
+from dune_student.config import AugmentConfig, DataConfig
+from dune_student.data.augment import GridCrop
+from dune_student.data.batches import BatchSource, InputPlan
 
 D, GRID, K = 48, (6, 5), 4  # channels, token grid, rank of each image's tokens
 LOWRANK = (f"lowrank:image_rank={K}", f"lowrank:image_rank={K},basis=int8")  # float basis (default), int8 basis
@@ -303,13 +305,14 @@ def test_the_training_loader_crops_the_token_factors_and_keeps_the_basis_whole_o
     store, _ = composite_group(tmp_path / "c.zarr", text)
     listing = tmp_path / "images.txt"
     listing.write_text("".join(f"i{k}\n" for k in range(6)))
-    args = (str(tmp_path / "c.zarr"), None, False, "zarr", str(listing), np.arange(6))
-    kw = dict(batch_size=3, resolution=32, augment=AugmentConfig(), seed=0, shuffle_block=2, shuffle_buffer=4)
+    args = (CacheReader(str(tmp_path / "c.zarr"), backend="zarr"),
+            DataConfig(images=str(listing), batch_size=3, shuffle_block=2, shuffle_buffer=4), AugmentConfig(), 0,
+            np.arange(6), 32)
     indices, views = np.array([4, 0, 2]), np.array([-1, 0, -1])
     crops = [GridCrop(y0=1, x0=2, h=4, w=3, flip=True), GridCrop(y0=0, x0=0, h=4, w=3, flip=False),
              GridCrop(y0=2, x0=1, h=4, w=3, flip=True)]  # one size per batch
-    _, in_worker, *_ = BatchSource(*args, **kw).cropped_targets(indices, crops, views)
-    deferred = BatchSource(*args, **kw, decode_on_device=True)
+    _, in_worker, *_ = BatchSource(*args).cropped_targets(indices, crops, views)
+    deferred = BatchSource(*args, InputPlan(decode_targets_on_device=True))
     encoded = deferred.cropped_targets(indices, crops, views)[4]
     assert {k: tuple(v.shape) for k, v in encoded.patch["vit"].items()} == {
         suffix: (3, *(rows if suffix else (4, 3)), last) for suffix, (rows, last, _) in STORED[text].items()}

@@ -9,9 +9,10 @@ import timm
 import torch
 from safetensors.torch import load_file
 
-from dune_student.export import export_encoder, load_exported, sidecar_path
-from dune_student.heads import TeacherHeads
-from dune_student.model import Student, StudentConfig
+from dune_student.model.export import export_encoder, load_exported, sidecar_path
+from dune_student.model.heads import TeacherHeads
+from dune_student.model.student import Student
+from dune_student.config import StudentConfig
 
 
 @pytest.fixture(scope="module")

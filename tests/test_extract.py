@@ -14,10 +14,16 @@ import pytest
 import torch
 import zarr
 
-from dune_cache.extract import ExtractConfig, NonFiniteFeaturesError, run_extraction
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.inspect import cache_info, verify_cache
-from dune_cache.store import STATUS_DONE, STATUS_FAILED, StorageConfig, StoreError, StoreMismatchError, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.errors import NonFiniteFeaturesError
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.commands.info import cache_info
+from dune_cache.commands.verify import verify_cache
+from dune_cache.format.store import STATUS_DONE, STATUS_FAILED, TeacherStore
+from dune_cache.config import StorageConfig
+from dune_cache.errors import StoreError, StoreMismatchError
 from dune_cache.teachers import create_teacher
 
 TESTS = Path(__file__).parent
@@ -252,7 +258,7 @@ def test_a_slot_never_reads_another_slots_objects_while_they_are_written(tmp_pat
 
 
 def test_other_slots_never_create_a_group_and_wait_for_slot_0(tmp_path, images, tiny_checkpoint, caplog):
-    caplog.set_level(logging.INFO, logger="dune_cache.store")
+    caplog.set_level(logging.INFO, logger="dune_cache.format.store")
     with pytest.raises(StoreError, match="gave up after 1 s waiting for slot 0 .* to create it: .*/c/tiny"):
         TeacherStore.wait_for_creator(str(tmp_path / "c"), "tiny", {}, overwrite=False, wait_s=0.6)
     assert "waiting up to 1 s for slot 0" in caplog.text and not (tmp_path / "c").exists()  # wrote nothing
@@ -294,7 +300,7 @@ def test_verify_names_images_with_corrupt_or_missing_chunks(tmp_path, images, ti
 
 
 def test_work_units_are_dealt_over_machines_and_torchrun_ranks(monkeypatch):
-    from dune_cache.extract import my_units, worker_slot
+    from dune_cache.extract.units import my_units, worker_slot
 
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "4")

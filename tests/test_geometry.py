@@ -1,7 +1,8 @@
 """Teacher input geometry and DUNE's shared-grid rule."""
 import pytest
 
-from dune_cache.geometry import GeometryError, parse_size, resolve_geometry
+from dune_cache.errors import GeometryError
+from dune_cache.teachers.geometry import parse_size, resolve_geometry
 from dune_cache.teachers import TeacherSpec
 
 P14 = TeacherSpec(name="p14", arch="x", patch_size=14, embed_dim=8, native_resolution=(518, 518))

@@ -4,9 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dune_student.attention import BackendAttention
-from dune_student.heads import HEAD_KINDS, HeadConfig, TeacherHeads, resize_patch_grid
-from dune_student.model import Student, StudentConfig, split_tokens
+from dune_student.model.attention import BackendAttention
+from dune_student.config import HEAD_KINDS, HeadConfig
+from dune_student.model.heads import TeacherHeads, resize_patch_grid
+from dune_student.model.student import Student, split_tokens
+from dune_student.config import StudentConfig
 
 # student grid for a 48x64 input at patch 16: 3x4
 TEACHERS = {"same_grid": (24, (3, 4)), "finer_grid": (40, (6, 8))}

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dune_cache.images import ImageDecodeError, ImageManifest, ManifestError, load_manifest, load_pixels, open_rgb
+from dune_cache.errors import ImageDecodeError, ManifestError
+from dune_cache.images.manifest import ImageManifest, load_manifest
+from dune_cache.images.decode import load_pixels, open_rgb
 
 
 def test_manifest_from_directory_is_sorted_recursive_and_filters_extensions(tmp_path):

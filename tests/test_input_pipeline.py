@@ -13,22 +13,29 @@ import torch
 import zarr
 from PIL import Image
 
-from dune_cache.image_copy import ImageCopyError, add_images, read_info
-from dune_cache.images import load_pixels, open_rgb
-from dune_cache.reader import CacheReader, ReaderError, gather_flags
-from dune_student.augment import GridCrop, crop_pixels, draft_size
-from dune_student.config import AugmentConfig, ConfigError, load_config
-from dune_student.data import BatchSource, DataError, finish_pixels
-from dune_student.train import Trainer
+from dune_cache.errors import ImageCopyError
+from dune_cache.commands.add_images import add_images
+from dune_cache.format.image_copy import read_info
+from dune_cache.images.decode import load_pixels, open_rgb
+from dune_cache.read.reader import CacheReader
+from dune_cache.errors import ReaderError
+from dune_cache.read.batches import gather_flags
+from dune_student.data.augment import GridCrop, crop_pixels, draft_size
+from dune_student.config import AugmentConfig, DataConfig, load_config
+from dune_student.errors import ConfigError
+from dune_student.data.batches import BatchSource, InputPlan, finish_pixels
+from dune_student.errors import DataError
+from dune_student.training.trainer import Trainer
 
 from test_train import TINY_STUDENT, cache  # noqa: F401 - cache: the tiny-teacher cache fixture
 
 TEACHER = "tiny_test_teacher"
 
 
-def source(cache: Path, images: str, **kw) -> BatchSource:
-    return BatchSource(str(cache), None, False, "zarr", images, np.arange(6), batch_size=6, resolution=32,
-                       augment=AugmentConfig(), seed=0, shuffle_block=2, shuffle_buffer=4, **kw)
+def source(cache: Path, images: str, jpeg_draft: str = "crop", **plan) -> BatchSource:
+    data = DataConfig(images=images, batch_size=6, shuffle_block=2, shuffle_buffer=4, jpeg_draft=jpeg_draft)
+    return BatchSource(CacheReader(str(cache), backend="zarr"), data, AugmentConfig(), 0, np.arange(6), 32,
+                       InputPlan(**plan))
 
 
 def test_photometric_on_the_device_gives_the_loader_pixels(cache, real_image_dir):

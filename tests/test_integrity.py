@@ -18,13 +18,15 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app as cache_app
 from dune_cache.encodings import EncodingConfig
-from dune_cache.extract import run_extraction
-from dune_cache.interrupt import DiskFullError, Interrupted
-from dune_cache.reader import BACKENDS, CacheReader, backend_installed
-from dune_cache.inspect import verify_cache
-from dune_cache.recompress import RecompressConfig, recompress
-from dune_cache.stats import compute_stats
-from dune_cache.store import STATUS_DONE, DamagedFeaturesError, TeacherStore
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.errors import DiskFullError, Interrupted
+from dune_cache.read.backends import BACKENDS, backend_installed
+from dune_cache.read.reader import CacheReader
+from dune_cache.commands.verify import verify_cache
+from dune_cache.commands.recompress import RecompressConfig, recompress
+from dune_cache.commands.stats import compute_stats
+from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.errors import DamagedFeaturesError
 from dune_cache.teachers import create_teacher
 
 from test_extract import TESTS, config, images, read_all  # noqa: F401 - images: 6 photos and 3 unusable files

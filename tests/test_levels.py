@@ -14,14 +14,20 @@ import torch
 import zarr
 
 from dune_cache.encodings import EncodingConfig
-from dune_cache.extract import ExtractConfig, ManifestImages, run_extraction
-from dune_cache.geometry import resolve_geometry
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.inspect import cache_info, verify_cache
-from dune_cache.levels import parse_blocks, resolve_blocks, sak_blocks
-from dune_cache.reader import CacheReader
-from dune_cache.repair import RepairConfig, repair_cache
-from dune_cache.store import DamagedFeaturesError, StorageConfig, StoreMismatchError, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.loading import ManifestImages
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.teachers.geometry import resolve_geometry
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.commands.info import cache_info
+from dune_cache.commands.verify import verify_cache
+from dune_cache.teachers.blocks import parse_blocks, resolve_blocks, sak_blocks
+from dune_cache.read.reader import CacheReader
+from dune_cache.commands.repair import RepairConfig, repair_cache
+from dune_cache.errors import DamagedFeaturesError, StoreMismatchError
+from dune_cache.config import StorageConfig
+from dune_cache.format.store import TeacherStore
 from dune_cache.teachers import create_teacher, get_spec
 from dune_cache.teachers.dinov2 import dinov2_teacher_from_state
 from dune_cache.teachers.mast3r import VIT_LARGE, CrocoTeacher
@@ -323,7 +329,7 @@ def test_cli_flag_maps_to_the_config_and_info_prints_levels(tmp_path, level_cach
 # ---------------------------------------------------------------- recompress
 
 def recompress_levels(cache: Path, out: Path, encoding: str) -> None:
-    from dune_cache.recompress import RecompressConfig, recompress
+    from dune_cache.commands.recompress import RecompressConfig, recompress
 
     recompress(RecompressConfig(cache=str(cache), out=str(out), encoding=EncodingConfig.parse(encoding),
                                 progress=False, block_images=4))

@@ -8,9 +8,9 @@ import pytest
 import scipy.linalg
 import torch
 
-from dune_cache.stats import TeacherStats
-from dune_student.losses import (Standardizer, drop_teachers, ema_momentum, sharing_mask, teacher_losses,
-                                 token_loss, use_cls_from_provenance)
+from dune_cache.format.stats import TeacherStats
+from dune_student.loss.standardize import Standardizer, ema_momentum
+from dune_student.loss.distill import drop_teachers, sharing_mask, teacher_losses, token_loss, use_cls_from_provenance
 
 # Hand-computed token losses, 0.5·(1 − cos) + 0.5·mean_c SmoothL1(β=1):
 #   [1, 0] vs [0, 1]: cos 0 -> 0.5;  |diff| = (1, 1) -> SmoothL1 (0.5, 0.5), mean 0.5 -> 0.25;  total 0.75

@@ -14,11 +14,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.images import (ImageDecodeError, ImageManifest, ManifestError, escape_field, load_manifest,
-                               load_pixels, open_rgb, unescape_field)
-from dune_cache.inspect import verify_cache
-from dune_cache.store import STATUS_DONE, StorageConfig, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.errors import ImageDecodeError, ManifestError
+from dune_cache.images.manifest import ImageManifest, escape_field, load_manifest, unescape_field
+from dune_cache.images.decode import load_pixels, open_rgb
+from dune_cache.commands.verify import verify_cache
+from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.config import StorageConfig
 from dune_cache.teachers import create_teacher
 
 SPEC = Path(__file__).parents[1] / "docs" / "cache-format.md"

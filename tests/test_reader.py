@@ -10,14 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from dune_cache.extract import build_provenance
-from dune_cache.geometry import Geometry
-from dune_cache.images import ImageManifest
-from dune_cache.reader import BACKENDS, CacheReader, ReaderError, backend_installed
-from dune_cache.shuffle import block_shuffled_order, buffer_shuffle
-from dune_cache.stats import compute_stats, write_stats
-from dune_cache.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, StorageConfig, TeacherStore
-from dune_cache.teachers.base import TeacherSpec
+from dune_cache.extract.provenance import build_provenance
+from dune_cache.teachers.geometry import Geometry
+from dune_cache.images.manifest import ImageManifest
+from dune_cache.read.backends import BACKENDS, backend_installed
+from dune_cache.read.reader import CacheReader
+from dune_cache.errors import ReaderError
+from dune_cache.read.shuffle import block_shuffled_order, buffer_shuffle
+from dune_cache.commands.stats import compute_stats
+from dune_cache.format.stats import write_stats
+from dune_cache.format.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
+from dune_cache.config import StorageConfig
+from dune_cache.teachers.spec import TeacherSpec
 
 
 def installed_backends() -> list[str]:
@@ -135,7 +139,7 @@ def test_auto_backend_is_an_installed_one(two_groups):
 
 FORKED_WORKERS = """
 import sys, numpy as np, torch
-from dune_cache.reader import CacheReader
+from dune_cache.read.reader import CacheReader
 
 class Batches(torch.utils.data.Dataset):
     def __init__(self, reader): self.reader = reader

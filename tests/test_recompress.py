@@ -10,14 +10,20 @@ import torch
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
+from dune_cache.read.reader import CacheReader
 from dune_cache.encodings import EncodingConfig
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.inspect import cache_info, verify_cache
-from dune_cache.recompress import RecompressConfig, recompress
-from dune_cache.stats import compute_stats, read_stats, write_stats
-from dune_cache.store import StorageConfig, StoreError, TeacherStore
-from dune_student.augment import AugmentConfig
-from dune_student.data import BatchSource
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.commands.info import cache_info
+from dune_cache.commands.verify import verify_cache
+from dune_cache.commands.recompress import RecompressConfig, recompress
+from dune_cache.commands.stats import compute_stats
+from dune_cache.format.stats import read_stats, write_stats
+from dune_cache.config import StorageConfig
+from dune_cache.errors import StoreError
+from dune_cache.format.store import TeacherStore
+from dune_student.config import AugmentConfig, DataConfig
+from dune_student.data.batches import BatchSource, InputPlan
 
 TEACHER = "tiny_test_teacher"
 
@@ -122,13 +128,14 @@ def test_the_source_itself_is_refused_as_output(source):
 def test_the_training_batches_decode_alike_in_the_worker_and_on_the_device(source, tmp_path, images, encoding):
     out = tmp_path / "token.zarr"
     run(source, out, encoding)
-    args = (str(out), None, False, "zarr", str(images), np.arange(6))
-    kw = dict(batch_size=3, resolution=32, augment=AugmentConfig(), seed=0, shuffle_block=2, shuffle_buffer=4)
-    in_worker = BatchSource(*args, **kw)[1]
-    deferred = BatchSource(*args, **kw, decode_on_device=True)[1]
+    args = (CacheReader(str(out), backend="zarr"),
+            DataConfig(images=str(images), batch_size=3, shuffle_block=2, shuffle_buffer=4), AugmentConfig(), 0,
+            np.arange(6), 32)
+    in_worker = BatchSource(*args)[1]
+    deferred = BatchSource(*args, InputPlan(decode_targets_on_device=True))[1]
     assert in_worker.encoded is None and deferred.encoded is not None and not deferred.patch
     assert deferred.encoded.patch[TEACHER][""].dtype == torch.int8
-    decoded = BatchSource(*args, **kw).reader().decode(deferred.encoded, "cpu")  # what the trainer does
+    decoded = BatchSource(*args).reader().decode(deferred.encoded, "cpu")  # what the trainer does
     assert decoded.patch[TEACHER].shape == in_worker.patch[TEACHER].shape  # grid-crop cut the parts alike
     torch.testing.assert_close(decoded.patch[TEACHER], in_worker.patch[TEACHER])
     torch.testing.assert_close(decoded.cls[TEACHER], in_worker.cls[TEACHER])
@@ -136,7 +143,7 @@ def test_the_training_batches_decode_alike_in_the_worker_and_on_the_device(sourc
 
 def test_the_trainer_decodes_deferred_targets_like_the_worker(tmp_path, real_image_dir, tiny_checkpoint):
     from dune_student.config import load_config
-    from dune_student.train import Trainer
+    from dune_student.training.trainer import Trainer
 
     grid_cache, out = tmp_path / "grid.zarr", tmp_path / "grid_int8.zarr"
     run_extraction(ExtractConfig(teacher=TEACHER, images=real_image_dir, out=str(grid_cache), checkpoint=tiny_checkpoint,

@@ -12,13 +12,17 @@ from typer.testing import CliRunner
 
 from conftest import serve_s3
 from dune_cache.cli import app as cache_app
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.location import filesystem
-from dune_cache.reader import CacheReader
-from dune_cache.stats import compute_stats, write_stats
-from dune_cache.store import DamagedFeaturesError, StorageConfig, StoreError, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.storage.location import filesystem
+from dune_cache.read.reader import CacheReader
+from dune_cache.commands.stats import compute_stats
+from dune_cache.format.stats import write_stats
+from dune_cache.errors import DamagedFeaturesError, StoreError
+from dune_cache.config import StorageConfig
+from dune_cache.format.store import TeacherStore
 from dune_student.config import load_config
-from dune_student.train import train
+from dune_student.training.trainer import train
 from test_extract import images  # noqa: F401 - fixture: six photos and three unusable files
 from test_train import TINY_STUDENT
 

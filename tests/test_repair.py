@@ -12,9 +12,12 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app
 from dune_cache.encodings import EncodingConfig
-from dune_cache.extract import ExtractConfig, file_sha256, hashed_file, run_extraction
-from dune_cache.images import load_manifest
-from dune_cache.store import StorageConfig, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.utils.hashing import file_sha256, hashed_file
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.images.manifest import load_manifest
+from dune_cache.config import StorageConfig
+from dune_cache.format.store import TeacherStore
 
 GROUP = "tiny_test_teacher"
 runner = CliRunner()
@@ -180,7 +183,8 @@ def cache_url(request, tmp_path) -> str:
 def test_flipped_byte_fails_its_checksum_and_is_repaired(tmp_path, images, tiny_checkpoint, cache_url):
     """With crc32c (the default) one flipped byte in a chunk fails to decode: found, named and re-extracted, also
     in a cache on an fsspec URL."""
-    from dune_cache.location import filesystem, join
+    from dune_cache.storage.location import filesystem
+    from dune_cache.storage.urls import join
 
     clean = tmp_path / "clean.zarr"
     extract(images, clean, tiny_checkpoint)

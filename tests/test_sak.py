@@ -10,12 +10,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from dune_student.config import HeadConfig, load_config, loss_terms
-from dune_student.export import SAKBackbone, export_sak, load_exported
-from dune_student.heads import TeacherHeads
-from dune_student.losses import DUNE_TERMS, LossTerms, token_loss
-from dune_student.model import Student, StudentConfig
-from dune_student.router import MoRRouter, TaskRouters
-from dune_student.sak import Adapter, at_larger_grid, pair_levels, student_levels
+from dune_student.model.export import SAKBackbone, export_sak, load_exported
+from dune_student.model.heads import TeacherHeads
+from dune_student.loss.distill import DUNE_TERMS, LossTerms, token_loss
+from dune_student.model.student import Student
+from dune_student.config import StudentConfig
+from dune_student.model.router import MoRRouter, TaskRouters
+from dune_student.model.sak import Adapter, at_larger_grid, pair_levels, student_levels
 
 TEACHERS = {"dino": (24, (3, 4)), "mobile": (40, (6, 8))}
 
@@ -177,7 +178,8 @@ SAK_RUN = ["student.arch=vit_tiny", "student.patch_size=8", "student.img_size=32
 @pytest.fixture(scope="module")
 def level_cache(tmp_path_factory, real_image_dir, tiny_checkpoint):
     """The six photos: a timm ViT-Tiny teacher with SAK's levels and the tiny test teacher without levels."""
-    from dune_cache.extract import ExtractConfig, run_extraction
+    from dune_cache.config import ExtractConfig
+    from dune_cache.extract.pipeline import run_extraction
     from dune_cache.teachers.timm_generic import create_timm_vit
 
     torch.manual_seed(0)
@@ -199,7 +201,7 @@ def run_config(cache, images, out, *extra):
 @pytest.fixture(scope="module")
 def sak_run(level_cache, real_image_dir, tmp_path_factory):
     """A 3-step SAK run on ``level_cache``: (trainer, result, run directory)."""
-    from dune_student.train import Trainer
+    from dune_student.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("sak_run") / "run"
     trainer = Trainer(run_config(level_cache, real_image_dir, out))
@@ -209,7 +211,7 @@ def sak_run(level_cache, real_image_dir, tmp_path_factory):
 def test_sak_training_distils_levels_checkpoints_paths_and_refuses_other_heads(sak_run, level_cache, real_image_dir,
                                                                                 tmp_path):
     from dune_student.errors import RunMismatchError
-    from dune_student.train import Trainer
+    from dune_student.training.trainer import Trainer
 
     trainer, result, out = sak_run
     assert trainer.sak.pairs == {f"timm-{TIMM_TEACHER}": [(2, 2), (5, 5), (8, 8), (11, 11)], "tiny_test_teacher": []}
@@ -230,8 +232,8 @@ def test_sak_training_distils_levels_checkpoints_paths_and_refuses_other_heads(s
 
 
 def test_route_trains_routers_per_task_and_exports_them(sak_run, tmp_path):
-    from dune_student.probe_data import write_probe_data
-    from dune_student.route import RouteConfig, run_routing
+    from dune_demo.probe_data import write_probe_data
+    from dune_student.evaluation.route import RouteConfig, run_routing
 
     _, _, out = sak_run
     data = write_probe_data(tmp_path / "probe")
@@ -271,16 +273,17 @@ def test_export_command_writes_paths_of_a_sak_run(sak_run, tmp_path):
 
 
 def test_level_targets_are_cropped_like_the_final_ones_in_the_loader_and_on_the_device(level_cache, real_image_dir):
-    from dune_student.augment import AugmentConfig
-    from dune_student.data import BatchSource
+    from dune_cache.read.reader import CacheReader
+    from dune_student.config import AugmentConfig, DataConfig
+    from dune_student.data.batches import BatchSource, InputPlan
 
-    def source(**kw) -> BatchSource:
-        return BatchSource(str(level_cache), None, False, "zarr", str(real_image_dir), np.arange(6), batch_size=4,
-                           resolution=32, augment=AugmentConfig(), seed=0, shuffle_block=2, shuffle_buffer=4,
-                           levels=True, **kw)
+    def source(**plan) -> BatchSource:
+        data = DataConfig(images=str(real_image_dir), batch_size=4, shuffle_block=2, shuffle_buffer=4)
+        return BatchSource(CacheReader(str(level_cache), backend="zarr", levels=True), data, AugmentConfig(), 0,
+                           np.arange(6), 32, InputPlan(**plan))
 
     teacher = f"timm-{TIMM_TEACHER}"
-    loader, deferred = source(), source(decode_on_device=True)
+    loader, deferred = source(), source(decode_targets_on_device=True)
     for step in range(2):
         batch, encoded = loader[step], deferred[step]
         assert sorted(batch.level_patch[teacher]) == [2, 5, 8, 11] and batch.level_patch["tiny_test_teacher"] == {}

@@ -10,12 +10,14 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dune_cache.cli import app as cache_app
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.show import LABEL_HEIGHT, pca_rgb
-from dune_cache.stats import compute_stats, write_stats
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.viz.pictures import LABEL_HEIGHT, pca_rgb
+from dune_cache.commands.stats import compute_stats
+from dune_cache.format.stats import write_stats
 from dune_student.cli import app as student_app
 from dune_student.config import load_config
-from dune_student.train import train
+from dune_student.training.trainer import train
 
 from test_train import TINY_STUDENT
 

@@ -8,10 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.inspect import verify_cache
-from dune_cache.stats import STATS_ARRAYS, compute_stats, hadamard, read_stats
-from dune_cache.store import STATUS_DONE, StorageConfig, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.commands.verify import verify_cache
+from dune_cache.format.stats import STATS_ARRAYS, read_stats
+from dune_cache.commands.stats import compute_stats, hadamard
+from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.config import StorageConfig
 from test_reader import make_group
 
 

@@ -7,9 +7,10 @@ import pytest
 import timm
 import torch
 
-from dune_student import attention
-from dune_student.attention import resolve_attention_backend, set_attention_backend, xformers_import_error
-from dune_student.model import Student, StudentConfig
+from dune_student.model import attention
+from dune_student.model.attention import resolve_attention_backend, set_attention_backend, xformers_import_error
+from dune_student.model.student import Student
+from dune_student.config import StudentConfig
 
 TINY = dict(arch="vit_tiny", patch_size=16, img_size=32, num_registers=4)
 HAS_CUDA_XFORMERS = torch.cuda.is_available() and xformers_import_error() is None
@@ -92,7 +93,7 @@ def test_return_blocks_gives_every_block_output():
 
 
 def test_auto_on_cpu_uses_sdpa_and_logs_why(caplog):
-    with caplog.at_level(logging.INFO, logger="dune_student.model"):
+    with caplog.at_level(logging.INFO, logger="dune_student.model.student"):
         student = Student(StudentConfig(**TINY), device="cpu")
     assert student.attention_backend == "sdpa"
     assert "student attention backend: sdpa (auto: the model is on cpu, not CUDA)" in caplog.text

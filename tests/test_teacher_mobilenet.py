@@ -10,9 +10,10 @@ import torchvision
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from dune_cache.offline import catalogue as offline_teachers
+from dune_cache.offline.catalogue import find_mobilenet_v2_weights
 from dune_cache.teachers import CheckpointError, create_teacher, get_spec
-from dune_cache import offline_teachers
-from dune_cache.teachers.torchvision_cnn import CLASSIFIER_KEYS, find_mobilenet_v2_weights
+from dune_cache.teachers.torchvision_cnn import CLASSIFIER_KEYS
 
 # ImageNet classes: 281-285 domestic cats; 665 moped, 670 motor scooter; 967 espresso; 872 tripod.
 CATS = {281, 282, 283, 284, 285}
@@ -132,7 +133,7 @@ def imagenet_eval_crop(path: Path) -> torch.Tensor:
 
 @pytest.mark.integration
 def test_real_weights_classify_real_photos(tmp_path, real_weights):
-    from dune_cache.demo_data import demo_images
+    from dune_demo.images import demo_images
 
     teacher = create_teacher("mobilenet_v2", real_weights)
     classifier = torchvision.models.mobilenet_v2()

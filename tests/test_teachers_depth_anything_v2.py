@@ -18,11 +18,13 @@ import torch
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.store import TeacherStore
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.format.store import TeacherStore
 from dune_cache.teachers import CheckpointError, create_teacher, get_spec, list_teachers
-from dune_cache.teachers.base import IMAGENET_MEAN, IMAGENET_STD, load_state_dict_strict
-from dune_cache.levels import parse_blocks, resolve_blocks, sak_blocks
+from dune_cache.teachers.spec import IMAGENET_MEAN, IMAGENET_STD
+from dune_cache.teachers.base import load_state_dict_strict
+from dune_cache.teachers.blocks import parse_blocks, resolve_blocks, sak_blocks
 from dune_cache.teachers.depth_anything_v2 import DepthAnythingV2Teacher, encoder_state
 from dune_cache.teachers.dinov2 import create_dinov2_vit, load_dinov2_state_dict
 from test_teachers_dinov2 import FB_SHAPES, fb_dinov2_state, pixels

@@ -18,15 +18,11 @@ from safetensors.torch import save_file
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from dune_cache.teachers import CheckpointError, create_teacher, get_spec, list_teachers
-from dune_cache.teachers.base import IMAGENET_MEAN, IMAGENET_STD, load_state_dict_strict
-from dune_cache.teachers.dinov2 import (
-    ORIGINAL_RESAMPLING,
-    REGISTER_RESAMPLING,
-    create_dinov2_vit,
-    load_dinov2_state_dict,
-    resample_patch_pos_embed,
-    timm_arch,
-)
+from dune_cache.teachers.spec import IMAGENET_MEAN, IMAGENET_STD
+from dune_cache.teachers.base import load_state_dict_strict
+from dune_cache.teachers.dinov2 import (ORIGINAL_RESAMPLING, REGISTER_RESAMPLING, create_dinov2_vit,
+                                        load_dinov2_state_dict, resample_patch_pos_embed)
+from dune_cache.teachers.families import dinov2_timm_arch as timm_arch
 from dune_cache.teachers.multihmr import build_multihmr_teacher
 
 # size -> (width, depth, SwiGLU hidden width or None: GELU MLP of 4*D), as upstream vit_small..vit_giant2 build them

@@ -18,10 +18,12 @@ from timm.models.eva import checkpoint_filter_fn
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.store import TeacherStore
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.format.store import TeacherStore
 from dune_cache.teachers import CheckpointError, create_teacher, get_spec, list_teachers
-from dune_cache.teachers.base import IMAGENET_MEAN, IMAGENET_STD, load_state_dict_strict
+from dune_cache.teachers.spec import IMAGENET_MEAN, IMAGENET_STD
+from dune_cache.teachers.base import load_state_dict_strict
 from dune_cache.teachers.dinov3 import create_dinov3_vit, dinov3_teacher_from_state, load_dinov3_weights
 
 # release name -> (width, depth, heads, FFN "mlp" | "swiglu", FFN hidden width, qkv bias, local_cls_norm),

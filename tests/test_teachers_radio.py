@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.store import TeacherStore
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.format.store import TeacherStore
 from dune_cache.teachers import CheckpointError, UnknownTeacherError, create_teacher, list_teachers
 from dune_cache.teachers.families import RADIO_RELEASES
 

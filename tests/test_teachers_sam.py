@@ -13,8 +13,9 @@ from torch import nn
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.store import TeacherStore
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.format.store import TeacherStore
 from dune_cache.teachers import CheckpointError, TeacherSpec, create_teacher, get_spec, register_teacher
 from dune_cache.teachers.sam import SamTeacher, build_sam_encoder, load_sam_encoder, sam_teacher
 

@@ -13,17 +13,16 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.store import StorageConfig, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.config import StorageConfig
+from dune_cache.format.store import TeacherStore
 from dune_cache.teachers import CheckpointError, create_teacher, get_spec, list_teachers
 from dune_cache.teachers.base import find_state_dict, read_checkpoint
-from dune_cache.teachers.siglip2 import (
-    build_siglip2_teacher,
-    create_siglip2_vit,
-    siglip2_teacher_from_state,
-    siglip2_timm_state,
-)
+from dune_cache.teachers.siglip2 import (build_siglip2_teacher, create_siglip2_vit, siglip2_teacher_from_state,
+                                         siglip2_timm_state)
 
 # vision_config of the google/siglip2-* cards: stem -> (hidden, intermediate, layers, heads)
 CARD_CONFIGS = {"vitb16": (768, 3072, 12, 12), "vitl16": (1024, 4096, 24, 16), "so400m14": (1152, 4304, 27, 16),

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from dune_cache.teachers import CheckpointError, create_teacher, list_prefixes
-from dune_cache.teachers.base import IMAGENET_MEAN, IMAGENET_STD
+from dune_cache.teachers.spec import IMAGENET_MEAN, IMAGENET_STD
 from dune_cache.teachers.timm_generic import TimmViTTeacher, create_timm_vit, spec_from_timm_model
 from dune_cache.teachers.unic import deit3_to_timm, ssl_backbone_to_timm
 

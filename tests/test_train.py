@@ -9,12 +9,15 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.stats import compute_stats, write_stats
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.commands.stats import compute_stats
+from dune_cache.format.stats import write_stats
 from dune_student.cli import app
-from dune_student.config import ConfigError, load_config
-from dune_student.data import DataError
-from dune_student.train import Trainer, train
+from dune_student.errors import ConfigError
+from dune_student.config import load_config
+from dune_student.errors import DataError
+from dune_student.training.trainer import Trainer, train
 
 TINY_STUDENT = ["student.arch=vit_tiny", "student.patch_size=8", "student.img_size=32", "student.num_registers=1",
                 "data.resolution=32", "data.batch_size=4", "data.num_workers=0", "data.shuffle_block=2",
@@ -138,8 +141,8 @@ def test_eval_and_export_through_the_cli(tmp_path, cache, real_image_dir):
     assert fidelity["images"] == 6 and -1 <= fidelity["patch"] <= 1 and -1 <= fidelity["cls"] <= 1
     exported = runner.invoke(app, ["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "enc.safetensors")])
     assert exported.exit_code == 0, exported.output
-    from dune_student.evaluate import load_run
-    from dune_student.export import load_exported
+    from dune_student.runs.loading import load_run
+    from dune_student.model.export import load_exported
 
     run = load_run(ckpt, torch.device("cpu"))
     model = load_exported(tmp_path / "enc.safetensors")

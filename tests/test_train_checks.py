@@ -7,12 +7,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.reader import ReaderError
-from dune_cache.store import StorageConfig
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.errors import ReaderError
+from dune_cache.config import StorageConfig
 from dune_student.cli import app
-from dune_student.data import DataError
-from dune_student.train import RunMismatchError, Trainer, train
+from dune_student.errors import DataError
+from dune_student.errors import RunMismatchError
+from dune_student.training.trainer import Trainer, train
 from test_train import TINY_STUDENT, config
 
 EMA = "loss.standardize=ema"  # no `dune-cache stats` needed

@@ -11,10 +11,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-import dune_student.train as train_module
-from dune_cache.reader import CacheReader
+import dune_student.training.trainer as train_module
+from dune_cache.read.reader import CacheReader
 from dune_student.cli import app
-from dune_student.train import Trainer, train
+from dune_student.training.trainer import Trainer, train
 from test_train import TINY_STUDENT, cache, config  # noqa: F401 - cache: the tiny-teacher cache fixture
 
 TEACHER = "tiny_test_teacher"
@@ -144,7 +144,7 @@ def test_a_full_disk_while_checkpointing_is_one_paragraph_and_keeps_the_last_che
         tmp_path, cache, real_image_dir, monkeypatch):
     import errno
 
-    import dune_student.run_control as run_control
+    import dune_student.runs.control as run_control
 
     out = tmp_path / "run"
     real_save, saves = run_control.torch.save, []

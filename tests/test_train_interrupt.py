@@ -14,11 +14,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dune_cache.interrupt import Interrupted
-import dune_student.train as train_module
+from dune_cache.errors import Interrupted
+import dune_student.training.trainer as train_module
 from dune_student.cli import app
-from dune_student.run_control import CheckpointSchedule
-from dune_student.train import Trainer
+from dune_student.runs.control import CheckpointSchedule
+from dune_student.training.trainer import Trainer
 from test_train import TINY_STUDENT, cache, config  # noqa: F401 - cache: the tiny-teacher cache fixture
 
 STEPS = 12
@@ -161,7 +161,7 @@ def test_checkpoint_minutes_writes_checkpoints_between_checkpoint_every(tmp_path
 
 def test_a_checkpoint_older_than_a_field_resumes_only_with_the_fields_former_value():
     from dune_student.config import TrainConfig, config_to_dict
-    from dune_student.run_control import ADDED_FIELDS, config_changes
+    from dune_student.runs.control import ADDED_FIELDS, config_changes
 
     ours = config_to_dict(TrainConfig())
     saved = json.loads(json.dumps(ours))

@@ -13,18 +13,28 @@ import torch
 from typer.testing import CliRunner
 
 from dune_cache.cli import app as cache_app
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.images import load_manifest, open_rgb
-from dune_cache.inspect import verify_cache
-from dune_cache.reader import BACKENDS, CacheReader, ReaderError, backend_installed
-from dune_cache.stats import compute_stats, write_stats
-from dune_cache.store import StorageConfig, StoreMismatchError, TeacherStore
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import open_rgb
+from dune_cache.commands.verify import verify_cache
+from dune_cache.read.backends import BACKENDS, backend_installed
+from dune_cache.read.reader import CacheReader
+from dune_cache.errors import ReaderError
+from dune_cache.commands.stats import compute_stats
+from dune_cache.format.stats import write_stats
+from dune_cache.config import StorageConfig
+from dune_cache.errors import StoreMismatchError
+from dune_cache.format.store import TeacherStore
 from dune_cache.teachers import create_teacher
-from dune_cache.views import ViewSampling, crop_view, decode_size, sample_views
-from dune_student.augment import AugmentConfig, crop_view_pixels
+from dune_cache.config import ViewSampling
+from dune_cache.images.views import crop_view, decode_size, sample_views
+from dune_student.config import AugmentConfig, DataConfig
+from dune_student.data.augment import crop_view_pixels
 from dune_student.config import load_config
-from dune_student.data import BatchSource, DataError
-from dune_student.train import Trainer, train
+from dune_student.data.batches import BatchSource
+from dune_student.errors import DataError
+from dune_student.training.trainer import Trainer, train
 from test_train import TINY_STUDENT
 
 TEACHER = "tiny_test_teacher"
@@ -203,9 +213,9 @@ def train_config(cache: Path, images: Path, out: Path, *extra: str):
 
 def test_student_sees_the_crop_the_teacher_saw(cache, real_image_dir, tiny_checkpoint):
     """With the teacher's resolution as the student's, the teacher on the student's pixels gives the targets."""
-    source = BatchSource(str(cache), None, False, "zarr", str(real_image_dir), np.arange(6), batch_size=6,
-                         resolution=32, augment=AugmentConfig(mode="views"), seed=0, shuffle_block=2,
-                         shuffle_buffer=4)
+    data = DataConfig(images=str(real_image_dir), batch_size=6, shuffle_block=2, shuffle_buffer=4)
+    source = BatchSource(CacheReader(str(cache), backend="zarr"), data, AugmentConfig(mode="views"), 0, np.arange(6),
+                         32)
     teacher = create_teacher(TEACHER, tiny_checkpoint)
     chosen = []
     for step in range(3):

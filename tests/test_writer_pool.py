@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from dune_cache.config import EncodingConfig
-from dune_cache.extract import run_extraction
-from dune_cache.store import StorageConfig, disjoint_parts
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.config import StorageConfig
+from dune_cache.format.rows import disjoint_parts
 
 from test_crash_consistency import store_objects
 from test_extract import config, images  # noqa: F401 - the images fixture: 6 photos and 3 unusable files

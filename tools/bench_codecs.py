@@ -16,11 +16,12 @@ import numpy as np
 import torch
 import zarr
 
-from dune_cache.geometry import parse_size
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.offline_teachers import AUTO, resolve_checkpoint_option
-from dune_cache.layout import build_compressors
-from dune_cache.store import StorageConfig
+from dune_cache.teachers.geometry import parse_size
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.offline.catalogue import AUTO, resolve_checkpoint_option
+from dune_cache.format.layout import build_compressors
+from dune_cache.config import StorageConfig
 from dune_cache.teachers import create_teacher
 
 CODECS = [("blosc-zstd", 1), ("blosc-zstd", 3), ("blosc-zstd", 5), ("zstd", 1), ("zstd", 3), ("blosc-lz4", 5),

@@ -42,16 +42,17 @@ from pathlib import Path
 
 import numpy as np
 
-from dune_cache.backends import BACKEND_FACTORIES
+from dune_cache.read.backends import BACKEND_FACTORIES
 from dune_cache.encodings import Encoding, EncodingConfig, calibration_indices
 from dune_cache.encodings.base import token_cosines as cosine_per_token
-from dune_cache.inspect import cache_info
-from dune_cache.layout import part_compressors
-from dune_cache.recompress import RecompressConfig, recompress
-from dune_cache.store import STATUS_DONE, StorageConfig, TeacherStore
+from dune_cache.commands.info import cache_info
+from dune_cache.format.layout import part_compressors
+from dune_cache.commands.recompress import RecompressConfig, recompress
+from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.config import StorageConfig
 from dune_student.config import load_config
-from dune_student.evaluate import evaluate
-from dune_student.train import train
+from dune_student.evaluation.fidelity import evaluate
+from dune_student.training.trainer import train
 
 DEFAULT_ENCODINGS = ["none", "bitround", "int8-channel", "int8-token", "pca", "pca:variance=0.95"]
 SPEED_IMAGES = 64

@@ -31,13 +31,15 @@ from pathlib import Path
 
 import torch
 
-import dune_cache.extract as extract_module
-from dune_cache.extract import ExtractConfig, run_extraction, teacher_features
-from dune_cache.runtime import default_num_workers, pick_device
-from dune_cache.geometry import resolve_geometry
-from dune_cache.images import load_manifest, load_pixels
-from dune_cache.offline_teachers import AUTO, resolve_checkpoint_option
-from dune_cache.store import StorageConfig
+import dune_cache.extract.pipeline as extract_module
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction, teacher_features
+from dune_cache.utils.runtime import default_num_workers, pick_device
+from dune_cache.teachers.geometry import resolve_geometry
+from dune_cache.images.manifest import load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.offline.catalogue import AUTO, resolve_checkpoint_option
+from dune_cache.config import StorageConfig
 from dune_cache.teachers import create_teacher
 
 

@@ -43,14 +43,15 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_reader import TEACHER, encoded_cache, synthetic_cache  # noqa: E402
 
 from dune_cache.encodings import EncodingConfig  # noqa: E402
-from dune_cache.image_copy import add_images, read_info  # noqa: E402
-from dune_cache.images import open_rgb  # noqa: E402
-from dune_cache.reader import CacheReader  # noqa: E402
-from dune_cache.store import TeacherStore  # noqa: E402
-from dune_student.augment import (apply_photometric_uint8, crop_pixels, draft_size, sample_grid_crop,  # noqa: E402
-                                  sample_photometric_params)
+from dune_cache.commands.add_images import add_images  # noqa: E402
+from dune_cache.format.image_copy import read_info
+from dune_cache.images.decode import open_rgb  # noqa: E402
+from dune_cache.read.reader import CacheReader  # noqa: E402
+from dune_cache.format.store import TeacherStore  # noqa: E402
+from dune_student.data.augment import (apply_photometric_uint8, crop_pixels, draft_size, sample_grid_crop,
+                                       sample_photometric_params)
 from dune_student.config import AugmentConfig  # noqa: E402
-from dune_student.data import crop_batch  # noqa: E402
+from dune_student.data.batches import crop_batch  # noqa: E402
 
 TEACHERS = (TEACHER, f"{TEACHER}_b", f"{TEACHER}_c")
 ENCODINGS = ("none", "bitround", "int8-channel", "pca:rank=256")
@@ -148,7 +149,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=336)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--gpu-rate", type=float, default=1000.0, help="Samples/s per H100 when the cost model "
-                        "is missing (NOTES.md §7's order of magnitude).")
+                        "is missing (the order of magnitude docs/scale.md derives for a ViT-B/14 student at 336).")
     args = parser.parse_args()
     torch.set_num_threads(1)
     work = Path(args.work)

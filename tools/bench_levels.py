@@ -18,11 +18,12 @@ import shutil
 from pathlib import Path
 
 from dune_cache.encodings import EncodingConfig
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.images import load_manifest
-from dune_cache.inspect import cache_info
-from dune_cache.offline_teachers import resolve_checkpoint_option
-from dune_cache.store import StorageConfig
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.images.manifest import load_manifest
+from dune_cache.commands.info import cache_info
+from dune_cache.offline.catalogue import resolve_checkpoint_option
+from dune_cache.config import StorageConfig
 
 TEACHER = "dinov2_vits14"
 DEFAULT_ENCODINGS = ["none", "bitround", "int8-channel", "int8-token", "pca:variance=0.95"]

@@ -46,8 +46,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encodings import fidelity, stored_bytes  # noqa: E402
 
-from dune_cache.layout import part_compressors  # noqa: E402
-from dune_cache.store import STATUS_DONE, StorageConfig, TeacherStore  # noqa: E402
+from dune_cache.format.layout import part_compressors  # noqa: E402
+from dune_cache.format.store import STATUS_DONE, TeacherStore  # noqa: E402
+from dune_cache.config import StorageConfig
 
 CENTROIDS = 256
 def done_features(cache: Path, teacher: str) -> dict[str, np.ndarray]:

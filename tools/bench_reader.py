@@ -7,7 +7,7 @@
     python tools/bench_reader.py --damage-check [--cache DIR] ...
 
 Damage check (``--damage-check``): the CPU the reader's check for damaged targets costs (a lost chunk decodes to
-NaN; ``dune_cache.reader.unwritten_rows`` looks at one value per image), read side by side with the check
+NaN; ``dune_cache.read.reader.unwritten_rows`` looks at one value per image), read side by side with the check
 switched off and with a scan of every value instead, on the fastest backend per output dtype. Reported as GB
 per CPU-second and the check's share of the reader's CPU.
 
@@ -22,7 +22,7 @@ Rounds alternate between methods (a noisy machine hits all alike); medians are r
 GB/s, wall GB/s per core, and GB per CPU-second (all threads of the process). Page cache warm.
 
 Encodings (``--encodings SPEC ...``, ``EncodingConfig.parse`` syntax; ``D`` in ``rank=D/4`` is the
-feature dimension): the synthetic cache is recompressed (``dune_cache.recompress``) into each encoding,
+feature dimension): the synthetic cache is recompressed (``dune_cache.commands.recompress``) into each encoding,
 once, under ``<cache>.encodings/`` (reused by later runs), and ``CacheReader(backend="auto")`` is timed
 on each with float32 and float16 out, and with ``decode=False`` (the stored parts, as DataLoader workers
 read them when the decode runs on the GPU), beside plain zarr-python oindex on the float16 cache.
@@ -42,22 +42,24 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import dune_cache.reader as reader_module
+import dune_cache.read.reader as reader_module
 
 import numpy as np
 import torch
 import zarr
 
 from dune_cache.encodings import EncodingConfig, encoding_summary
-from dune_cache.extract import build_provenance
-from dune_cache.geometry import Geometry
-from dune_cache.images import ImageManifest
-from dune_cache.inspect import teacher_names
-from dune_cache.reader import BACKENDS, CacheReader, backend_installed
-from dune_cache.recompress import RecompressConfig, recompress
-from dune_cache.shuffle import block_shuffled_order
-from dune_cache.store import STATUS_DONE, StorageConfig, TeacherStore
-from dune_cache.teachers.base import TeacherSpec
+from dune_cache.extract.provenance import build_provenance
+from dune_cache.teachers.geometry import Geometry
+from dune_cache.images.manifest import ImageManifest
+from dune_cache.format.root import teacher_names
+from dune_cache.read.backends import BACKENDS, backend_installed
+from dune_cache.read.reader import CacheReader
+from dune_cache.commands.recompress import RecompressConfig, recompress
+from dune_cache.read.shuffle import block_shuffled_order
+from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.config import StorageConfig
+from dune_cache.teachers.spec import TeacherSpec
 
 TEACHER = "synthetic_vit"
 
@@ -172,7 +174,7 @@ DAMAGE_CHECKS = {"off": no_check, "one value per image (shipped)": reader_module
 
 
 def with_check(read: Callable[[np.ndarray], object], check: Callable) -> Callable[[np.ndarray], object]:
-    """``read`` with ``dune_cache.reader.unwritten_rows`` swapped for ``check`` while it runs."""
+    """``read`` with ``dune_cache.read.reader.unwritten_rows`` swapped for ``check`` while it runs."""
     def checked(rows: np.ndarray) -> object:
         shipped, reader_module.unwritten_rows = reader_module.unwritten_rows, check
         try:

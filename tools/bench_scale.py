@@ -5,7 +5,7 @@
 Builds (once, reused by later runs) a folder of ``--images`` ImageNet-like ids (``d00000/00000000.png``, 1000 per
 folder, symlinks to 8 tiny PNGs) and fills one teacher group of the test suite's tiny teacher (``tiny_test_teacher``:
 patch 8, D = 16; 16 px input, a 2x2 grid) for it, so a million images fit on local disk. Features are written by
-the extraction's own writer (``dune_cache.extract.FeatureWriter``: features, then each unit's failures and status)
+the extraction's own writer (``dune_cache.extract.writer.FeatureWriter``: features, then each unit's failures and status)
 with synthetic float16 values, in batches of ``--batch`` — what ``dune-cache extract`` does per image besides
 decoding and the teacher forward: that is the *bookkeeping* measured. Then each command a user runs on the cache
 is timed in a fresh interpreter (wall, CPU of the process and its children, peak RSS):
@@ -14,7 +14,7 @@ is timed in a fresh interpreter (wall, CPU of the process and its children, peak
 - resume: the same extraction again on the complete group (lists the image folder, hashes the manifest, reads
   the status, finds nothing to do);
 - ``CacheReader`` open and its first random batch of ``--batch`` samples;
-- the trainer's index: ``dune_student.data.BatchSource`` set up on the cache (manifest of the image folder
+- the trainer's index: ``dune_student.data.batches.BatchSource`` set up on the cache (manifest of the image folder
   matched to the cache's ids) and one epoch's block-shuffled order.
 
 Objects and bytes are counted on disk. ``--shard-images auto`` uses the rule of ``dune_cache.config``
@@ -77,8 +77,8 @@ def image_tree(root: Path, count: int) -> Path:
 
 def extract_config(images: Path, out: Path, shard_images: int, batch: int):
     """The ``ExtractConfig`` of the benchmark's group (the resume step runs exactly this)."""
-    from dune_cache.extract import ExtractConfig
-    from dune_cache.store import StorageConfig
+    from dune_cache.config import ExtractConfig
+    from dune_cache.config import StorageConfig
 
     return ExtractConfig(teacher=TEACHER, images=images, out=str(out), random_weights=True, resolution=RESOLUTION,
                          batch_size=batch, num_workers=0, progress=False,
@@ -95,11 +95,12 @@ def fill_group(images: Path, out: Path, shard_images: int, batch: int) -> dict:
     """Create the group and write every image's features through ``FeatureWriter``: wall and CPU seconds of the
     start (listing, manifest hash, creation) and of the writes."""
     import conftest  # noqa: F401  (registers the tiny teacher)
-    from dune_cache.extract import FeatureWriter, build_provenance
-    from dune_cache.geometry import resolve_geometry
-    from dune_cache.images import load_manifest
+    from dune_cache.extract.writer import FeatureWriter
+    from dune_cache.extract.provenance import build_provenance
+    from dune_cache.teachers.geometry import resolve_geometry
+    from dune_cache.images.manifest import load_manifest
     from dune_cache.teachers import get_spec
-    from dune_cache.store import TeacherStore
+    from dune_cache.format.store import TeacherStore
 
     cfg = extract_config(images, out, shard_images, batch)
     start, cpu = time.perf_counter(), cpu_seconds()
@@ -158,14 +159,14 @@ PYTHON_STEP = textwrap.dedent("""
 """)
 
 RESUME = """
-from dune_cache.extract import run_extraction
+from dune_cache.extract.pipeline import run_extraction
 result = run_extraction(bench_scale.extract_config(Path({images!r}), Path({out!r}), {shard}, {batch}))
 print("processed", result.processed, "of", result.total)
 """
 
 READER = """
 import numpy as np
-from dune_cache.reader import CacheReader
+from dune_cache.read.reader import CacheReader
 start = time.perf_counter()
 reader = CacheReader({out!r}, [{teacher!r}])
 opened = time.perf_counter() - start
@@ -176,8 +177,8 @@ print(f"samples {{len(reader)}} open {{opened:.2f}} s, first batch {{time.perf_c
 
 TRAINER_INDEX = """
 import numpy as np
-from dune_student.data import EpochOrder, image_paths
-from dune_cache.reader import CacheReader
+from dune_student.data.batches import EpochOrder, image_paths
+from dune_cache.read.reader import CacheReader
 reader = CacheReader({out!r}, [{teacher!r}])
 start = time.perf_counter()
 paths = image_paths(reader, {images!r})
@@ -204,7 +205,7 @@ def measure_commands(images: Path, out: Path, shard_images: int, batch: int, blo
         "resume (nothing to do)": timed_command(python_step(RESUME.format(**fields))),
         "CacheReader open + first batch": timed_command(python_step(READER.format(**fields))),
         "trainer index (image paths + epoch order)": timed_command(python_step(TRAINER_INDEX.format(**fields))),
-        "python + imports only (baseline)": timed_command(python_step("import dune_cache.reader, dune_student.data")),
+        "python + imports only (baseline)": timed_command(python_step("import dune_cache.read.reader, dune_student.data.batches")),
     }
 
 
@@ -232,8 +233,9 @@ def s3_requests(count: int, shards: list[int], work: Path, batch: int) -> dict:
     images, one per shard setting."""
     from conftest import s3_env, serve_s3
 
-    from dune_cache.inspect import cache_info, verify_cache
-    from dune_cache.reader import CacheReader
+    from dune_cache.commands.info import cache_info
+    from dune_cache.commands.verify import verify_cache
+    from dune_cache.read.reader import CacheReader
 
     images = image_tree(work, count)
     served = work / f"served_{count}"
@@ -276,7 +278,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     from dune_cache.config import auto_shard_images
-    from dune_cache.extract import raw_image_bytes
+    from dune_cache.extract.pipeline import raw_image_bytes
 
     if args.s3_requests:
         result = s3_requests(args.s3_requests, [int(s) for s in args.shard_images.split(",")], args.work, args.batch)

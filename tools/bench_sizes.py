@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_reader import TEACHER, build_cache  # noqa: E402
 from conftest import s3_env, serve_s3  # noqa: E402  (the test suite's rclone S3 server)
 
-from dune_cache.inspect import cache_info  # noqa: E402
-from dune_cache.store import TeacherStore  # noqa: E402
+from dune_cache.commands.info import cache_info  # noqa: E402
+from dune_cache.format.store import TeacherStore  # noqa: E402
 
 BUCKET = "bench"
 

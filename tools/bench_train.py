@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from dune_student.config import load_config
-from dune_student.train import METRICS, train
+from dune_student.runs.layout import METRICS
+from dune_student.training.trainer import train
 
 MODES = {"cached": [], "memory": ["data.reader_backend=memory"], "live": ["live_teachers=true"]}
 

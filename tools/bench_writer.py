@@ -10,10 +10,10 @@ kept under ``--feature-cache``, made ViT-L-shaped (1024 channels) by :func:`vit_
 384 real channels onto 1024 (the 384-dimensional structure of real tokens kept, as in a wider ViT whose features
 are low-rank), plus isotropic noise at 10% of a typical channel's std (so no channel is an exact combination of
 others) and :data:`MASSIVE_CHANNELS` "massive activation" channels at 50x a typical channel's std (ViT features
-have a few such channels; NOTES.md §4). Images are cycled to make ``--count`` images per measurement.
+have a few such channels: Darcet et al., "Vision Transformers Need Registers", ICLR 2024). Images are cycled to make ``--count`` images per measurement.
 
 Each measurement writes ``--count`` images in batches of ``--batch`` through the real writer of ``dune-cache
-extract`` (:class:`dune_cache.extract.FeatureWriter`: encode, Zarr writes, then the unit's failure records and
+extract`` (:class:`dune_cache.extract.writer.FeatureWriter`: encode, Zarr writes, then the unit's failure records and
 status chunk) into a fresh teacher group made by :meth:`TeacherStore.create` (not timed; calibrated encodings are
 calibrated on the features of the source images). Measurements alternate within each round; medians. CPU-seconds
 are the whole process's (every thread: writer, its pool, zarr's codec threads), so they hold on a loaded machine;
@@ -43,13 +43,15 @@ import zarr
 
 from dune_cache.config import EncodingConfig, StorageConfig
 from dune_cache.encodings import Encoding, calibration_indices
-from dune_cache.extract import FeatureWriter, build_provenance
-from dune_cache.geometry import Geometry, parse_size
-from dune_cache.images import ImageManifest, load_manifest, load_pixels
-from dune_cache.offline_teachers import AUTO, resolve_checkpoint_option
-from dune_cache.store import STATUS_PENDING, TeacherStore
+from dune_cache.extract.writer import FeatureWriter
+from dune_cache.extract.provenance import build_provenance
+from dune_cache.teachers.geometry import Geometry, parse_size
+from dune_cache.images.manifest import ImageManifest, load_manifest
+from dune_cache.images.decode import load_pixels
+from dune_cache.offline.catalogue import AUTO, resolve_checkpoint_option
+from dune_cache.format.store import STATUS_PENDING, TeacherStore
 from dune_cache.teachers import create_teacher
-from dune_cache.teachers.base import TeacherSpec
+from dune_cache.teachers.spec import TeacherSpec
 
 DIM = 1024  # ViT-L
 MASSIVE_CHANNELS = 4

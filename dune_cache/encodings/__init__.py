@@ -14,6 +14,8 @@ docs/cache-format.md, "Encodings":
 Calibration (numpy) runs on float features of ``calibration_images`` images spread evenly over the image list
 (the first images of a sorted list are often one video or one folder; measured on the e2e caches,
 docs/cache-format.md "Encodings").
+
+May import: :mod:`dune_cache.config` and :mod:`dune_cache.errors` only.
 """
 from ..config import ENCODINGS, EncodingConfig
 from ..errors import EncodingError

@@ -12,8 +12,7 @@ import numpy as np
 import torch
 
 from ..errors import EncodingError
-from .base import (INT8_MAX, INT8_MISSING, Part, Scheme, int8_codes, missing_to_nan, per_token_absmax_codes,
-                   to_storage)
+from .base import INT8_MAX, INT8_MISSING, Part, Scheme, int8_codes, missing_to_nan, per_token_absmax_codes, to_storage
 from .registry import register_scheme
 
 NULL_RATIO = 1e-3  # a factor whose singular value is below this fraction of the image's largest is dropped

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
-from ..levels import NO_BLOCKS
-from .spec import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec, check_checkpoint_file  # noqa: F401  (re-exported)
+from .blocks import NO_BLOCKS
+from .spec import TeacherSpec, check_checkpoint_file
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,12 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ..levels import sak_blocks
-from .base import CheckpointError, TeacherSpec, find_state_dict, read_checkpoint, strip_prefix
+from ..errors import CheckpointError
+from .base import find_state_dict, read_checkpoint, strip_prefix
+from .blocks import sak_blocks
 from .dinov2 import Dinov2Teacher, dinov2_teacher_from_state
 from .families import DEPTH_ANYTHING_V2_DPT_BLOCKS
+from .spec import TeacherSpec
 
 NAME_PREFIX = "depth_anything_v2_vit"  # + size letter s|b|l|g
 ENCODER_PREFIX = "pretrained."

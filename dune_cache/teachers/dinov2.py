@@ -25,20 +25,12 @@ from typing import Mapping
 import timm
 import torch
 import torch.nn.functional as F
-from torch import nn
 from timm.models.vision_transformer import VisionTransformer
+from torch import nn
 
-from .base import (
-    Teacher,
-    TeacherOutput,
-    TeacherSpec,
-    find_state_dict,
-    load_state_dict_strict,
-    read_checkpoint,
-    tokens_to_output,
-)
+from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint, tokens_to_output
 from .families import DINOV2_PRETRAIN_SIZE
-from .families import dinov2_timm_arch as timm_arch  # noqa: F401  (re-exported; the specs are in families.py)
+from .spec import TeacherSpec
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 _SWIGLU_RENAMES = {".mlp.w12.": ".mlp.fc1.", ".mlp.w3.": ".mlp.fc2."}

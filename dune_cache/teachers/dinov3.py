@@ -30,15 +30,8 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import nn
 
 from ..errors import CheckpointError
-from .base import (
-    Teacher,
-    TeacherOutput,
-    TeacherSpec,
-    find_state_dict,
-    load_state_dict_strict,
-    read_checkpoint,
-    tokens_to_output,
-)
+from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint, tokens_to_output
+from .spec import TeacherSpec
 
 PERIODS_KEY = "rope_embed.periods"
 _TRAINING_ONLY = ("mask_token", "local_cls_norm.weight", "local_cls_norm.bias")

@@ -22,17 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import (
-    CheckpointError,
-    Teacher,
-    TeacherOutput,
-    TeacherSpec,
-    find_state_dict,
-    load_state_dict_strict,
-    read_checkpoint,
-    tokens_to_output,
-)
+from ..errors import CheckpointError
+from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint, tokens_to_output
 from .rope import apply_rope_2d, patch_positions, rope_2d_tables
+from .spec import TeacherSpec
 
 ENCODER_PREFIXES = ("patch_embed.", "enc_blocks.", "enc_norm.")
 _DECLARED_INT_OPTIONS = ("enc_embed_dim", "enc_depth", "enc_num_heads", "patch_size")

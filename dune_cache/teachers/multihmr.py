@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import CheckpointError, TeacherSpec, find_state_dict, read_checkpoint, strip_prefix
+from ..errors import CheckpointError
+from .base import find_state_dict, read_checkpoint, strip_prefix
 from .dinov2 import Dinov2Teacher, dinov2_teacher_from_state
+from .spec import TeacherSpec
 
 ENCODER_PREFIX = "backbone.encoder."
 

@@ -38,10 +38,11 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from ..errors import CheckpointError
-from .base import Teacher, TeacherOutput, TeacherSpec, load_state_dict_strict, read_checkpoint, strip_prefix
+from ..errors import CheckpointError, UnknownTeacherError
+from .base import Teacher, TeacherOutput, load_state_dict_strict, read_checkpoint, strip_prefix
 from .families import RADIO_RELEASES
-from .registry import UnknownTeacherError, get_spec
+from .registry import get_spec
+from .spec import TeacherSpec
 
 BACKBONE_PREFIX = "base_model."
 CONDITIONER_PREFIX = "input_conditioner."

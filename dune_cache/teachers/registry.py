@@ -18,6 +18,7 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from ..errors import UnknownTeacherError
 from .spec import TeacherSpec
 
 if TYPE_CHECKING:
@@ -28,11 +29,6 @@ PrefixFactory = Callable[[str, "Path | None"], "Teacher"]
 
 _TEACHERS: dict[str, tuple[TeacherSpec, TeacherFactory]] = {}
 _PREFIXES: dict[str, tuple[PrefixFactory, str, str]] = {}
-
-
-class UnknownTeacherError(KeyError):
-    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
-        return str(self.args[0])
 
 
 def register_teacher(spec: TeacherSpec) -> Callable[[TeacherFactory], TeacherFactory]:

@@ -35,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Teacher, TeacherOutput, TeacherSpec, find_state_dict, load_state_dict_strict, read_checkpoint
+from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint
+from .spec import TeacherSpec
 
 RELEASE_ENCODER_PREFIX = "image_encoder."
 RELEASE_IGNORED_PREFIXES = ("prompt_encoder.", "mask_decoder.")  # SAM's prompt side: not part of the image encoder

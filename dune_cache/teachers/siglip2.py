@@ -32,8 +32,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import CheckpointError
-from .base import Teacher, TeacherOutput, TeacherSpec, find_state_dict, load_state_dict_strict, read_checkpoint
+from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint
 from .dinov2 import PosEmbedResampling, resample_patch_pos_embed
+from .spec import TeacherSpec
 
 HF_VISION_PREFIX = "vision_model."
 HF_IGNORED_PREFIXES = ("text_model.",)  # the text tower of a full SiglipModel checkpoint

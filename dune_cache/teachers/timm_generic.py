@@ -27,15 +27,8 @@ import timm
 import torch
 from torch import nn
 
-from .base import (
-    Teacher,
-    TeacherOutput,
-    TeacherSpec,
-    find_state_dict,
-    load_state_dict_strict,
-    read_checkpoint,
-    tokens_to_output,
-)
+from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint, tokens_to_output
+from .spec import TeacherSpec
 
 StateConverter = Callable[[Mapping[str, torch.Tensor]], dict[str, torch.Tensor]]
 

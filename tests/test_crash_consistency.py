@@ -75,13 +75,18 @@ def store_objects(root: Path) -> dict[str, object]:
     return objects
 
 
-@pytest.mark.parametrize("batch_size, writer_threads, writes", [
-    (1, 1, 60),  # unit 1 records 2 failures in turn
-    (3, 2, 40),  # a pool writes each batch's features (in any order), then its units' failures and status
+@pytest.mark.parametrize("batch_size, writer_threads, shard_images, writes", [
+    (1, 1, 0, 60),  # unit 1 records 2 failures in turn
+    (3, 2, 0, 40),  # a pool writes each batch's features (in any order), then its units' failures and status
+    (2, 1, 4, 12),  # shards of 4 images: each unit gathered over batches, then written once
+    (3, 2, 4, 12),  # ... by a pool, each array of a unit by one thread
 ])
 def test_a_kill_at_every_write_boundary_resumes_into_the_reference_store(tmp_path, images, tiny_checkpoint,
-                                                                         batch_size, writer_threads, writes):
+                                                                         batch_size, writer_threads, shard_images,
+                                                                         writes):
     cfg = config(images, tmp_path / "reference", tiny_checkpoint, batch_size=batch_size, writer_threads=writer_threads)
+    if shard_images:
+        cfg = replace(cfg, storage=replace(cfg.storage, shard_images=shard_images))
     with killed_at_write(None) as counter:
         run_extraction(cfg)
     reference = store_objects(tmp_path / "reference")

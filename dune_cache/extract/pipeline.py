@@ -213,7 +213,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
              device, store.encoding)
     start = time.perf_counter()
     processed, skipped = 0, []
-    writer = FeatureWriter(store, status, records, manifest, cfg.writer_threads)
+    writer = FeatureWriter(store, status, records, manifest, cfg.writer_threads, todo=todo)
     images = ManifestImages(manifest, todo, geometry, cfg.views, cfg.view_sampling)
     loader = DataLoader(images, batch_size=cfg.batch_size,
                         num_workers=workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",

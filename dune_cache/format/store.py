@@ -386,14 +386,8 @@ class TeacherStore:
         in a group with cached views, their ``views`` (with the same levels). With an ``executor``, the features
         are encoded and written in up to ``parts`` tasks that own disjoint objects (whole images, or whole shards), all but one on the
         executor; either way this returns once every write has finished, raising the first error."""
-        if (views is None) != (self.views is None):
-            raise StoreError(f"{self.group.path}: has {self.num_views} views per image; "
-                             f"got {'no' if views is None else views.cls.shape[1]} views to write")
         levels = levels or {}
-        wanted = set(level_names(self.blocks))
-        if set(levels) != wanted or (views is not None and set(views.levels) != wanted):
-            raise StoreError(f"{self.group.path}: stores blocks {list(self.blocks)}; got levels "
-                             f"{sorted(levels)} to write")
+        self.check_rows(views, levels)
         if views is not None:  # one chunk per work unit: written here, in order
             for start, stop, offset in contiguous_runs(indices):
                 for name in ("boxes", "flip"):
@@ -402,6 +396,43 @@ class TeacherStore:
         run_all([partial(self.write_feature_rows, indices[s], {"cls": cls[s], "patch": patch[s],
                                                                 **{n: v[s] for n, v in levels.items()}},
                          None if views is None else views.take(s)) for s in slices], executor)
+
+    def check_rows(self, views: ViewRows | None, levels: dict[str, np.ndarray]) -> None:
+        """Refuse rows to write that do not match the group: views for a group without (or the reverse), or other
+        levels than the group stores."""
+        if (views is None) != (self.views is None):
+            raise StoreError(f"{self.group.path}: has {self.num_views} views per image; "
+                             f"got {'no' if views is None else views.cls.shape[1]} views to write")
+        wanted = set(level_names(self.blocks))
+        if set(levels) != wanted or (views is not None and set(views.levels) != wanted):
+            raise StoreError(f"{self.group.path}: stores blocks {list(self.blocks)}; got levels "
+                             f"{sorted(levels)} to write")
+
+    def write_unit_block(self, lo: int, hi: int, indices: np.ndarray, cls: np.ndarray, patch: np.ndarray,
+                         views: ViewRows | None = None, executor: Executor | None = None,
+                         levels: dict[str, np.ndarray] | None = None) -> None:
+        """Write images ``lo .. hi`` (a whole work unit: whole shards) of every array at once, from the rows of
+        sorted ``indices`` in ``[lo, hi)`` (cls ``(B, D)``, patch ``(B, h, w, D)``, ``levels``, ``views`` as in
+        :meth:`write_rows`); images without rows (they failed to decode) are stored as each array's fill value. One
+        write per array: zarr-python rewrites a whole shard on every partial write of it (docs/scale.md, "Writes"),
+        so assembling the unit first writes each byte once. With an ``executor``, the arrays are written in parallel."""
+        self.check_rows(views, levels or {})
+        position = np.asarray(indices) - lo
+        features = {"cls": cls, "patch": patch, **(levels or {})}
+        tasks = [partial(self.write_block, name, lo, hi, position, values) for name, values in features.items()]
+        if views is not None:
+            tasks += [partial(self.write_block, f"views/{name}", lo, hi, position, values)
+                      for name, values in {"cls": views.cls, "patch": views.patch, **views.levels}.items()]
+            tasks += [partial(write_filled, self.views[name], lo, hi, position, getattr(views, name))
+                      for name in ("boxes", "flip")]
+        run_all(tasks, executor)
+
+    def write_block(self, name: str, lo: int, hi: int, position: np.ndarray, values: np.ndarray) -> None:
+        """Encode float ``values`` ``(B, ..., D)`` and store them at images ``lo + position`` of feature array
+        ``name``, images ``lo .. hi`` written at once (the others as fill values); see :meth:`write_features`."""
+        arrays = self.stored_arrays(name)
+        for suffix, encoded in self.encoding_of(name).encode(name, values).items():
+            write_filled(arrays[suffix].with_config(WRITE_EVERY_CHUNK), lo, hi, position, encoded)
 
     def write_feature_rows(self, indices: np.ndarray, features: dict[str, np.ndarray], views: ViewRows | None) -> None:
         """Encode and write the feature arrays (not the view boxes and flips) of sorted image ``indices``:
@@ -457,6 +488,14 @@ class TeacherStore:
         sizes = location.object_sizes(self.group.store, self.group.path)
         return {name: sum(size for key, size in sizes.items() if key.startswith(tuple(a.path + "/" for a in group)))
                 for name, group in arrays.items()}
+
+
+def write_filled(array: zarr.Array, lo: int, hi: int, position: np.ndarray, values: np.ndarray) -> None:
+    """``array[lo:hi]`` written in one call: ``values`` ``(B, ...)`` at rows ``position`` (relative to ``lo``), the
+    array's fill value elsewhere."""
+    block = np.full((hi - lo, *values.shape[1:]), array.fill_value, dtype=values.dtype)
+    block[position] = values
+    array[lo:hi] = block
 
 
 def read_calibration(group: zarr.Group, path: str, key: str) -> np.ndarray:

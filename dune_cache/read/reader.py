@@ -250,15 +250,19 @@ class CacheReader:
         """Per-sample shape of ``kind`` without the channels: ``()`` for cls, the grid for patch (also of levels)."""
         return () if kind.endswith("cls") else self.grids[teacher]
 
-    def decode(self, batch: EncodedBatch, device: torch.device | str | None = None) -> TargetBatch:
+    def decode(self, batch: EncodedBatch, device: torch.device | str | None = None,
+               defer_damage: bool = False) -> TargetBatch:
         """Float targets (``self.dtype``) of an :class:`EncodedBatch` on ``device`` (default: where the parts
         are), zeros where the mask is False; only the calibration arrays of the encodings are needed, so any
         process holding a reader of the same cache can decode (e.g. the trainer on its GPU). Damaged targets
-        (:func:`unwritten_rows`) are an error, or dropped with ``skip_damaged``."""
+        (:func:`unwritten_rows`) are an error, or dropped with ``skip_damaged``.
+
+        ``defer_damage``: never wait for the device (a trainer decoding on its GPU): damaged targets are zeroed and
+        masked out there and returned in ``TargetBatch.damaged`` ``(B, T)`` on ``device``; the caller reads them with
+        its metrics and raises unless it skips them. Copies to ``device`` are non-blocking."""
         decoded: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.teachers}  # teacher -> kind -> values
         unwritten: dict[tuple[str, str], torch.Tensor] = {}  # (teacher, kind) -> bool (B,), where decoded
         for t, name in enumerate(self.teachers):
-            absent = ~batch.mask[:, t]
             stored = {"cls": batch.cls[name], "patch": batch.patch[name]}
             for kind in FEATURE_ARRAYS:
                 stored.update({level_name(k, kind): parts for k, parts in
@@ -266,17 +270,34 @@ class CacheReader:
             for kind, parts in stored.items():
                 encoding = self._encoding(name, kind)
                 if encoding.passthrough:  # read in self.dtype, absent rows already zero
-                    values = parts[""].to(device, self.dtype)
+                    values = parts[""].to(device, self.dtype, non_blocking=True)
                 else:
                     values = encoding.decode(kind, parts, device).to(self.dtype)
-                    if absent.any():
-                        values[absent.to(values.device)] = 0
+                    absent = ~batch.mask[:, t].to(values.device, non_blocking=True)
+                    values = values.masked_fill(absent.view(-1, *[1] * (values.dim() - 1)), 0)
                 decoded[name][kind] = values
                 unwritten[name, kind] = unwritten_rows(values)
+        if defer_damage:
+            found = self.damaged_on_device(decoded, unwritten)
+            mask = batch.mask.to(found.device, non_blocking=True) & ~found
+            return TargetBatch(cls={name: decoded[name]["cls"] for name in self.teachers},
+                               patch={name: decoded[name]["patch"] for name in self.teachers},
+                               mask=mask, damaged=found, **self._by_level(decoded))
         dropped = self.drop_damaged(batch, decoded, gather_flags(unwritten))
         return TargetBatch(cls={name: decoded[name]["cls"] for name in self.teachers},
                            patch={name: decoded[name]["patch"] for name in self.teachers},
                            mask=batch.mask & ~dropped, damaged=dropped, **self._by_level(decoded))
+
+    def damaged_on_device(self, decoded: dict[str, dict[str, torch.Tensor]],
+                          unwritten: dict[tuple[str, str], torch.Tensor]) -> torch.Tensor:
+        """Bool ``(B, T)`` on the decoding device: targets damaged in any of a teacher's arrays (``unwritten``:
+        (teacher, kind) -> bool ``(B,)``), zeroed in ``decoded`` (teacher -> kind -> values) there."""
+        found = torch.stack([torch.stack([rows for (teacher, _), rows in unwritten.items() if teacher == name]).any(0)
+                             for name in self.teachers], dim=1)
+        for t, name in enumerate(self.teachers):
+            for kind, values in decoded[name].items():
+                decoded[name][kind] = values.masked_fill(found[:, t].view(-1, *[1] * (values.dim() - 1)), 0)
+        return found
 
     def drop_damaged(self, batch: EncodedBatch, decoded: dict[str, dict[str, torch.Tensor]],
                      damaged: dict[tuple[str, str], np.ndarray]) -> torch.Tensor:

@@ -280,24 +280,31 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> tor
     return planes.reshape(n, c, height, width)
 
 
-def _apply_where_(x: torch.Tensor, mask: torch.Tensor, op, *per_image: torch.Tensor) -> None:
-    """In place: the masked images of ``x`` become ``op(x[mask], *per_image[mask])``."""
-    if mask.any():
-        x[mask] = op(x[mask], *(p[mask] for p in per_image))
+def _apply_where_(x: torch.Tensor, mask: torch.Tensor, op, *per_image: torch.Tensor, sync_free: bool) -> None:
+    """In place: the masked images of ``x`` ``(B, 3, H, W)`` become ``op(x[mask], *per_image[mask])``. By default only
+    those images are computed (the loader's CPU path); ``sync_free`` (the training device) computes every image and
+    keeps the masked ones with ``torch.where``, since a boolean index waits for the device. Each op works image by
+    image, so both give the same values."""
+    if not sync_free:
+        if mask.any():
+            x[mask] = op(x[mask], *(p[mask] for p in per_image))
+        return
+    x.copy_(torch.where(_per_image(mask), op(x, *per_image), x))
 
 
-def apply_photometric(x: torch.Tensor, params: PhotometricParams,
-                      cfg: PhotometricConfig = PhotometricConfig()) -> torch.Tensor:
-    """Apply drawn parameters to float ``(B, 3, H, W)`` pixels in [0, 1]; returns the same shape."""
-    params = PhotometricParams(**{k: v.to(x.device) for k, v in vars(params).items()})
+def apply_photometric(x: torch.Tensor, params: PhotometricParams, cfg: PhotometricConfig = PhotometricConfig(),
+                      sync_free: bool = False) -> torch.Tensor:
+    """Apply drawn parameters to float ``(B, 3, H, W)`` pixels in [0, 1]; returns the same shape. ``sync_free``: never
+    wait for the device (see :func:`_apply_where_`), as on the training device."""
+    params = PhotometricParams(**{k: v.to(x.device, non_blocking=True) for k, v in vars(params).items()})
     x = x.clone()
     for position in range(4):
         for op_index, op in enumerate(JITTER_OPS):
             chosen = params.jitter & (params.jitter_order[:, position] == op_index)
-            _apply_where_(x, chosen, op, params.jitter_factors[:, op_index])
+            _apply_where_(x, chosen, op, params.jitter_factors[:, op_index], sync_free=sync_free)
     x = torch.where(_per_image(params.grayscale), _luma(x).expand_as(x), x)
     _apply_where_(x, params.blur, lambda imgs, sigma: gaussian_blur(imgs, sigma, cfg.blur_kernel),
-                  params.blur_sigma)
+                  params.blur_sigma, sync_free=sync_free)
     solarized = _per_image(params.solarize) & (x >= cfg.solarize_threshold)
     return torch.where(solarized, 1 - x, x)
 
@@ -313,8 +320,8 @@ def photometric(pixels: torch.Tensor, generator: torch.Generator,
 
 
 def apply_photometric_uint8(pixels: torch.Tensor, params: PhotometricParams,
-                            cfg: PhotometricConfig = PhotometricConfig()) -> torch.Tensor:
+                            cfg: PhotometricConfig = PhotometricConfig(), sync_free: bool = False) -> torch.Tensor:
     """Drawn parameters applied to a uint8 batch ``(B, 3, H, W)`` on its device -> uint8 ``(B, 3, H, W)``: float32
     in [0, 1], rounded once at the end (the draws can be made in a DataLoader worker, this on the GPU)."""
-    out = apply_photometric(pixels.float() / 255, params, cfg)
+    out = apply_photometric(pixels.float() / 255, params, cfg, sync_free)
     return (out * 255).round().clamp(0, 255).to(torch.uint8)

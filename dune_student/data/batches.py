@@ -31,6 +31,7 @@ from dune_cache import (
     decode_size,
     load_manifest,
     open_rgb,
+    pin_fields,
 )
 
 from ..config import AugmentConfig, DataConfig
@@ -68,10 +69,15 @@ class TrainBatch:
     ``clean_pixels`` until :func:`finish_pixels`).
     level_cls: teacher -> block -> ``(B, D_t)``; level_patch: teacher -> block -> ``(B, h, w, D_t)`` cropped like
     ``patch``: the intermediate blocks the cache stores, read for SAK heads (through a reader with ``levels=True``).
+    samples: ``(B,)`` int64, ``indices`` as a tensor, for indexing tables kept on the training device.
+
+    :meth:`pin_memory` (called by a DataLoader with ``pin_memory=True``) pins every tensor, also those of
+    ``encoded`` and ``images``, so that the trainer's non-blocking copies to the device overlap with compute.
     """
 
     step: int
     indices: np.ndarray
+    samples: torch.Tensor
     pixels: torch.Tensor
     clean_pixels: torch.Tensor
     cls: dict[str, torch.Tensor]
@@ -87,6 +93,10 @@ class TrainBatch:
     level_cls: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
     level_patch: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)
 
+    def pin_memory(self) -> "TrainBatch":
+        """This batch with every tensor pinned (the DataLoader's pinning hook)."""
+        return pin_fields(self)
+
 
 @dataclass
 class EncodedImages:
@@ -101,6 +111,10 @@ class EncodedImages:
     grid: tuple[int, int]
     size: tuple[int, int]
     names: list[str]
+
+    def pin_memory(self) -> "EncodedImages":
+        """These images with their bytes pinned (the DataLoader's pinning hook)."""
+        return pin_fields(self)
 
 
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -135,7 +149,7 @@ def finish_pixels(batch: TrainBatch, device: torch.device | str) -> None:
         batch.clean_pixels = batch.pixels = decode_crops(batch.images, device)
     if batch.photometric is not None:
         batch.clean_pixels = batch.clean_pixels.to(device, non_blocking=True)
-        batch.pixels = apply_photometric_uint8(batch.clean_pixels, batch.photometric)
+        batch.pixels = apply_photometric_uint8(batch.clean_pixels, batch.photometric, sync_free=True)
     batch.images = batch.photometric = None
 
 
@@ -143,10 +157,12 @@ def finish_pixels(batch: TrainBatch, device: torch.device | str) -> None:
 SAMPLE_STREAM, PHOTOMETRIC_STREAM, TEACHER_DROP_STREAM, CROP_SIZE_STREAM = range(4)
 
 
-def step_generator(seed: int, step: int, stream: int, index: int = 0) -> torch.Generator:
-    """Independent, reproducible generator for ``stream`` (and sample ``index``) of one step."""
+def step_generator(seed: int, step: int, stream: int, index: int = 0,
+                   device: torch.device | str = "cpu") -> torch.Generator:
+    """Independent, reproducible generator on ``device`` for ``stream`` (and sample ``index``) of one step: seeding
+    it is a host operation, so draws on a GPU generator need no transfer (on the CPU they are the same numbers)."""
     mixed = np.random.SeedSequence([seed, step, stream, index]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(mixed) & ((1 << 63) - 1))
+    return torch.Generator(device=device).manual_seed(int(mixed) & ((1 << 63) - 1))
 
 
 def batch_positions(step: int, batch_size: int, rank: int, world: int) -> np.ndarray:
@@ -316,7 +332,8 @@ class BatchSource(Dataset):
             if not (self.plan.photometric_on_device or self.plan.decode_images_on_device):
                 pixels, params = apply_photometric_uint8(clean_pixels, params), None
         cls, patch, mask, damaged, encoded, level_cls, level_patch = self.cropped_targets(indices, crops, views)
-        return TrainBatch(step=step, indices=indices, pixels=pixels, clean_pixels=clean_pixels, cls=cls,
+        return TrainBatch(step=step, indices=indices, samples=torch.from_numpy(indices), pixels=pixels,
+                          clean_pixels=clean_pixels, cls=cls,
                           patch=patch, mask=mask, tags=[self.tags[i] for i in indices], crops=crops, views=views,
                           encoded=encoded, damaged=damaged, images=images, photometric=params, level_cls=level_cls,
                           level_patch=level_patch)

@@ -108,8 +108,8 @@ def use_cls_from_provenance(provenance: Mapping[str, Mapping]) -> dict[str, bool
 def highest_loss_teacher(losses: torch.Tensor, available: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` bool: the available teacher with the highest loss of each image (none if none available)."""
     masked = losses.detach().float().masked_fill(~available, -math.inf)
-    one_hot = F.one_hot(masked.argmax(dim=1), losses.shape[1]).bool()
-    return one_hot & available.any(dim=1, keepdim=True)
+    highest = masked.argmax(dim=1, keepdim=True) == torch.arange(losses.shape[1], device=losses.device)
+    return highest & available.any(dim=1, keepdim=True)  # (one_hot would validate its input on the host)
 
 
 def drop_teachers(losses: torch.Tensor, available: torch.Tensor, p: float,
@@ -117,7 +117,8 @@ def drop_teachers(losses: torch.Tensor, available: torch.Tensor, p: float,
     """``lowest_loss`` teacher dropping: weights of each (image, teacher) loss.
 
     losses: ``(B, T)``; available: ``(B, T)`` bool (has a target and is allowed by data sharing);
-    p: drop probability of each non-highest available teacher (0: keep all available).
+    p: drop probability of each non-highest available teacher (0: keep all available); generator: where the draws
+    come from (on the losses' device, they need no transfer).
     Returns ``(B, T)`` float32 weights without gradient: ``1/|kept|`` on kept pairs, 0 elsewhere
     (all zero when nothing is kept). The batch loss is ``(weights * losses).sum()``.
     """

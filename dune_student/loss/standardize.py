@@ -88,30 +88,36 @@ class TeacherStandardizer(nn.Module):
         sums), so all ranks keep the same statistics and standardise alike.
 
         cls ``(B, D)``, patch ``(B, h, w, D)``, available ``(B,)`` bool. CLS statistics need at least
-        two available samples (otherwise only the patch statistics move). Other modes: no-op.
+        two available samples (otherwise only the patch statistics move). Other modes: no-op. Device operations only
+        (the unavailable samples weigh 0, and the "at least two" rule is a ``torch.where``), so no host sync.
         """
         if self.mode != "ema":
             return
-        cls, tokens = cls[available].double(), patch[available].reshape(-1, patch.shape[-1]).double()
-        sums = torch.cat([cls.new_tensor([len(cls), len(tokens)]), cls.sum(0), cls.square().sum(0),
-                          tokens.sum(0), tokens.square().sum(0)])
+        available = available.to(cls.device, non_blocking=True)
+        weight = available.double()  # (B,)
+        cls = torch.where(available[:, None], cls.double(), 0.0)
+        tokens = torch.where(available[:, None, None, None], patch.double(), 0.0).reshape(-1, patch.shape[-1])
+        per_image = patch.shape[1] * patch.shape[2]
+        sums = torch.cat([weight.sum().reshape(1), weight.sum().reshape(1) * per_image, cls.sum(0),
+                          cls.square().sum(0), tokens.sum(0), tokens.square().sum(0)])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(sums)
-        n_cls, n_tokens = sums[:2].tolist()
+        n_cls, n_tokens = sums[0], sums[1]
         cls_sum, cls_squares, token_sum, token_squares = sums[2:].view(4, -1)
-        if n_tokens >= 2:
-            self._blend("patch", n_tokens, token_sum, token_squares, momentum)
-        if n_cls >= 2:
-            self._blend("cls", n_cls, cls_sum, cls_squares, momentum)
+        self._blend("patch", n_tokens, token_sum, token_squares, momentum)
+        self._blend("cls", n_cls, cls_sum, cls_squares, momentum)
 
-    def _blend(self, prefix: str, count: float, total: torch.Tensor, squares: torch.Tensor, momentum: float) -> None:
-        """Move ``<prefix>_mean/std`` toward the mean and unbiased std of ``count`` rows with per-channel
-        ``total`` and sum of ``squares`` ``(D,)``."""
+    def _blend(self, prefix: str, count: torch.Tensor, total: torch.Tensor, squares: torch.Tensor,
+               momentum: float) -> None:
+        """Move ``<prefix>_mean/std`` toward the mean and unbiased std of ``count`` ``()`` rows with per-channel
+        ``total`` and sum of ``squares`` ``(D,)``; left as they are when ``count < 2``."""
         mean, std = getattr(self, f"{prefix}_mean"), getattr(self, f"{prefix}_std")
-        batch_mean = total / count
-        batch_var = (squares - count * batch_mean.square()).clamp_min(0) / (count - 1)
-        mean.lerp_(batch_mean.to(mean.dtype), momentum)
-        std.lerp_(batch_var.sqrt().to(std.dtype), momentum)
+        enough = count >= 2
+        safe = torch.where(enough, count, torch.full_like(count, 2.0))
+        batch_mean = total / safe
+        batch_var = (squares - safe * batch_mean.square()).clamp_min(0) / (safe - 1)
+        mean.copy_(torch.where(enough, mean.lerp(batch_mean.to(mean.dtype), momentum), mean))
+        std.copy_(torch.where(enough, std.lerp(batch_var.sqrt().to(std.dtype), momentum), std))
 
 
 class Standardizer(nn.Module):

@@ -44,7 +44,7 @@ def load_live_teachers(cfg: TrainConfig, reader: CacheReader, device: torch.devi
 def live_targets(teachers: dict[str, nn.Module], batch: TrainBatch, student_patch: int, device: torch.device,
                  amp: bool) -> None:
     """Fill ``batch`` targets by running each teacher on the clean crops at ``S · p_t / p_s`` (DUNE)."""
-    pixels = batch.clean_pixels.to(device)
+    pixels = batch.clean_pixels.to(device, non_blocking=True)
     for t, teacher in teachers.items():
         size = pixels.shape[-1] * teacher.spec.patch_size // student_patch
         view = F.interpolate(pixels.float(), size=(size, size), mode="bicubic", align_corners=False,
@@ -54,4 +54,4 @@ def live_targets(teachers: dict[str, nn.Module], batch: TrainBatch, student_patc
             out = teacher(view)
         batch.cls[t] = out.cls.float().clone()
         batch.patch[t] = out.patch.float().clone()
-    batch.mask = torch.ones(len(pixels), len(teachers), dtype=torch.bool)
+    batch.mask = torch.ones(len(pixels), len(teachers), dtype=torch.bool, device=device)

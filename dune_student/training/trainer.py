@@ -24,7 +24,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dune_cache import CacheReader, Interrupted, default_num_workers, pick_device, resolve_chunk_cache
+from dune_cache import (
+    CacheReader,
+    DamagedFeaturesError,
+    Interrupted,
+    damaged_message,
+    default_num_workers,
+    pick_device,
+    resolve_chunk_cache,
+)
 
 from ..config import RESOLVED, TrainConfig, config_to_dict, loss_terms
 from ..data.batches import TEACHER_DROP_STREAM, BatchSource, TrainBatch, batch_loader, finish_pixels, step_generator
@@ -47,8 +55,9 @@ from ..runs.control import (
 )
 from ..runs.layout import CHECKPOINT, CONFIG, METRICS
 from ..runs.loading import LoadedRun
-from .distributed import distributed_setup, summed_over_ranks
+from .distributed import agreed_signal, distributed_setup, skip_update
 from .live_teachers import live_targets, load_live_teachers
+from .metrics import DeviceMetrics, MetricsRead
 from .optimization import lr_factor, param_groups
 from .setup import build_standardizer, check_cache_fits, input_plan, student_resolution
 
@@ -133,6 +142,12 @@ class Trainer:
         self.saved_step: int | None = None  # step of the checkpoint in self.out (None: none yet)
         self.damaged_targets = 0  # (sample, teacher) targets left out as damaged over the whole run, all ranks
         self.last_loss = float("nan")  # loss of the last step done (kept in the checkpoint)
+        # which teachers each training sample may supervise (loss.sharing), on the device: (n_train, T) bool
+        self.sharing = (None if cfg.loss.sharing == "all" else
+                        sharing_mask(self.reader.tags[:n_train], self.teachers, cfg.loss.sharing,
+                                     cfg.loss.generic_tag).to(self.device))
+        self.metrics = DeviceMetrics(self.teachers, cfg.data.batch_size // self.world, self.device, self.world)
+        self.batch_ids: dict[int, np.ndarray] = {}  # step -> its batch's sample indices, since the last read
         log.info("student input %dx%d, %d training images, %d held out, reader backend %s, attention %s, %d loader "
                  "workers", self.resolution, self.resolution, n_train, cfg.data.holdout, self.reader.backend,
                  self.student.attention_backend, self.workers)
@@ -214,64 +229,91 @@ class Trainer:
                                       for kind in ("patch", "cls") if r[kind] is not None}}
 
     # ---- training ------------------------------------------------------------------
-    def train_step(self, batch: TrainBatch) -> dict:
+    def train_step(self, batch: TrainBatch) -> None:
+        """One optimiser step on ``batch``, without waiting for the device: its metrics are recorded on the device
+        (:class:`DeviceMetrics`), and an update whose loss or gradient norm is not finite is skipped there (the
+        fused AdamW's ``found_inf``) and reported at the next :meth:`read_metrics`."""
         cfg, device = self.cfg, self.device
         finish_pixels(batch, device)  # decode/crop images and photometric augmentation left for the device
         if self.live is not None:
             live_targets(self.live, batch, cfg.student.patch_size, device, cfg.amp)
         if batch.encoded is not None:  # stored targets (e.g. int8 codes) decoded here, on the device
-            decoded = self.reader.decode(batch.encoded, device)
+            decoded = self.reader.decode(batch.encoded, device, defer_damage=True)
             batch.cls, batch.patch = decoded.cls, decoded.patch
             batch.mask, batch.damaged = decoded.mask, decoded.damaged  # damaged targets are masked out
             batch.level_cls, batch.level_patch = decoded.level_cls, decoded.level_patch
         pixels = self.student.normalize(batch.pixels.to(device, non_blocking=True))
-        mask = batch.mask.to(device)
+        mask = batch.mask.to(device, non_blocking=True)
+        momentum = ema_momentum(self.step, cfg.steps)
         targets = {}
         for k, t in enumerate(self.teachers):
             cls, patch = batch.cls[t].to(device, non_blocking=True), batch.patch[t].to(device, non_blocking=True)
-            self.standardizer.observe(t, cls, patch, mask[:, k], ema_momentum(self.step, cfg.steps))
+            self.standardizer.observe(t, cls, patch, mask[:, k], momentum)
             targets[t] = self.standardizer.standardize(t, cls, patch)
         grids = {t: tuple(targets[t][1].shape[1:3]) for t in self.teachers}
         with torch.autocast(device.type, torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
             preds = self.ddp(pixels, grids)
         if self.sak is not None:
-            levels = self.sak.level_targets(batch.level_cls, batch.level_patch, mask, self.teachers,
-                                            ema_momentum(self.step, cfg.steps))
+            levels = self.sak.level_targets(batch.level_cls, batch.level_patch, mask, self.teachers, momentum)
             losses = self.sak.losses(preds, targets, levels, self.teachers)
         else:
             losses = teacher_losses(preds, targets, self.teachers, self.use_cls, self.terms)
-        available = mask & sharing_mask(batch.tags, self.teachers, cfg.loss.sharing, cfg.loss.generic_tag).to(device)
+        available = mask if self.sharing is None else mask & self.sharing[batch.samples.to(device, non_blocking=True)]
         drop_p = cfg.loss.drop_p if cfg.loss.teacher_drop == "lowest_loss" else 0.0  # p=0: mean over available
         weights = drop_teachers(losses.detach(), available, drop_p,
-                                step_generator(cfg.seed, batch.step, TEACHER_DROP_STREAM, self.rank))
+                                step_generator(cfg.seed, batch.step, TEACHER_DROP_STREAM, self.rank, device))
         loss = (losses * weights).sum()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-        loss_value, norm_value = float(loss.detach()), float(grad_norm)
-        if summed_over_ranks([not (math.isfinite(loss_value) and math.isfinite(norm_value))], device, self.world)[0]:
-            raise NonFiniteLossError(self.non_finite_message(batch, losses.detach(), loss_value, norm_value))
+        self.optimizer.found_inf = skip_update(loss, grad_norm, self.world)
         self.optimizer.step()
         self.scheduler.step()
-        seen = losses.detach() * available
-        per_teacher = {f"loss/{t}": float(seen[:, k].sum() / available[:, k].sum().clamp(min=1))
-                       for k, t in enumerate(self.teachers)}
-        return {"loss": loss_value, "grad_norm": norm_value, **per_teacher}
+        damaged = None if batch.damaged is None else batch.damaged.to(device, non_blocking=True)
+        self.metrics.record(batch.step + 1, loss, grad_norm, losses, available, damaged)
+        self.batch_ids[batch.step + 1] = batch.indices
 
-    def non_finite_message(self, batch: TrainBatch, losses: torch.Tensor, loss: float, grad_norm: float) -> str:
-        """One paragraph on a step whose ``loss`` or ``grad_norm`` is not finite: the step, the images whose own
-        loss is not finite (``losses`` ``(B, T)``), the images of the batch, the checkpoint kept, what to check."""
-        ids = [self.reader.image_ids[i] for i in batch.indices]
-        bad = ~torch.isfinite(losses.cpu())
+    def read_metrics(self) -> MetricsRead:
+        """The device metrics on the host (one transfer); a :class:`NonFiniteLossError` for a step since the last read
+        whose loss or gradient norm was not finite, a :class:`DamagedFeaturesError` for damaged targets decoded on the
+        device (without ``data.skip_damaged``). Every rank must call it at the same step."""
+        read = self.metrics.read()
+        ids, self.batch_ids = self.batch_ids, {}
+        if read.damaged_step is not None and not self.cfg.data.skip_damaged:
+            raise DamagedFeaturesError(self.damaged_message(read, ids.get(read.damaged_step, [])))
+        if read.non_finite_step is not None:
+            raise NonFiniteLossError(self.non_finite_message(read, ids.get(read.non_finite_step, [])))
+        if read.damaged > self.damaged_targets and self.source.plan.decode_targets_on_device:  # else the loader logs
+            log.warning("%d damaged target(s) left out so far (data.skip_damaged); `dune-cache verify %s` lists them "
+                        "and `dune-cache repair %s` re-extracts them", read.damaged, self.cfg.data.cache,
+                        self.cfg.data.cache)
+        self.last_loss, self.damaged_targets = read.loss, read.damaged
+        return read
+
+    def damaged_message(self, read: MetricsRead, indices: np.ndarray) -> str:
+        """One paragraph on targets decoded on the device that are damaged: the teacher, the images, the fix."""
+        column = int(read.damaged_samples.any(axis=0).argmax())
+        images = [self.reader.image_ids[i] for i in np.asarray(indices)[read.damaged_samples[:, column]]]
+        return damaged_message(self.teachers[column], "features", images, self.cfg.data.cache,
+                               " (or set data.skip_damaged=true to train without them)")
+
+    def non_finite_message(self, read: MetricsRead, indices: np.ndarray) -> str:
+        """One paragraph on a step whose loss or gradient norm was not finite: the step, the images whose own
+        loss is not finite, the images of the batch, the checkpoint kept, what to check."""
+        ids = [self.reader.image_ids[i] for i in indices]
+        bad = read.non_finite_samples
         culprits = [f"{ids[b]} ({', '.join(t for k, t in enumerate(self.teachers) if bad[b, k])})"
                     for b in range(len(ids)) if bad[b].any()]
-        what = f"the loss is {loss}" if not math.isfinite(loss) else f"the gradient norm is {grad_norm}"
-        if self.world > 1 and math.isfinite(loss):
+        loss, grad_norm = (read.loss, read.grad_norm) if read.non_finite_step == self.step else (None, None)
+        what = (f"the loss is {loss}" if loss is not None and not math.isfinite(loss)
+                else f"the gradient norm is {grad_norm}" if grad_norm is not None and not math.isfinite(grad_norm)
+                else "the loss or the gradient norm is not finite")
+        if self.world > 1 and not culprits:
             what += " (the loss of another process may be the cause)"
         share = f" (rank {self.rank}'s share)" if self.world > 1 else ""
         kept = (f"The last good checkpoint, {self.out / CHECKPOINT} (step {self.saved_step}), is kept: a re-run "
                 "resumes from it." if self.saved_step is not None else "No checkpoint had been written yet.")
-        return (f"step {self.step + 1}: {what}; training stopped before applying the step. "
+        return (f"step {read.non_finite_step}: {what}; training stopped before applying the step. "
                 + (f"Images with a non-finite loss: {'; '.join(culprits)}. " if culprits else "")
                 + f"Images of the batch{share}: {', '.join(ids)}. {kept} Damaged cached features are the usual "
                 f"cause: check the cache with `dune-cache verify {self.cfg.data.cache}` (`dune-cache repair` "
@@ -320,11 +362,13 @@ class Trainer:
 
     def train_steps(self, batches: Iterator[TrainBatch], stop: StopSignals) -> int | None:
         """Steps up to ``cfg.steps``, each logged, evaluated and checkpointed as configured. Returns the signal
-        that stopped them before ``cfg.steps`` (after a step every rank agrees on), or ``None``."""
+        that stopped them before ``cfg.steps`` (after a step every rank agrees on), or ``None``. The host reads the
+        device's metrics only at log steps, evaluations and checkpoints (:meth:`read_metrics`)."""
         cfg = self.cfg
         schedule = CheckpointSchedule(cfg.checkpoint_every, cfg.checkpoint_minutes, cfg.steps)
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not cfg.progress or self.rank != 0,
                    dynamic_ncols=True)
+        self.metrics.damaged_before = self.damaged_targets  # the resumed checkpoint's count
         images_seen, tick, stopped_by = 0, time.perf_counter(), None
         with open(self.out / METRICS, "a") as metrics:
             while self.step < cfg.steps and stopped_by is None:
@@ -332,34 +376,36 @@ class Trainer:
                 if batch is None:  # a signal before the step: none in flight
                     stopped_by = stop.received
                     break
-                record = self.train_step(batch)
+                self.train_step(batch)
                 self.step += 1
-                self.last_loss = record["loss"]
-                damaged = 0 if batch.damaged is None else int(batch.damaged.sum())
-                damaged, sigint, sigterm = summed_over_ranks([damaged, stop.received == signal.SIGINT,
-                                                              stop.received == signal.SIGTERM], self.device, self.world)
-                stopped_by = signal.SIGINT if sigint else signal.SIGTERM if sigterm else None  # after this step
-                self.damaged_targets += damaged
+                stopped_by = agreed_signal(stop.received, self.world)  # after this step
                 images_seen += len(batch.indices)
                 bar.update(1)
-                postfix = {"loss": f"{self.last_loss:.4f}"}
-                if self.damaged_targets:
-                    postfix["damaged"] = self.damaged_targets
-                bar.set_postfix(postfix, refresh=False)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    read = self.read_metrics()
                     now = time.perf_counter()
                     self.log_step({"step": self.step, "lr": self.scheduler.get_last_lr()[0],
-                                   "images_per_s": images_seen * self.world / (now - tick), **record,
+                                   "images_per_s": images_seen * self.world / (now - tick), "loss": read.loss,
+                                   "grad_norm": read.grad_norm,
+                                   **{f"loss/{t}": value for t, value in read.per_teacher.items()},
                                    "damaged_targets": self.damaged_targets}, metrics)
                     images_seen, tick = 0, now
-                if cfg.eval_every and self.rank == 0 and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
-                    metrics.write(json.dumps(self.held_out_fidelity()) + "\n")
-                    metrics.flush()
+                    bar.set_postfix({"loss": f"{self.last_loss:.4f}",
+                                     **({"damaged": self.damaged_targets} if self.damaged_targets else {})},
+                                    refresh=False)
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    self.read_metrics()  # every rank: a non-finite step is never evaluated or saved
+                    if self.rank == 0:
+                        metrics.write(json.dumps(self.held_out_fidelity()) + "\n")
+                        metrics.flush()
                 if schedule.due(self.step):
+                    self.read_metrics()
                     with stop.shielded():
                         self.save()
                     schedule.saved()
         bar.close()
+        if stopped_by is not None and self.saved_step != self.step:
+            self.read_metrics()  # before the checkpoint the run saves on its way out
         return stopped_by if self.step < cfg.steps else None  # a signal during the last step: the run is done
 
     def next_batch(self, batches: Iterator[TrainBatch], stop: StopSignals) -> TrainBatch | None:

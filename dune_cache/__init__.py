@@ -46,7 +46,7 @@ __version__ = "0.1.0"
 _LAZY = {
     # reading a cache
     "CacheReader": "read.reader", "TargetBatch": "read.batches", "EncodedBatch": "read.batches",
-    "FULL_IMAGE": "read.batches", "pin_fields": "read.batches", "block_shuffled_order": "read.shuffle",
+    "FULL_IMAGE": "read.batches", "pin_fields": "utils.runtime", "block_shuffled_order": "read.shuffle",
     "TeacherStats": "format.stats", "read_stats": "format.stats",
     # writing and describing one
     "TeacherStore": "format.store", "damaged_message": "format.store", "StorageConfig": "config", "EncodingConfig": "config", "ExtractConfig": "config",

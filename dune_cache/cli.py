@@ -13,6 +13,7 @@ from .config import (
     ENCODINGS,
     MAX_SHARD_IMAGES,
     SHARD_TARGET_BYTES,
+    STATS_SAMPLE,
     EncodingConfig,
     ExtractConfig,
     StorageConfig,
@@ -204,6 +205,8 @@ def verify(cache: str = typer.Argument(..., help="Cache root."),
 @app.command()
 def stats(cache: str = typer.Argument(..., help="Cache root."),
           teacher: Optional[list[str]] = typer.Option(None, help="Teacher group (repeatable; default: all)."),
+          sample: int = typer.Option(STATS_SAMPLE, min=0, help="Estimate on at most this many done images, spread evenly "
+                                     "over the group (0: all; the cost stops growing with the cache beyond it)."),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Compute per-channel mean/std and PHI-S of each teacher group (out of core) and store them in the cache."""
     import numpy as np
@@ -218,10 +221,10 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
         names = select_teachers(cache, teacher or None)
         check_writable(cache)  # a read-only location fails before the (long) computation
         for name in names:
-            result = compute_stats(cache, name)
+            result = compute_stats(cache, name, sample=sample)
             write_stats(cache, name, result)
             scale = float(np.linalg.norm(result.phis_matrix[0]))
-            typer.echo(f"[{name}] {result.count} images -> {cache}/{name}/stats")
+            typer.echo(f"[{name}] {result.count} of {result.done} done images -> {cache}/{name}/stats")
             for label, mean, std in (("cls", result.cls_mean, result.cls_std),
                                      ("patch", result.patch_mean, result.patch_std)):
                 typer.echo(f"  {label:6} |mean| max {np.abs(mean).max():.4g}, std min/median/max "

@@ -118,6 +118,7 @@ PARAMS = {
 RECORDED_UNLESS_DEFAULT = {"basis": "float"}
 
 
+STATS_SAMPLE = 10_000              # images `dune-cache stats` estimates on, at most (dune_cache.commands.stats)
 AUTO_SHARD_FROM = 100_000          # new groups of at least this many images are sharded by default (docs/scale.md)
 SHARD_TARGET_BYTES = 256 << 20     # raw (uncompressed) bytes of one shard object the default aims at
 MAX_SHARD_IMAGES = 1024            # images per shard, at most, by default

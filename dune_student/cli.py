@@ -99,7 +99,7 @@ def evaluate_cmd(
     cache: str = typer.Option(..., help="Held-out cache (same teachers and checkpoints)."),
     images: str = typer.Option(..., help="Image directory or list holding the held-out cache's images."),
     batch_size: int = typer.Option(16, min=1),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("auto", help="auto: the GPU when there is one, else cpu"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Per-teacher cosine fidelity (CLS and patch) of the projected student features on held-out images."""
@@ -151,7 +151,7 @@ def show(
     image_root: Optional[Path] = typer.Option(None, help="Image folder or list file, when the images moved since "
                                               "extraction (default: the cache's provenance)."),
     cell: int = typer.Option(224, min=8, help="Size in pixels of each picture."),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("auto", help="auto: the GPU when there is one, else cpu"),
 ) -> None:
     """PNGs of the student's projected patch features next to each teacher's (joint PCA-RGB maps)."""
     setup_logging(False)
@@ -186,7 +186,7 @@ def probe(
     seed: int = typer.Option(0, help="Test split, cross-validation folds and the random-init student."),
     heads: bool = typer.Option(True, help="Also probe each teacher head's projection of the student."),
     batch_size: int = typer.Option(16, min=1),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("auto", help="auto: the GPU when there is one, else cpu"),
 ) -> None:
     """kNN, linear, disparity and correspondence probes of the student, a random-init student and each teacher."""
     setup_logging(False)
@@ -212,7 +212,7 @@ def route(
     pooling: Optional[str] = typer.Option(None, help="Router weights per `token` or per image (`global`, SAK); "
                                           "default: the run's heads.router_pooling."),
     seed: int = typer.Option(0),
-    device: str = typer.Option("cpu"),
+    device: str = typer.Option("auto", help="auto: the GPU when there is one, else cpu"),
 ) -> None:
     """SAK stage 2: per task (dense disparity, faces) a Mixture-of-Representations router and a light head on the
     frozen stem and teacher paths; writes scores, the routers' weights picture and the multi-task export."""

@@ -114,7 +114,7 @@ class DataConfig:
     holdout: int = 0                     # last N images (manifest order) kept out of training for eval
     skip_damaged: bool = False           # mask out targets whose cached features are NaN/inf (counted), not stop
     image_source: str = "auto"           # auto (files if data.images, else the cache's copy) | files | cache
-    image_decode: str = "loader"         # loader (PIL) | device (JPEG bytes decoded by torchvision on the device)
+    image_decode: str = "auto"           # auto (device when training on CUDA) | loader (PIL) | device (torchvision)
     jpeg_draft: str = "crop"             # loader JPEG draft decode: crop (its need) | double | off (views: double)
 
 
@@ -179,7 +179,7 @@ CHOICES = {
     "augment.mode": AUGMENT_MODES,
     "augment.photometric_on": PLACES,
     "data.image_source": IMAGE_SOURCES,
-    "data.image_decode": ("loader", "device"),
+    "data.image_decode": PLACES,
     "data.jpeg_draft": ("crop", "double", "off"),
 }
 
@@ -295,7 +295,7 @@ def validate(cfg: TrainConfig) -> None:
     if not cfg.data.images and cfg.data.image_source == "files":
         raise ConfigError("data.images: required with data.image_source=files (the image directory or list holding "
                           "the cache's image ids)")
-    if cfg.data.image_decode == "device" and cfg.augment.mode == "views":
+    if cfg.data.image_decode == "device" and cfg.augment.mode == "views":  # auto: the loader with views
         raise ConfigError("data.image_decode=device: augment.mode=views crops on the loader (set "
                           "data.image_decode=loader, or augment.mode grid-crop or none)")
     if is_remote(cfg.out):

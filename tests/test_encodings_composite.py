@@ -10,19 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from dune_cache.config import ENCODINGS, PARAMS, ViewSampling
+from dune_cache.commands.verify import verify_cache
+from dune_cache.config import ENCODINGS, PARAMS, StorageConfig, ViewSampling
 from dune_cache.encodings import Encoding, EncodingConfig, EncodingError, encoding_summary, list_schemes, scheme_class
 from dune_cache.encodings.base import Scheme, token_cosines
 from dune_cache.encodings.lowrank import image_factors
 from dune_cache.encodings.registry import register_scheme
-from dune_cache.extract.provenance import build_provenance
-from dune_cache.teachers.geometry import Geometry
-from dune_cache.images.manifest import ImageManifest
-from dune_cache.commands.verify import verify_cache
-from dune_cache.read.reader import CacheReader
 from dune_cache.errors import DamagedFeaturesError
-from dune_cache.config import StorageConfig
+from dune_cache.extract.provenance import build_provenance
 from dune_cache.format.store import TeacherStore, ViewRows
+from dune_cache.images.manifest import ImageManifest
+from dune_cache.read.reader import CacheReader
+from dune_cache.teachers.geometry import Geometry
 from dune_cache.teachers.spec import TeacherSpec
 from dune_student.config import AugmentConfig, DataConfig
 from dune_student.data.augment import GridCrop
@@ -131,7 +130,7 @@ def test_a_global_basis_of_as_many_bytes_cannot_hold_a_union_of_image_subspaces(
 def test_image_factors_are_the_truncated_svd_whichever_gram_is_smaller(grid):
     rng = np.random.default_rng(3)
     x = rng.standard_normal((3, *grid, D)).astype(np.float32)  # 64 tokens >= D channels; 30 < D; 4 tokens < rank
-    weights, factors, mean = image_factors(x, 6)
+    weights, factors, mean = (v.numpy() for v in image_factors(torch.from_numpy(x), 6))
     tokens = x.reshape(3, -1, D)
     singular = np.linalg.svd(tokens - tokens.mean(1, keepdims=True), compute_uv=False)
     kept = min(6, tokens.shape[1] - 1)  # centred tokens span at most T - 1 directions

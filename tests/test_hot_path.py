@@ -14,15 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_train import cache, config  # noqa: F401 - cache: the tiny-teacher cache fixture
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dune_cache.read.batches import pin_fields
+from dune_cache.utils.runtime import pin_fields
 from dune_student.data.batches import InputPlan
 from dune_student.loss.distill import drop_teachers
 from dune_student.training import trainer as trainer_module
 from dune_student.training.trainer import Trainer
-
-from test_train import cache, config  # noqa: F401 - cache: the tiny-teacher cache fixture
 
 aten = torch.ops.aten
 SYNC_OPS = {aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.unique_consecutive, aten._unique2,
@@ -209,3 +208,71 @@ def test_training_results_do_not_depend_on_where_inputs_are_prepared(tmp_path, c
     assert loader.keys() == device.keys()
     for key in loader:
         torch.testing.assert_close(loader[key], device[key], rtol=0, atol=0)
+
+
+def load_tool(name: str):
+    """A script of ``tools/`` as a module."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("batch", [1, 3, 16])
+def test_a_sharded_group_is_written_once_per_byte_stored(tmp_path, batch):
+    """zarr-python rewrites a whole shard on each partial write: the writer gathers each unit (one shard) and writes
+    it once, so the bytes the process writes (``/proc/self/io`` ``wchar``: features, metadata, failure records,
+    status) stay within 10% of what the group holds; written batch by batch they would not."""
+    bench = load_tool("bench_shard_writes")
+    rng = np.random.default_rng(0)
+    features = rng.standard_normal((24, 8, 8, 64), dtype=np.float32).astype(np.float16)
+    cls = features.mean(axis=(1, 2)).astype(np.float16)
+    storage = bench.StorageConfig(codec="none", shard_images=8)
+    gathered = bench.write_group(tmp_path / "gathered.zarr", features, cls, batch, storage, gathered=True)
+    assert gathered["ratio"] <= 1.10, gathered
+    per_batch = bench.write_group(tmp_path / "per_batch.zarr", features, cls, batch, storage, gathered=False)
+    assert per_batch["stored"] == gathered["stored"]  # the same store either way
+    if batch < 8:  # several batches per shard: each partial write rewrote the shard
+        assert per_batch["ratio"] > 1.5, per_batch
+
+
+def test_stats_read_a_bounded_sample_of_the_cache(tmp_path, cache, monkeypatch):
+    """``dune-cache stats`` reads at most ``sample`` images, spread over the done ones, whatever the cache's size;
+    the statistics say how many they cover and how many were done."""
+    from dune_cache.commands.stats import compute_stats
+    from dune_cache.format.store import TeacherStore
+
+    read = []
+    real = TeacherStore.read_features
+
+    def counting(self, name, rows, check=True):
+        read.append((name, len(np.atleast_1d(np.arange(self.count)[rows]))))
+        return real(self, name, rows, check)
+
+    monkeypatch.setattr(TeacherStore, "read_features", counting)
+    stats = compute_stats(str(cache), "tiny_test_teacher", sample=3)
+    assert stats.count == 3 and stats.done == 6
+    assert sum(n for name, n in read if name == "patch") == 3 and sum(n for name, n in read if name == "cls") == 3
+    read.clear()
+    everything = compute_stats(str(cache), "tiny_test_teacher", sample=0)
+    assert everything.count == everything.done == 6 and sum(n for name, n in read if name == "patch") == 6
+
+
+def test_the_gpu_check_runs_on_the_cpu_at_tiny_shapes(tmp_path):
+    """``tools/gpu_check.py --tiny`` (the one command for a lent GPU) keeps working: every stage measured or
+    reported as not run with its reason."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "tools/gpu_check.py", "--tiny", "--device", "cpu", "--out", str(tmp_path)],
+                          cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["training"]["cached"]["images_per_s"] > 0 and result["training"]["live"]["images_per_s"] > 0
+    assert result["extraction"]["images_per_s"] > 0 and result["extraction"]["cpu_s_per_image"] > 0
+    assert result["lowrank"]["encode_images_per_s"] > 0 and result["jpeg_decode"]["run"] is False
+    assert "not run" in (tmp_path / "gpu_check.md").read_text()

@@ -19,6 +19,12 @@ calibrated on the features of the source images). Measurements alternate within 
 are the whole process's (every thread: writer, its pool, zarr's codec threads), so they hold on a loaded machine;
 wall img/s is reported too. Input MB: the float16 features (CLS + patch) handed to the writer.
 
+``--encode-on device`` (what ``dune-cache extract`` does: the encoding runs on the extraction device before the copy
+to the host) encodes each batch with :meth:`Scheme.encode_tensor` first, timed apart (here on this machine's CPU, a
+stand-in for the GPU: not a GPU figure), then hands the writer the encoded parts: the CPU ms per image are then the
+host's share alone (compression, checksums, writes, status). ``--encode-on host`` hands it float features to encode
+on the host, as the writer did before.
+
 Cores per H100 = (H100 extraction images/s, ViT-L at 448) x (CPU-s per image): the rate is read from
 ``docs/results/cost_model.json`` (``extraction_images_per_s_per_h100``, ``dinov2_vitl14_reg4`` at 448: an estimate
 from FLOPs at an assumed utilisation, not a measurement) unless ``--gpu-rate`` is given.
@@ -43,14 +49,14 @@ import zarr
 
 from dune_cache.config import EncodingConfig, StorageConfig
 from dune_cache.encodings import Encoding, calibration_indices
-from dune_cache.extract.writer import FeatureWriter
 from dune_cache.extract.provenance import build_provenance
-from dune_cache.teachers.geometry import Geometry, parse_size
-from dune_cache.images.manifest import ImageManifest, load_manifest
-from dune_cache.images.decode import load_pixels
-from dune_cache.offline.catalogue import AUTO, resolve_checkpoint_option
+from dune_cache.extract.writer import FeatureWriter
 from dune_cache.format.store import STATUS_PENDING, TeacherStore
+from dune_cache.images.decode import load_pixels
+from dune_cache.images.manifest import ImageManifest, load_manifest
+from dune_cache.offline.catalogue import AUTO, resolve_checkpoint_option
 from dune_cache.teachers import create_teacher
+from dune_cache.teachers.geometry import Geometry, parse_size
 from dune_cache.teachers.spec import TeacherSpec
 
 DIM = 1024  # ViT-L
@@ -71,11 +77,12 @@ class Setting:
     level: int
     checksum: bool
     threads: int
+    encode_on: str = "device"
 
     @property
     def label(self) -> str:
         return (f"{self.encoding} | {self.codec}:{self.level} | {'on' if self.checksum else 'off'} | "
-                f"{self.threads}")
+                f"{self.threads} | {self.encode_on}")
 
 
 def real_features(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
@@ -141,22 +148,35 @@ def calibrated(name: str, cls: np.ndarray, patch: np.ndarray) -> Encoding:
     return Encoding.calibrate(config, DIM, "float16", samples if config.needs_calibration else None)
 
 
+def encoded(store: TeacherStore, name: str, values: np.ndarray) -> dict[str, np.ndarray]:
+    """The parts extraction would copy from its device for ``values`` of feature array ``name``."""
+    parts = store.encoding_of(name).scheme(name).encode_tensor(torch.from_numpy(values))
+    return {suffix: part.numpy() for suffix, part in parts.items()}
+
+
 def write_all(store: TeacherStore, cls: np.ndarray, patch: np.ndarray, count: int, batch: int,
-              threads: int) -> tuple[float, float]:
-    """(wall s, process CPU s) to write ``count`` images (cycling ``cls``/``patch``) through :class:`FeatureWriter`."""
+              threads: int, encode_on: str) -> tuple[float, float, float]:
+    """(wall s, process CPU s, encode CPU s) to write ``count`` images (cycling ``cls``/``patch``) through
+    :class:`FeatureWriter`; with ``encode_on == "device"`` the batches are encoded before (the third figure) and the
+    writer gets their parts."""
     manifest = synthetic_manifest(count)
     status = np.full(count, STATUS_PENDING, dtype=np.uint8)
-    batches = []
+    batches, encode_cpu = [], 0.0
     for lo in range(0, count, batch):
         rows = np.arange(lo, min(lo + batch, count))
         source = rows % len(cls)
-        batches.append((rows, np.ascontiguousarray(cls[source]), np.ascontiguousarray(patch[source])))
+        c, p = np.ascontiguousarray(cls[source]), np.ascontiguousarray(patch[source])
+        if encode_on == "device":
+            start = time.process_time()
+            c, p = encoded(store, "cls", c), encoded(store, "patch", p)
+            encode_cpu += time.process_time() - start
+        batches.append((rows, c, p))
     wall, cpu = time.perf_counter(), time.process_time()
     writer = FeatureWriter(store, status, [], manifest, threads=threads)
     for rows, c, p in batches:
         writer.submit(rows, c, p, None, [])
     writer.close()
-    return time.perf_counter() - wall, time.process_time() - cpu
+    return time.perf_counter() - wall, time.process_time() - cpu, encode_cpu
 
 
 def gpu_rate(args: argparse.Namespace) -> tuple[float | None, str]:
@@ -190,6 +210,8 @@ def main() -> None:
                         help="CODEC:LEVEL (default: the storage default)")
     parser.add_argument("--checksum", nargs="+", choices=["on", "off"], default=["on", "off"])
     parser.add_argument("--threads", nargs="+", type=int, default=[1, 2], help="writer threads (--writer-threads)")
+    parser.add_argument("--encode-on", nargs="+", choices=["device", "host"], default=["device"],
+                        help="device: encoded before the writer, as extraction does (timed apart); host: by the writer")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--gpu-rate", type=float, default=None,
                         help=f"H100 extraction images/s (ViT-L at 448); default: {COST_MODEL} {RATE_KEY}")
@@ -203,11 +225,11 @@ def main() -> None:
     print(f"features: {len(cls)} real {args.teacher} images at {args.resolution} -> cls {cls.shape[1:]}, "
           f"patch {patch.shape[1:]} float16, {mb_per_image:.2f} MB per image; load average {os.getloadavg()}")
     encodings = {name: calibrated(name, cls, patch) for name in args.encodings}
-    settings = [Setting(name, *parse_codec(codec), checksum == "on", threads)
+    settings = [Setting(name, *parse_codec(codec), checksum == "on", threads, where)
                 for name in args.encodings for codec in args.codecs for checksum in args.checksum
-                for threads in args.threads]
+                for threads in args.threads for where in args.encode_on]
     work = Path(tempfile.mkdtemp(prefix="bench_writer_"))
-    samples: dict[Setting, list[tuple[float, float]]] = {s: [] for s in settings}
+    samples: dict[Setting, list[tuple[float, float, float]]] = {s: [] for s in settings}
     stored: dict[Setting, int] = {}
     loads = [os.getloadavg()[0]]
     try:
@@ -215,7 +237,8 @@ def main() -> None:
             for k, setting in enumerate(settings):
                 root = str(work / f"{r}_{k}.zarr")
                 store = create_store(root, setting, encodings[setting.encoding], args.count, grid)
-                samples[setting].append(write_all(store, cls, patch, args.count, args.batch, setting.threads))
+                samples[setting].append(write_all(store, cls, patch, args.count, args.batch, setting.threads,
+                                                  setting.encode_on))
                 stored[setting] = store.nbytes_stored()
                 shutil.rmtree(root)
             loads.append(os.getloadavg()[0])
@@ -225,22 +248,26 @@ def main() -> None:
     rate, rate_source = gpu_rate(args)
     rows = []
     for setting in settings:
-        wall = statistics.median(w for w, _ in samples[setting])
-        cpu = statistics.median(c for _, c in samples[setting]) / args.count
-        rows.append({**setting.__dict__, "cpu_s_per_image": cpu, "mb_per_cpu_s": mb_per_image / cpu,
+        wall = statistics.median(w for w, _, _ in samples[setting])
+        cpu = statistics.median(c for _, c, _ in samples[setting]) / args.count
+        encode = statistics.median(e for _, _, e in samples[setting]) / args.count
+        rows.append({**setting.__dict__, "cpu_s_per_image": cpu, "encode_cpu_s_per_image": encode,
+                     "mb_per_cpu_s": mb_per_image / cpu,
                      "images_per_s_per_core": 1 / cpu, "wall_images_per_s": args.count / wall,
                      "ratio_vs_fp16": args.count * mb_per_image * 1e6 / stored[setting],
                      "cores_per_h100": rate * cpu if rate else None})
     print(f"\n{args.count} images per measurement, batch {args.batch}, {args.rounds} rounds (medians); "
           f"{os.cpu_count()} cores, load average {min(loads):.2f}-{max(loads):.2f}; H100 rate: "
           f"{rate if rate else '?'} img/s ({rate_source})")
-    print("| encoding | codec | checksum | writer threads | CPU ms/image | MB per CPU-s | images/s per core | "
-          "wall images/s | ratio vs fp16 | cores per H100 |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| encoding | codec | checksum | writer threads | encoded on | host CPU ms/image | encode CPU ms/image "
+          "(this CPU) | MB per CPU-s | images/s per core | wall images/s | ratio vs fp16 | host cores per H100 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         cores = f"{row['cores_per_h100']:.1f}" if row["cores_per_h100"] else "?"
+        encode = f"{1e3 * row['encode_cpu_s_per_image']:.1f}" if row["encode_on"] == "device" else "(in host)"
         print(f"| {row['encoding']} | {row['codec']}:{row['level']} | {'on' if row['checksum'] else 'off'} | "
-              f"{row['threads']} | {1e3 * row['cpu_s_per_image']:.1f} | {row['mb_per_cpu_s']:.0f} | "
+              f"{row['threads']} | {row['encode_on']} | {1e3 * row['cpu_s_per_image']:.1f} | {encode} | "
+              f"{row['mb_per_cpu_s']:.0f} | "
               f"{row['images_per_s_per_core']:.0f} | {row['wall_images_per_s']:.0f} | {row['ratio_vs_fp16']:.2f}x | "
               f"{cores} |")
     if args.json:

@@ -10,7 +10,9 @@ is ``H diag(e / mean(e)) Hᵀ`` — unit diagonal, same spectrum shape as ``Σ``
 a scaled rotation (``W Wᵀ = I / mean(e)``), so relative distances between targets are preserved.
 
 Stored in ``<root>/<teacher>/stats/`` (docs/cache-format.md, "Statistics"); written only by
-``dune-cache stats``.
+``dune-cache stats``. They are estimated on a sample of at most ``sample`` done images spread evenly over the group
+(default :data:`dune_cache.config.STATS_SAMPLE`: per-channel moments and a ``D×D`` covariance from ten thousand images' tokens are
+converged), so the cost stops growing with the cache beyond that; ``sample=0`` reads every done image.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ..config import STATS_SAMPLE
+from ..encodings import calibration_indices
 from ..errors import StoreError
 from ..format.stats import TeacherStats
 from ..format.store import STATUS_DONE, STATUS_PENDING, TeacherStore
@@ -98,25 +102,19 @@ def phis_transform(covariance: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------------------------
 # Out-of-core moments
 # ---------------------------------------------------------------------------------------
-def masked_rows(store: TeacherStore, name: str, done: np.ndarray, block_images: int) -> da.Array:
-    """Feature array ``name`` (``cls``/``patch``) decoded through the group's encoding, as float64 dask rows
-    ``(N, ..., D)`` in blocks of ``block_images`` (``map_blocks``); rows not done are 0 (they may hold the
-    NaN fill value)."""
+def sampled_rows(store: TeacherStore, name: str, images: np.ndarray, block_images: int) -> da.Array:
+    """Feature array ``name`` (``cls``/``patch``) of the images ``images`` (sorted indices of done images) decoded
+    through the group's encoding, as float64 dask rows ``(n, ..., D)`` in blocks of ``block_images``."""
     tail = (*store.group[name].shape[1:-1], store.dim)
-
-    def decoded(indices: np.ndarray) -> np.ndarray:
-        values = store.read_features(name, slice(int(indices[0]), int(indices[-1]) + 1)).astype(np.float64)
-        values[~done[indices]] = 0.0
-        return values
-
-    rows = da.arange(store.count, chunks=block_images)
-    return rows.map_blocks(decoded, dtype=np.float64, new_axis=list(range(1, 1 + len(tail))),
-                           chunks=(rows.chunks[0], *((size,) for size in tail)))
+    rows = da.from_array(images, chunks=block_images)
+    return rows.map_blocks(lambda block: store.read_features(name, block).astype(np.float64), dtype=np.float64,
+                           new_axis=list(range(1, 1 + len(tail))), chunks=(rows.chunks[0], *((s,) for s in tail)))
 
 
-def compute_stats(root: str, teacher: str, block_images: int = DEFAULT_BLOCK_IMAGES) -> TeacherStats:
-    """Statistics over the done images of ``teacher``, reading ``block_images`` images at a time
-    (dask, one pass over the data; sums and sums of outer products accumulated in float64)."""
+def compute_stats(root: str, teacher: str, block_images: int = DEFAULT_BLOCK_IMAGES,
+                  sample: int = STATS_SAMPLE) -> TeacherStats:
+    """Statistics of ``teacher`` over at most ``sample`` of its done images spread evenly over them (0: all),
+    reading ``block_images`` images at a time (dask, one pass; sums and sums of outer products in float64)."""
     store = TeacherStore.open(root, teacher, mode="r")
     status = store.read_status()
     done = status == STATUS_DONE
@@ -127,8 +125,13 @@ def compute_stats(root: str, teacher: str, block_images: int = DEFAULT_BLOCK_IMA
         log.warning("%s: %d images pending; statistics cover the %d done ones",
                     teacher, int((status == STATUS_PENDING).sum()), count)
     dim = store.dim
-    cls = masked_rows(store, "cls", done, block_images)
-    tokens = masked_rows(store, "patch", done, block_images).reshape(-1, dim)
+    images = np.flatnonzero(done)
+    if sample and len(images) > sample:
+        images = images[calibration_indices(len(images), sample)]
+        log.info("%s: statistics on %d of its %d done images, spread evenly (--sample)", teacher, len(images), count)
+    done_count, count = count, len(images)
+    cls = sampled_rows(store, "cls", images, block_images)
+    tokens = sampled_rows(store, "patch", images, block_images).reshape(-1, dim)
     n_tokens = count * int(np.prod(store.patch.shape[1:3]))
     cls_sum, cls_sq, tok_sum, tok_sq, tok_outer = dask.compute(
         cls.sum(0), (cls ** 2).sum(0), tokens.sum(0), (tokens ** 2).sum(0), tokens.T @ tokens)
@@ -137,4 +140,4 @@ def compute_stats(root: str, teacher: str, block_images: int = DEFAULT_BLOCK_IMA
     return TeacherStats(
         cls_mean=cls_mean, cls_std=np.sqrt(np.clip(cls_sq / count - cls_mean ** 2, 0, None)),
         patch_mean=patch_mean, patch_std=np.sqrt(np.clip(tok_sq / n_tokens - patch_mean ** 2, 0, None)),
-        phis_mean=patch_mean, phis_matrix=phis_transform(covariance), count=count)
+        phis_mean=patch_mean, phis_matrix=phis_transform(covariance), count=count, done=done_count)

@@ -3,8 +3,10 @@ calibration helpers.
 
 A scheme stores features ``(..., D)`` of one kind as parts ``(..., last)`` sharing the features' leading axes
 (image, view, grid), so every part follows the feature arrays' chunk and shard layout, is written with its image
-and is cut alike by a crop of the token grid. Encoding runs in numpy (writer, ``recompress``), decoding in torch
-on any device (:meth:`Scheme.decode`). int8 codes lie in ``[-127, 127]``; ``-128`` is the fill value of unwritten
+and is cut alike by a crop of the token grid. Encoding and decoding run in torch on any device
+(:meth:`Scheme.encode_tensor`: extraction encodes a batch on its GPU before the copy to the host;
+:meth:`Scheme.decode`: the trainer decodes on its GPU); :meth:`Scheme.encode` is the same on numpy arrays
+(``recompress``, calibration). int8 codes lie in ``[-127, 127]``; ``-128`` is the fill value of unwritten
 chunks and decodes to NaN, as float parts' NaN fill does, so the reader's damage check catches a lost chunk.
 """
 from __future__ import annotations
@@ -22,7 +24,6 @@ KINDS = ("cls", "patch")
 INT8_MISSING = -128  # fill value of int8 codes: a chunk never written
 INT8_MAX = 127
 MANTISSA_BITS = {"float16": 10, "float32": 23}
-FLOAT_MAX = {"float16": 65504.0, "float32": float(np.finfo(np.float32).max)}
 CHUNK_TOKENS = 1 << 15  # tokens per step when calibration statistics are accumulated
 
 
@@ -56,17 +57,19 @@ class Part:
         return (*lead, self.rows, self.last) if self.per_image else (*lead, *grid, self.last)
 
 
-def to_storage(x: np.ndarray, dtype: str) -> np.ndarray:
-    """``x`` cast to the float storage ``dtype``; an error if values are beyond its range. ``x`` already in
-    ``dtype`` (what the extraction writer gets) is returned as it is: it can hold no finite value beyond the range,
-    and extraction refuses non-finite features before (``check_rows``). Skipping the range pass there saves most
-    of the encoding's CPU: numpy computes float16 in software (``abs().max()``: ~7 ms per 2 MB image)."""
-    if x.dtype == np.dtype(dtype):
-        return x
-    if np.abs(x).max(initial=0.0) > FLOAT_MAX[dtype]:
-        raise EncodingError(f"encoded values reach {np.abs(x).max():.4g}, beyond {dtype}'s range; "
-                            "use --dtype float32")
-    return x.astype(dtype)
+def storage_tensor(x: torch.Tensor, dtype: str) -> torch.Tensor:
+    """``x`` cast to the float storage ``dtype`` (values beyond its range become inf: :func:`check_range` finds them
+    on the host, after the copy, so that the device never waits)."""
+    return x.to(getattr(torch, dtype))
+
+
+def check_range(parts: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
+    """``parts`` as they are, or an :class:`EncodingError` when a float part holds an infinity: a value beyond the
+    storage ``dtype``'s range (encoded features are finite: extraction refuses non-finite ones before)."""
+    for suffix, values in parts.items():
+        if values.dtype.kind == "f" and np.isinf(values).any():
+            raise EncodingError(f"encoded values (part {suffix!r}) go beyond {dtype}'s range; use --dtype float32")
+    return parts
 
 
 def token_rows(x: np.ndarray) -> Iterator[np.ndarray]:
@@ -84,16 +87,23 @@ def token_cosines(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     return np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 1.0)
 
 
-def int8_codes(x: np.ndarray) -> np.ndarray:
-    """float ``x`` already divided by its step -> int8 codes rounded to nearest, clipped to ``[-127, 127]``."""
-    return np.clip(np.rint(x), -INT8_MAX, INT8_MAX).astype(np.int8)
+def int8_codes(x: torch.Tensor) -> torch.Tensor:
+    """float ``x`` already divided by its step -> int8 codes rounded to nearest (half to even), clipped to
+    ``[-127, 127]``."""
+    return x.round().clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
 
 
-def per_token_absmax_codes(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def divided(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``x / step`` where ``step > 0``, 0 elsewhere (``step`` broadcasts against ``x``)."""
+    positive = step > 0
+    return torch.where(positive, x / torch.where(positive, step, torch.ones_like(step)), torch.zeros_like(x))
+
+
+def per_token_absmax_codes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(..., C)`` -> int8 codes ``(..., C)`` and float32 step ``(..., 1)`` = ``max|x| / 127`` per token
     (0 for an all-zero token, whose codes are 0)."""
-    scale = np.abs(x).max(axis=-1, keepdims=True) / INT8_MAX
-    return int8_codes(np.divide(x, scale, out=np.zeros_like(x), where=scale > 0)), scale
+    scale = x.abs().amax(dim=-1, keepdim=True) / INT8_MAX
+    return int8_codes(divided(x, scale)), scale
 
 
 def missing_to_nan(values: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -113,6 +123,7 @@ class Scheme:
     array_keys: tuple[str, ...] = ()
     needs_calibration = False
     passthrough = False
+    identity = False  # stored values are the features in the storage dtype, bit for bit (``none``)
     cls_scheme: str | None = None
 
     def __init__(self, dim: int, dtype: str, config: EncodingConfig, arrays: dict[str, np.ndarray] | None = None,
@@ -135,9 +146,18 @@ class Scheme:
     def parts(self) -> tuple[Part, ...]:
         return (Part("", self.dim, self.dtype, float("nan")),)
 
+    def encode_tensor(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Float ``(..., D)`` on any device -> ``{suffix: stored values}`` there, without waiting for the device
+        (float parts beyond the storage dtype's range come out as inf: see :meth:`encode`, :func:`check_range`)."""
+        return {"": storage_tensor(x, self.dtype)}
+
     def encode(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Float ``(..., D)`` -> ``{suffix: stored values}``."""
-        return {"": to_storage(x, self.dtype)}
+        """:meth:`encode_tensor` on numpy arrays (on the CPU), with values beyond the storage dtype's range refused.
+        Features already in the storage dtype pass through a plain scheme as they are (no pass over them)."""
+        if self.identity and x.dtype == np.dtype(self.dtype):
+            return {"": x}
+        tensor = torch.from_numpy(np.ascontiguousarray(x))
+        return check_range({k: v.numpy() for k, v in self.encode_tensor(tensor).items()}, self.dtype)
 
     def decode(self, parts: dict[str, torch.Tensor], device: torch.device | str | None = None) -> torch.Tensor:
         """``{suffix: (..., last)}`` stored values -> float32 ``(..., D)`` on ``device`` (default: the parts')."""

@@ -57,8 +57,9 @@ class Int8ChannelScheme(Scheme):
     def parts(self) -> tuple[Part, ...]:
         return (Part("", self.dim, "int8", INT8_MISSING),)
 
-    def encode(self, x):
-        return {"": int8_codes((x.astype(np.float32) - self.arrays["offset"]) / self.arrays["scale"])}
+    def encode_tensor(self, x):
+        c = self.constants(x.device)
+        return {"": int8_codes((x.float() - c["offset"]) / c["scale"])}
 
     def decode(self, parts, device=None):
         q = parts[""].to(device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .base import INT8_MISSING, Part, Scheme, missing_to_nan, per_token_absmax_codes, to_storage, token_rows
+from .base import INT8_MISSING, Part, Scheme, missing_to_nan, per_token_absmax_codes, storage_tensor, token_rows
 from .registry import register_scheme
 
 
@@ -45,15 +45,15 @@ class Int8TokenScheme(Scheme):
             parts.append(Part("_outliers", len(self.channels), self.dtype, float("nan")))
         return tuple(parts)
 
-    def encode(self, x):
-        x = x.astype(np.float32)
-        normal = x.copy()
-        normal[..., self.channels] = 0
-        codes, scale = per_token_absmax_codes(normal)
-        parts = {"": codes, "_scale": scale}
+    def encode_tensor(self, x):
+        x = x.float()
+        parts = {}
         if len(self.channels):
-            parts["_outliers"] = to_storage(x[..., self.channels], self.dtype)
-        return parts
+            channels = self.constants(x.device)["outlier_channels"].long()
+            parts["_outliers"] = storage_tensor(x.index_select(-1, channels), self.dtype)
+            x = x.index_fill(-1, channels, 0.0)
+        codes, scale = per_token_absmax_codes(x)
+        return {"": codes, "_scale": scale, **parts}
 
     def decode(self, parts, device=None):
         q = parts[""].to(device)

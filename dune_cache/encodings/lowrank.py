@@ -12,51 +12,89 @@ import numpy as np
 import torch
 
 from ..errors import EncodingError
-from .base import INT8_MAX, INT8_MISSING, Part, Scheme, int8_codes, missing_to_nan, per_token_absmax_codes, to_storage
+from .base import (
+    INT8_MAX,
+    INT8_MISSING,
+    Part,
+    Scheme,
+    divided,
+    int8_codes,
+    missing_to_nan,
+    per_token_absmax_codes,
+    storage_tensor,
+)
 from .registry import register_scheme
 
 NULL_RATIO = 1e-3  # a factor whose singular value is below this fraction of the image's largest is dropped
 
 
-def top_directions(centred: np.ndarray, rank: int) -> np.ndarray:
-    """Top ``rank`` right singular vectors ``(m, k, D)`` of each centred token matrix of ``centred`` ``(m, T, D)``,
-    ``k = min(rank, T, D)``: eigenvectors of the smaller Gram matrix (``D×D`` or ``T×T``), ~20× less CPU than a
-    full SVD of a ``(1024, 384)`` matrix."""
+EXACT_UP_TO = 128  # a Gram matrix this small (the image's fewer tokens or channels) is eigendecomposed exactly
+OVERSAMPLE, POWER_ITERATIONS = 16, 3  # of the randomized range finder on larger images (Halko et al. 2011)
+
+
+def top_directions(centred: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top ``rank`` right singular vectors ``(m, k, D)`` of each centred token matrix of ``centred`` ``(m, T, D)``
+    float64, ``k = min(rank, T, D)``, rows orthonormal (directions an image does not have: zero).
+
+    When ``min(T, D) <= EXACT_UP_TO``: eigenvectors of the smaller Gram matrix (``D×D`` or ``T×T``). Larger images
+    (a ViT-L at 448 px: 1024 tokens × 1024 channels) would need a 1024² eigendecomposition each, ~370 ms of CPU or a
+    slow unbatched solver on a GPU; there a randomized range finder (Halko, Martinsson & Tropp, "Finding structure
+    with randomness", SIAM Review 2011, Alg. 4.4: ``rank + 16`` fixed-seed probes, 3 power iterations) finds the top
+    subspace with a few matmuls, and the exact small problem inside it gives the directions. ViT tokens' singular
+    values decay fast, so the subspace is the truncated SVD's to within rounding (docs/benchmarks.md, "lowrank on
+    the extraction device")."""
     m, t, d = centred.shape
     k = min(rank, t, d)
+    if min(t, d) <= EXACT_UP_TO:
+        return gram_directions(centred, k)
+    probes = min(k + OVERSAMPLE, t, d)
+    generator = torch.Generator(device=centred.device).manual_seed(0)
+    omega = torch.randn(d, probes, generator=generator, device=centred.device, dtype=centred.dtype)
+    basis = torch.linalg.qr(centred @ omega).Q  # (m, T, probes): the range of the tokens
+    for _ in range(POWER_ITERATIONS):
+        basis = torch.linalg.qr(centred @ torch.linalg.qr(centred.transpose(1, 2) @ basis).Q).Q
+    small = basis.transpose(1, 2) @ centred  # (m, probes, D): the tokens in that range
+    return gram_directions(small, k)
+
+
+def gram_directions(centred: torch.Tensor, k: int) -> torch.Tensor:
+    """Top ``k`` right singular vectors ``(m, k, D)`` of each ``(m, T, D)`` matrix from the eigenvectors of its
+    smaller Gram matrix (``D×D`` or ``T×T``; a batched ``eigh``)."""
+    _, t, d = centred.shape
     if d <= t:
-        _, vectors = np.linalg.eigh(centred.transpose(0, 2, 1) @ centred)  # ascending
-        return vectors[..., ::-1][..., :k].transpose(0, 2, 1)
-    values, vectors = np.linalg.eigh(centred @ centred.transpose(0, 2, 1))
-    values, vectors = values[:, ::-1][:, :k], vectors[..., ::-1][..., :k]
-    directions = vectors.transpose(0, 2, 1) @ centred  # (m, k, D), norms = singular values
-    norms = np.linalg.norm(directions, axis=-1, keepdims=True)
+        _, vectors = torch.linalg.eigh(centred.transpose(1, 2) @ centred)  # ascending
+        return vectors.flip(-1)[..., :k].transpose(1, 2)
+    _, vectors = torch.linalg.eigh(centred @ centred.transpose(1, 2))
+    directions = vectors.flip(-1)[..., :k].transpose(1, 2) @ centred  # (m, k, D), norms = singular values
+    norms = directions.norm(dim=-1, keepdim=True)
     # directions of the Gram matrix's null space (e.g. T - 1 of T centred tokens) are rounding noise: zero them
-    significant = norms > NULL_RATIO * norms.max(axis=1, keepdims=True)
-    return np.where(significant, directions / np.where(significant, norms, 1.0), 0.0)
+    significant = norms > NULL_RATIO * norms.amax(dim=1, keepdim=True)
+    return torch.where(significant, directions / torch.where(significant, norms, torch.ones_like(norms)), 0.0)
 
 
-def image_factors(x: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def image_factors(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Tokens ``x`` ``(..., h, w, D)`` -> token factors ``U·S`` ``(..., h, w, k)`` (the centred tokens projected
     on the factors), factors ``V`` ``(..., k, D)`` (orthonormal rows) and token means ``(..., 1, D)`` of each image,
-    float32; ``k = rank`` (zero-padded when an image has fewer than ``rank`` tokens or channels)."""
+    float32 on ``x``'s device; ``k = rank`` (zero-padded when an image has fewer than ``rank`` tokens or channels).
+    Means and factors are computed in float64, so that they do not depend on the tokens' order (a flipped view's
+    factors are its image's) beyond rounding."""
     *lead, h, w, d = x.shape
-    tokens = x.reshape(-1, h * w, d).astype(np.float32)
-    mean = tokens.mean(axis=1, keepdims=True)
+    tokens = x.reshape(-1, h * w, d).double()
+    mean = tokens.mean(dim=1, keepdim=True)
     centred = tokens - mean
-    factors = np.zeros((len(tokens), rank, d), np.float32)
+    factors = torch.zeros(len(tokens), rank, d, device=x.device, dtype=torch.float64)
     directions = top_directions(centred, rank)
     factors[:, :directions.shape[1]] = directions
-    weights = centred @ factors.transpose(0, 2, 1)
-    return weights.reshape(*lead, h, w, rank), factors.reshape(*lead, rank, d), mean.reshape(*lead, 1, d)
+    weights = (centred @ factors.transpose(1, 2)).float()
+    return (weights.reshape(*lead, h, w, rank), factors.float().reshape(*lead, rank, d),
+            mean.float().reshape(*lead, 1, d))
 
 
-def factor_codes(weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def factor_codes(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token factors ``(..., h, w, k)`` -> int8 codes (same shape) and each image's step per factor
     ``(..., k)`` = ``max |factor| / 127`` over its tokens (0 for a factor the image does not have)."""
-    step = np.abs(weights).max(axis=(-3, -2)) / INT8_MAX
-    spread = step[..., None, None, :]
-    return int8_codes(np.divide(weights, spread, out=np.zeros_like(weights), where=spread > 0)), step
+    step = weights.abs().amax(dim=(-3, -2)) / INT8_MAX
+    return int8_codes(divided(weights, step[..., None, None, :])), step
 
 
 @register_scheme
@@ -104,14 +142,14 @@ class LowRankScheme(Scheme):
                 Part("_basis_step", 1, "float32", float("nan"), rows=self.rank),
                 Part("_mean", self.dim, self.dtype, float("nan"), rows=1))
 
-    def encode(self, x):
+    def encode_tensor(self, x):
         weights, factors, mean = image_factors(x, self.rank)
         codes, step = factor_codes(weights)
         rows = factors * step[..., None]  # each factor V_j times its step: q · rows = the token factors' part
         if self.config.basis == "float":
-            return {"": codes, "_basis": to_storage(np.concatenate([rows, mean], axis=-2), self.dtype)}
+            return {"": codes, "_basis": storage_tensor(torch.cat([rows, mean], dim=-2), self.dtype)}
         row_codes, row_step = per_token_absmax_codes(rows)  # one step per row: max |row| / 127
-        return {"": codes, "_basis": row_codes, "_basis_step": row_step, "_mean": to_storage(mean, self.dtype)}
+        return {"": codes, "_basis": row_codes, "_basis_step": row_step, "_mean": storage_tensor(mean, self.dtype)}
 
     def rows_and_mean(self, parts: dict[str, torch.Tensor], factors: tuple[int, ...], device: torch.device
                       ) -> tuple[torch.Tensor, torch.Tensor]:

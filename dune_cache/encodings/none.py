@@ -9,3 +9,4 @@ from .registry import register_scheme
 class NoneScheme(Scheme):
     name = "none"
     passthrough = True
+    identity = True

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..errors import EncodingError
-from .base import Part, Scheme, to_storage, token_rows
+from .base import Part, Scheme, storage_tensor, token_rows
 from .registry import register_scheme
 
 
@@ -55,9 +55,13 @@ class PcaScheme(Scheme):
     def parts(self) -> tuple[Part, ...]:
         return (Part("", len(self.arrays["basis"]), self.dtype, float("nan")),)
 
-    def encode(self, x):
-        coefficients = (x.astype(np.float32) - self.arrays["mean"]) @ self.arrays["basis"].T
-        return {"": to_storage(coefficients, self.dtype)}
+    def coefficients(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 ``(..., r)``: ``(x − mean) · basisᵀ`` of features ``x`` ``(..., D)``, on their device."""
+        k = self.constants(x.device)
+        return (x.float() - k["mean"]) @ k["basis"].T
+
+    def encode_tensor(self, x):
+        return {"": storage_tensor(self.coefficients(x), self.dtype)}
 
     def decode(self, parts, device=None):
         c = parts[""].to(device, torch.float32)

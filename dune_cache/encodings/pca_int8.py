@@ -20,8 +20,8 @@ class PcaInt8Scheme(PcaScheme):
     def parts(self) -> tuple[Part, ...]:
         return (Part("", len(self.arrays["basis"]), "int8", INT8_MISSING), Part("_scale", 1, "float32", float("nan")))
 
-    def encode(self, x):
-        codes, step = per_token_absmax_codes((x.astype("float32") - self.arrays["mean"]) @ self.arrays["basis"].T)
+    def encode_tensor(self, x):
+        codes, step = per_token_absmax_codes(self.coefficients(x))
         return {"": codes, "_scale": step}
 
     def decode(self, parts, device=None):

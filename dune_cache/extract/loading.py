@@ -16,6 +16,7 @@ from ..images.decode import load_pixels, open_rgb
 from ..images.manifest import ImageManifest
 from ..images.views import crop_view, decode_size, sample_views
 from ..teachers.geometry import Geometry
+from ..utils.runtime import pin_fields
 
 
 @dataclass
@@ -65,6 +66,11 @@ class Batch:
     pixels: torch.Tensor  # (B, 3, H, W) uint8
     views: ImageViews | None  # (B, K, ...) when extracting views
     failures: list[tuple[int, str, str]]  # (index, reason, message)
+
+    def pin_memory(self) -> "Batch":
+        """This batch with its pixels (and views' pixels) pinned: the hook a DataLoader with ``pin_memory=True`` calls,
+        so that the copy to the GPU does not block."""
+        return pin_fields(self)
 
 
 def collate_views(views: list[ImageViews]) -> ImageViews:

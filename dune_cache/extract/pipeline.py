@@ -23,7 +23,7 @@ from ..config import ExtractConfig, StorageConfig
 from ..encodings import Encoding, calibration_indices
 from ..errors import CacheNotFoundError, EncodingError, Interrupted, NonFiniteFeaturesError
 from ..format.levels import level_name, levels_section
-from ..format.store import ATTR_KEY, FLOAT16_MAX, TeacherStore, ViewRows, open_root
+from ..format.store import ATTR_KEY, FLOAT16_MAX, TeacherStore, open_root
 from ..images.manifest import ImageManifest, load_manifest
 from ..teachers import Teacher, TeacherSpec, create_teacher
 from ..teachers.blocks import resolve_blocks
@@ -32,6 +32,7 @@ from ..utils.interrupt import disk_full_error, signals_interrupt
 from ..utils.runtime import default_num_workers, pick_device
 from .loading import Batch, ManifestImages, collate_batch
 from .provenance import build_provenance
+from .transfer import PART, DeviceRows, HostCopy
 from .units import my_units, pending_indices, worker_slot
 from .writer import FeatureWriter
 
@@ -99,6 +100,21 @@ def check_rows(features: dict[str, torch.Tensor], indices: np.ndarray, manifest:
             f"teacher {spec.name} gave non-finite features or values beyond {dtype} range "
             f"for {len(ids)} image(s): {', '.join(ids[:20])}. Nothing was written for this batch; "
             "earlier batches are kept. Try --dtype float32 or --no-amp.")
+
+
+def encoded_rows(features: dict[str, torch.Tensor], batch: Batch, store: TeacherStore, teacher: str, dtype: str,
+                 manifest: ImageManifest) -> DeviceRows:
+    """A batch's features (name -> ``(B, 1 + K, ...)`` on the device) rounded to the storage ``dtype``, encoded with
+    the group's encoding and checked for bad rows there, and their copy to the host started (:mod:`.transfer`):
+    nothing here waits for the device."""
+    stored = getattr(torch, dtype)
+    tensors = {"bad": bad_rows(features, dtype)}
+    for name, values in features.items():
+        for suffix, part in store.encoding_of(name).scheme(name).encode_tensor(values.to(stored)).items():
+            tensors[f"{name}{PART}{suffix}"] = part
+    views = batch.views
+    return DeviceRows(batch.indices, HostCopy(tensors), list(features), None if views is None else views.boxes,
+                      None if views is None else views.flips, batch.failures, teacher, dtype, manifest.ids)
 
 
 def raw_image_bytes(grid: tuple[int, int], dim: int, dtype: str, views: int) -> int:
@@ -222,19 +238,11 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
                dynamic_ncols=True)
     try:
         for batch in loader:
-            cls = patch = views = levels = None
             if len(batch.indices):
                 features = forward_images_and_views(teacher, batch, device, cfg.amp, blocks)
-                check_rows(features, batch.indices, manifest, spec, cfg.storage.dtype)
-                stored_dtype = getattr(torch, cfg.storage.dtype)
-                rows = {name: values.to(stored_dtype).cpu().numpy() for name, values in features.items()}
-                cls, patch = rows.pop("cls"), rows.pop("patch")
-                if batch.views is not None:
-                    views = ViewRows(cls=cls[:, 1:], patch=patch[:, 1:], boxes=batch.views.boxes,
-                                     flip=batch.views.flips.astype(np.uint8),
-                                     levels={name: values[:, 1:] for name, values in rows.items()})
-                cls, patch, levels = cls[:, 0], patch[:, 0], {name: values[:, 0] for name, values in rows.items()}
-            writer.submit(batch.indices, cls, patch, views, batch.failures, levels)
+                writer.submit_rows(encoded_rows(features, batch, store, spec.name, cfg.storage.dtype, manifest))
+            else:
+                writer.submit(batch.indices, None, None, None, batch.failures)
             processed += len(batch.indices)
             skipped += batch.failures
             bar.update(len(batch.indices) + len(batch.failures))

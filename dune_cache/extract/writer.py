@@ -20,30 +20,31 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..format.store import STATUS_DONE, STATUS_FAILED, TeacherStore, ViewRows
+from ..errors import NonFiniteFeaturesError
+from ..format.store import STATUS_DONE, STATUS_FAILED, TeacherStore, ViewRows, concat_rows, take_rows
 from ..images.manifest import ImageManifest
 
 
 @dataclass
 class Rows:
     """Rows of some images to write: features of sorted ``indices`` (cls ``(B, D)``, patch ``(B, h, w, D)``, views
-    and levels as :meth:`TeacherStore.write_rows` takes them) and the images that failed, ``(index, reason,
-    message)``."""
+    and levels as :meth:`TeacherStore.write_rows` takes them: float rows, or their parts encoded already) and the
+    images that failed, ``(index, reason, message)``."""
 
     indices: np.ndarray
-    cls: np.ndarray | None
-    patch: np.ndarray | None
+    cls: object
+    patch: object
     views: ViewRows | None
     failures: list[tuple[int, str, str]]
-    levels: dict[str, np.ndarray] = field(default_factory=dict)
+    levels: dict[str, object] = field(default_factory=dict)
 
     def take(self, keep: np.ndarray) -> "Rows":
         """The rows at bool ``keep`` ``(B,)``, and no failures."""
         if self.cls is None:  # a batch whose images all failed
             return Rows(self.indices[keep], None, None, None, [])
-        return Rows(self.indices[keep], self.cls[keep], self.patch[keep],
+        return Rows(self.indices[keep], take_rows(self.cls, keep), take_rows(self.patch, keep),
                     None if self.views is None else self.views.take(keep),
-                    [], {name: values[keep] for name, values in self.levels.items()})
+                    [], {name: take_rows(values, keep) for name, values in self.levels.items()})
 
     @staticmethod
     def concatenate(parts: list["Rows"]) -> "Rows":
@@ -53,7 +54,7 @@ class Rows:
         if not with_rows:
             return Rows(np.zeros(0, dtype=np.int64), None, None, None, failures)
         order = np.argsort(np.concatenate([p.indices for p in with_rows]), kind="stable")
-        join = lambda values: np.concatenate(values)[order]  # noqa: E731
+        join = lambda values: concat_rows(values, order)  # noqa: E731
         views = None
         if with_rows[0].views is not None:
             first = with_rows[0].views
@@ -101,8 +102,13 @@ class FeatureWriter:
                levels: dict[str, np.ndarray] | None = None) -> None:
         """Queue a batch: features of ``indices`` (``levels``: level name -> ``(B, ...)``, see
         :meth:`TeacherStore.write_rows`) and the images that failed to decode."""
+        self.submit_rows(Rows(indices, cls, patch, views, failures, levels or {}))
+
+    def submit_rows(self, rows) -> None:
+        """Queue :class:`Rows`, or an object whose ``rows()`` gives them in the writer thread (a batch still on its
+        way from the device: :class:`dune_cache.extract.transfer.DeviceRows`)."""
         self.raise_if_failed()
-        self.queue.put(Rows(indices, cls, patch, views, failures, levels or {}))
+        self.queue.put(rows)
 
     def close(self) -> None:
         """Write everything submitted but the incomplete units of a sharded group (see the module docstring), stop
@@ -114,6 +120,9 @@ class FeatureWriter:
         self.raise_if_failed()
 
     def raise_if_failed(self) -> None:
+        """Re-raise what stopped the writer: bad features as they are, any other error as a failed write."""
+        if isinstance(self.error, NonFiniteFeaturesError):
+            raise self.error
         if self.error is not None:
             raise RuntimeError(f"writing to the cache failed: {self.error}") from self.error
 
@@ -129,8 +138,9 @@ class FeatureWriter:
             except BaseException as exc:  # noqa: BLE001 - reported to the main thread
                 self.error = exc
 
-    def _take(self, rows: Rows) -> None:
+    def _take(self, rows) -> None:
         """Write a batch, or in a sharded group gather it per unit and write the units it completes."""
+        rows = rows if isinstance(rows, Rows) else rows.rows()
         if not self.expected:
             self._write(rows)
             self._commit(rows)

@@ -27,7 +27,8 @@ class TeacherStats:
     cls_mean, cls_std:     ``(D,)`` per channel over images (population std)
     patch_mean, patch_std: ``(D,)`` per channel over images × tokens
     phis_mean, phis_matrix: ``(D,)``, ``(D, D)``: PHI-S of the patch tokens, ``y = (x − mean) @ matrix.T``
-    count: images used
+    count: images used (a sample spread evenly over the done images, or all of them)
+    done: images done in the group when they were computed (what the reader compares with to warn of new images)
     """
 
     cls_mean: np.ndarray
@@ -37,10 +38,15 @@ class TeacherStats:
     phis_mean: np.ndarray
     phis_matrix: np.ndarray
     count: int
+    done: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.done is None:  # statistics over every done image (as all were before sampling existed)
+            self.done = self.count
 
 
 def write_stats(root: str, teacher: str, stats: TeacherStats) -> None:
-    """(Re)write ``<root>/<teacher>/stats/``: one float64 array (one chunk, zstd) per field, ``count``
+    """(Re)write ``<root>/<teacher>/stats/``: one float64 array (one chunk, zstd) per field, ``count`` and ``done``
     in the attributes. Only explicit commands write statistics: ``dune-cache stats``, and ``dune-cache
     recompress`` into the new cache it makes."""
     store = TeacherStore.open(root, teacher, mode="a")
@@ -48,7 +54,7 @@ def write_stats(root: str, teacher: str, stats: TeacherStats) -> None:
     for name in STATS_ARRAYS:
         value = np.asarray(getattr(stats, name), dtype=np.float64)
         group.create_array(name, data=value, chunks=value.shape, compressors=(zarr.codecs.ZstdCodec(level=3),))
-    group.attrs[ATTR_KEY] = {"kind": "teacher_stats", "count": stats.count,
+    group.attrs[ATTR_KEY] = {"kind": "teacher_stats", "count": stats.count, "done": stats.done,
                              "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -61,4 +67,5 @@ def read_stats(root: str, teacher: str) -> TeacherStats | None:
     meta = group.attrs.get(ATTR_KEY)
     if not meta:
         return None
-    return TeacherStats(**{name: group[name][...] for name in STATS_ARRAYS}, count=int(meta["count"]))
+    return TeacherStats(**{name: group[name][...] for name in STATS_ARRAYS}, count=int(meta["count"]),
+                        done=int(meta.get("done", meta["count"])))

@@ -32,6 +32,7 @@ import zarr.codecs
 
 from ..config import StorageConfig
 from ..encodings import Encoding
+from ..encodings.base import check_range
 from ..errors import CacheNotFoundError, DamagedFeaturesError, StoreError, StoreMismatchError
 from ..images.manifest import ImageManifest
 from ..storage import location
@@ -69,11 +70,30 @@ def damaged_message(teacher: str, array: str, image_ids: list[str], root: str, o
             f"{opt_in}.")
 
 
+def take_rows(values, rows):
+    """Rows ``rows`` (a slice, an index or a bool array) of float rows or of every part of encoded ones."""
+    return {suffix: part[rows] for suffix, part in values.items()} if isinstance(values, dict) else values[rows]
+
+
+def concat_rows(values: list, order: np.ndarray | None = None):
+    """Float rows, or encoded parts suffix by suffix, of ``values`` end to end (then in ``order``, if given)."""
+    pick = (lambda joined: joined) if order is None else (lambda joined: joined[order])
+    if isinstance(values[0], dict):
+        return {suffix: pick(np.concatenate([v[suffix] for v in values])) for suffix in values[0]}
+    return pick(np.concatenate(values))
+
+
+def row_count(values) -> int:
+    """How many images (or views) float rows or encoded parts hold."""
+    return len(next(iter(values.values()))) if isinstance(values, dict) else len(values)
+
+
 @dataclass
 class ViewRows:
-    """The K cached views of B images: cls ``(B, K, D)``, patch ``(B, K, h, w, D)`` in the storage dtype,
-    boxes ``(B, K, 4)`` float32 ``(y0, x0, y1, x1)`` relative to the original image, flip ``(B, K)`` uint8;
-    levels: level feature name (``levels/b{k}/cls|patch``) -> the views' values ``(B, K, ...)`` at that block."""
+    """The K cached views of B images: cls ``(B, K, D)``, patch ``(B, K, h, w, D)`` in the storage dtype (or their
+    encoded parts by suffix), boxes ``(B, K, 4)`` float32 ``(y0, x0, y1, x1)`` relative to the original image, flip
+    ``(B, K)`` uint8; levels: level feature name (``levels/b{k}/cls|patch``) -> the views' values ``(B, K, ...)`` at
+    that block (or their parts)."""
 
     cls: np.ndarray
     patch: np.ndarray
@@ -81,10 +101,10 @@ class ViewRows:
     flip: np.ndarray
     levels: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def take(self, rows: slice) -> "ViewRows":
+    def take(self, rows: slice | np.ndarray) -> "ViewRows":
         """The views of the images at batch positions ``rows``."""
-        return ViewRows(cls=self.cls[rows], patch=self.patch[rows], boxes=self.boxes[rows], flip=self.flip[rows],
-                        levels={name: values[rows] for name, values in self.levels.items()})
+        return ViewRows(cls=take_rows(self.cls, rows), patch=take_rows(self.patch, rows), boxes=self.boxes[rows],
+                        flip=self.flip[rows], levels={name: take_rows(v, rows) for name, v in self.levels.items()})
 
 
 def unit_bounds(unit: int, images_per_unit: int, count: int) -> tuple[int, int]:
@@ -393,8 +413,8 @@ class TeacherStore:
                 for name in ("boxes", "flip"):
                     self.views[name][start:stop] = getattr(views, name)[offset:offset + stop - start]
         slices = disjoint_parts(indices // self.images_per_object, parts if executor is not None else 1)
-        run_all([partial(self.write_feature_rows, indices[s], {"cls": cls[s], "patch": patch[s],
-                                                                **{n: v[s] for n, v in levels.items()}},
+        features = {"cls": cls, "patch": patch, **levels}
+        run_all([partial(self.write_feature_rows, indices[s], {n: take_rows(v, s) for n, v in features.items()},
                          None if views is None else views.take(s)) for s in slices], executor)
 
     def check_rows(self, views: ViewRows | None, levels: dict[str, np.ndarray]) -> None:
@@ -427,11 +447,11 @@ class TeacherStore:
                       for name in ("boxes", "flip")]
         run_all(tasks, executor)
 
-    def write_block(self, name: str, lo: int, hi: int, position: np.ndarray, values: np.ndarray) -> None:
-        """Encode float ``values`` ``(B, ..., D)`` and store them at images ``lo + position`` of feature array
-        ``name``, images ``lo .. hi`` written at once (the others as fill values); see :meth:`write_features`."""
+    def write_block(self, name: str, lo: int, hi: int, position: np.ndarray, values) -> None:
+        """Store ``values`` (see :meth:`encoded`) at images ``lo + position`` of feature array ``name``, images
+        ``lo .. hi`` written at once (the others as fill values); see :meth:`write_features`."""
         arrays = self.stored_arrays(name)
-        for suffix, encoded in self.encoding_of(name).encode(name, values).items():
+        for suffix, encoded in self.encoded(name, values).items():
             write_filled(arrays[suffix].with_config(WRITE_EVERY_CHUNK), lo, hi, position, encoded)
 
     def write_feature_rows(self, indices: np.ndarray, features: dict[str, np.ndarray], views: ViewRows | None) -> None:
@@ -441,18 +461,28 @@ class TeacherStore:
             rows = slice(offset, offset + stop - start)
             if views is not None:
                 for name, values in {"cls": views.cls, "patch": views.patch, **views.levels}.items():
-                    self.write_features(f"views/{name}", start, values[rows])
+                    self.write_features(f"views/{name}", start, take_rows(values, rows))
             for name, values in features.items():
-                self.write_features(name, start, values[rows])
+                self.write_features(name, start, take_rows(values, rows))
 
-    def write_features(self, name: str, start: int, values: np.ndarray) -> None:
-        """Encode float ``values`` ``(B, ..., D)`` and store them at images ``start .. start + B``. zarr's check
-        for chunks equal to the fill value is skipped (:data:`WRITE_EVERY_CHUNK`): encoded features never are (finite
-        values, int8 codes in [-127, 127]), and the check is a pass over every chunk, in software for float16 with a
-        NaN fill (~7 ms CPU per 2 MB image, more than half of writing it uncompressed)."""
+    def encoded(self, name: str, values) -> dict[str, np.ndarray]:
+        """The parts of feature array ``name`` to store for ``values``: float rows ``(B, ..., D)`` encoded here, or
+        parts encoded already (e.g. on the extraction's GPU), their float parts checked to lie in the storage
+        dtype's range (:func:`dune_cache.encodings.base.check_range`)."""
+        if not isinstance(values, dict):
+            return self.encoding_of(name).encode(name, values)
+        scheme = self.encoding_of(name).scheme(name)
+        return values if scheme.passthrough else check_range(values, scheme.dtype)
+
+    def write_features(self, name: str, start: int, values) -> None:
+        """Store ``values`` (float ``(B, ..., D)`` or their encoded parts, see :meth:`encoded`) at images
+        ``start .. start + B``. zarr's check for chunks equal to the fill value is skipped
+        (:data:`WRITE_EVERY_CHUNK`): encoded features never are (finite values, int8 codes in [-127, 127]), and the
+        check is a pass over every chunk, in software for float16 with a NaN fill (~7 ms CPU per 2 MB image, more
+        than half of writing it uncompressed)."""
         arrays = self.stored_arrays(name)
-        for suffix, encoded in self.encoding_of(name).encode(name, values).items():
-            arrays[suffix].with_config(WRITE_EVERY_CHUNK)[start:start + len(values)] = encoded
+        for suffix, encoded in self.encoded(name, values).items():
+            arrays[suffix].with_config(WRITE_EVERY_CHUNK)[start:start + len(encoded)] = encoded
 
     def write_unit_status(self, unit: int, status: np.ndarray) -> None:
         """Rewrite the status chunk of ``unit`` from the full in-memory ``status`` ``(N,)``."""

@@ -6,33 +6,14 @@ the trainer's ``.to(device, non_blocking=True)`` copies overlap with compute ins
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
 
+from ..utils.runtime import pin_fields
+
 FULL_IMAGE = -1  # the view index of the whole image (the group's cls/patch arrays)
-
-
-def pinned(value: Any) -> Any:
-    """``value`` with every tensor in it (also inside dicts, lists, tuples and dataclasses) copied to pinned host
-    memory; other values as they are."""
-    if isinstance(value, torch.Tensor):
-        return value.pin_memory()
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return pin_fields(value)
-    if isinstance(value, dict):
-        return {key: pinned(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(pinned(item) for item in value)
-    return value
-
-
-def pin_fields(batch: Any) -> Any:
-    """A copy of dataclass ``batch`` whose tensor fields (and tensors inside its dict/list fields) are pinned."""
-    return dataclasses.replace(batch, **{f.name: pinned(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
 
 
 @dataclass

@@ -390,7 +390,7 @@ class CacheReader:
         if teacher not in self.teachers:
             raise ReaderError(f"teacher {teacher!r} is not read by this reader ({', '.join(self.teachers)})")
         stats = read_stats(self.root, teacher)
-        if stats is not None and stats.count != self.done_counts[teacher]:
-            log.warning("stats of %s cover %d images, %d are done now: re-run `dune-cache stats`",
-                        teacher, stats.count, self.done_counts[teacher])
+        if stats is not None and stats.done != self.done_counts[teacher]:
+            log.warning("stats of %s were computed when %d images were done, %d are done now: re-run "
+                        "`dune-cache stats`", teacher, stats.done, self.done_counts[teacher])
         return stats

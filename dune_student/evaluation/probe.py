@@ -36,7 +36,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from dune_cache import CacheReader, load_pixels
+from dune_cache import CacheReader, load_pixels, pick_device
 
 from ..errors import ProbeError
 from ..loss.distill import use_cls_from_provenance
@@ -253,7 +253,7 @@ def feature_sources(cfg: ProbeConfig, data: ProbeData) -> tuple[list[FeatureSour
     """The student (and its heads), a random-init student and the cache's teachers; the student's patch grid at
     the run's resolution."""
     teachers = [CachedTeachers(cfg.cache, data, cfg.backend)] if cfg.cache else []  # checked before any model loads
-    run = load_run(cfg.checkpoint, torch.device(cfg.device))
+    run = load_run(cfg.checkpoint, pick_device(cfg.device))
     heads = (run.heads, use_cls_from_provenance(run.provenance)) if cfg.heads else (None, None)
     sources: list[FeatureSource] = [
         StudentSource(f"student (step {run.step})", "student", run.student, data.root, run.resolution, *heads),

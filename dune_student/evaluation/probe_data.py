@@ -34,7 +34,7 @@ class ProbeConfig:
     test_fraction: float = 0.5  # share of each class held out for testing
     heads: bool = True  # also probe each teacher head's projection of the student
     batch_size: int = 16
-    device: str = "cpu"
+    device: str = "auto"  # auto: the GPU when there is one
     backend: str = "auto"  # CacheReader backend
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dune_cache import load_pixels
+from dune_cache import load_pixels, pick_device
 
 from ..model.export import SAKBackbone, export_sak
 from ..model.router import TaskRouters
@@ -52,7 +52,7 @@ class RouteConfig:
     weight_decay: float = 1e-4
     pooling: str | None = None  # router pooling: global | token; None: the run's heads.router_pooling
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"  # auto: the GPU when there is one
 
 
 @dataclass
@@ -211,7 +211,7 @@ def plot_router_weights(weights: dict[str, list[list[float]]], experts: list[str
 
 def run_routing(cfg: RouteConfig) -> dict:
     """Train the routers and light heads of every task; write the report, the picture and the export."""
-    run = load_run(cfg.checkpoint, torch.device(cfg.device))
+    run = load_run(cfg.checkpoint, pick_device(cfg.device))
     if run.cfg.heads.kind != "sak":
         raise ValueError(f"{cfg.checkpoint}: routers mix SAK's teacher paths; this run has heads.kind="
                          f"{run.cfg.heads.kind} (train with heads.kind=sak)")

@@ -31,6 +31,7 @@ from dune_cache import (
     ShowResult,
     feature_columns,
     load_pixels,
+    pick_device,
     sample_paths,
     select_samples,
     write_pictures,
@@ -86,14 +87,14 @@ def comparison_panels(teacher: str, cached: torch.Tensor, student: torch.Tensor,
 
 def show_run(run: str | Path, out: str | Path, cache: str | None = None, images: Sequence[str] | None = None,
              first: int | None = None, image_root: str | Path | None = None, cell: int = 224,
-             device: str = "cpu") -> ShowResult:
+             device: str = "auto") -> ShowResult:
     """Write the comparison pictures of a run (directory or checkpoint) for ``images`` (ids) or the ``first``
     images of ``cache`` (default: the run's ``data.cache``) to ``out``.
 
     Row layout: ``[student input, teacher 1, student for teacher 1, ..., teacher T, student for teacher T]``,
     each panel ``cell x cell`` under a label.
     """
-    loaded = load_run(checkpoint_path(run), torch.device(device))
+    loaded = load_run(checkpoint_path(run), pick_device(device))
     reader = CacheReader(cache or loaded.cfg.data.cache, loaded.teachers, allow_partial=True)
     check_same_teachers(loaded, reader)
     indices = select_samples(reader, images, first)

@@ -91,13 +91,25 @@ ADDED_FIELDS = {"augment.photometric_on": "loader", "data.image_source": "auto",
                 "loss.smooth_l1_weight": None, "loss.cosine_over": "auto"}
 
 
-def config_changes(saved: dict, ours: dict) -> list[str]:
+# Where an input stage runs (``auto`` | ``loader`` | ``device``; ``auto``: the device when training on CUDA): two
+# settings that resolve alike on this run's device are no change (a default that became ``auto`` resumes as before).
+PLACEMENT_FIELDS = {"data.image_decode", "augment.photometric_on"}
+
+
+def placed(value: object, on_cuda: bool) -> object:
+    """A placement setting as it resolves (``auto`` -> ``device`` on CUDA, else ``loader``); other values as given."""
+    return ("device" if on_cuda else "loader") if value == "auto" else value
+
+
+def config_changes(saved: dict, ours: dict, on_cuda: bool = False) -> list[str]:
     """How the config of a run (``config_to_dict``) differs from the one of its checkpoint (``saved``), one line per
-    field but :data:`RESUMABLE_CHANGES`; fields of :data:`ADDED_FIELDS` a checkpoint lacks have their former value."""
+    field but :data:`RESUMABLE_CHANGES`; fields of :data:`ADDED_FIELDS` a checkpoint lacks have their former value,
+    :data:`PLACEMENT_FIELDS` compare as they resolve on this run's device (``on_cuda``)."""
     theirs, ours = {**ADDED_FIELDS, **dotted_fields(saved)}, dotted_fields(ours)
+    same = lambda k: (json.dumps(ours.get(k)) == json.dumps(theirs.get(k))  # noqa: E731
+                      or (k in PLACEMENT_FIELDS and placed(ours.get(k), on_cuda) == placed(theirs.get(k), on_cuda)))
     diffs = [f"{k}: checkpoint has {theirs.get(k)!r}, this run has {ours.get(k)!r}"
-             for k in sorted((set(ours) | set(theirs)) - RESUMABLE_CHANGES - {"steps"})
-             if json.dumps(ours.get(k)) != json.dumps(theirs.get(k))]
+             for k in sorted((set(ours) | set(theirs)) - RESUMABLE_CHANGES - {"steps"}) if not same(k)]
     if saved["steps"] != ours["steps"]:
         diffs.append(f"steps: checkpoint has {saved['steps']}, this run has {ours['steps']} "
                      "(the learning-rate schedule depends on it)")

@@ -68,7 +68,8 @@ def input_plan(cfg: TrainConfig, device: torch.device) -> InputPlan:
     """Where each input stage of this run runs (:class:`InputPlan`): targets are decoded on a CUDA device, images
     per ``data.image_decode``, photometric augmentation per ``augment.photometric_on``."""
     return InputPlan(read_targets=not cfg.live_teachers, decode_targets_on_device=device.type == "cuda",
-                     decode_images_on_device=cfg.data.image_decode == "device",
+                     decode_images_on_device=(on_device(cfg.data.image_decode, device)
+                                              and cfg.augment.mode != "views"),
                      photometric_on_device=on_device(cfg.augment.photometric_on, device),
                      images_from_cache=images_from_cache(cfg))
 

@@ -189,7 +189,7 @@ class Trainer:
 
     def load(self, ckpt: dict) -> None:
         """Restore everything but the RNG (restored once the data iterator exists, see :meth:`run`)."""
-        diffs = config_changes(ckpt["config"], config_to_dict(self.cfg))
+        diffs = config_changes(ckpt["config"], config_to_dict(self.cfg), self.device.type == "cuda")
         if diffs:
             raise RunMismatchError(f"{self.out} holds a run with another configuration; use another --out:\n  "
                                    + "\n  ".join(diffs))
@@ -222,7 +222,7 @@ class Trainer:
         self.model.eval()
         try:
             result = fidelity(run, self.reader.with_options(levels=False), self.source.eval_files(), held_out,
-                              self.cfg.data.batch_size)
+                              self.cfg.data.batch_size, self.workers)
         finally:
             self.model.train()
         return {"step": self.step, **{f"fidelity/{t}/{kind}": r[kind] for t, r in result.items()

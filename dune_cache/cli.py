@@ -224,7 +224,7 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
             result = compute_stats(cache, name, sample=sample)
             write_stats(cache, name, result)
             scale = float(np.linalg.norm(result.phis_matrix[0]))
-            typer.echo(f"[{name}] {result.count} of {result.done} done images -> {cache}/{name}/stats")
+            typer.echo(f"[{name}] {result.count} images (of {result.done} done) -> {cache}/{name}/stats")
             for label, mean, std in (("cls", result.cls_mean, result.cls_std),
                                      ("patch", result.patch_mean, result.patch_std)):
                 typer.echo(f"  {label:6} |mean| max {np.abs(mean).max():.4g}, std min/median/max "

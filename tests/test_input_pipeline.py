@@ -135,7 +135,7 @@ def test_device_input_options_are_config_fields():
     cfg = load_config(None, base + ["data.image_decode=device", "augment.photometric_on=device",
                                     "data.jpeg_draft=double", "data.image_source=cache"])
     assert (cfg.data.image_decode, cfg.augment.photometric_on, cfg.data.jpeg_draft) == ("device", "device", "double")
-    with pytest.raises(ConfigError, match="data.image_decode: 'gpu' is not one of loader, device"):
+    with pytest.raises(ConfigError, match="data.image_decode: 'gpu' is not one of auto, loader, device"):
         load_config(None, base + ["data.image_decode=gpu"])
     with pytest.raises(ConfigError, match="data.image_decode=device: augment.mode=views"):
         load_config(None, base + ["data.image_decode=device", "augment.mode=views"])

@@ -28,7 +28,10 @@ from .registry import register_scheme
 NULL_RATIO = 1e-3  # a factor whose singular value is below this fraction of the image's largest is dropped
 
 
-EXACT_UP_TO = 128  # a Gram matrix this small (the image's fewer tokens or channels) is eigendecomposed exactly
+# A Gram matrix this small (the image's fewer tokens or channels) is eigendecomposed exactly: LAPACK's eigh on the CPU
+# beats the randomized finder up to ~512 (a DINOv2-S image at 448: 384 channels); a GPU's batched eigh of anything
+# but small matrices is slow (one solver call per image), so there the matmul-only finder takes over sooner.
+EXACT_UP_TO = {"cpu": 512, "cuda": 128}
 OVERSAMPLE, POWER_ITERATIONS = 16, 3  # of the randomized range finder on larger images (Halko et al. 2011)
 
 
@@ -36,7 +39,8 @@ def top_directions(centred: torch.Tensor, rank: int) -> torch.Tensor:
     """Top ``rank`` right singular vectors ``(m, k, D)`` of each centred token matrix of ``centred`` ``(m, T, D)``
     float64, ``k = min(rank, T, D)``, rows orthonormal (directions an image does not have: zero).
 
-    When ``min(T, D) <= EXACT_UP_TO``: eigenvectors of the smaller Gram matrix (``D×D`` or ``T×T``). Larger images
+    When ``min(T, D) <= EXACT_UP_TO`` (per device type): eigenvectors of the smaller Gram matrix (``D×D`` or
+    ``T×T``). Larger images
     (a ViT-L at 448 px: 1024 tokens × 1024 channels) would need a 1024² eigendecomposition each, ~370 ms of CPU or a
     slow unbatched solver on a GPU; there a randomized range finder (Halko, Martinsson & Tropp, "Finding structure
     with randomness", SIAM Review 2011, Alg. 4.4: ``rank + 16`` fixed-seed probes, 3 power iterations) finds the top
@@ -45,7 +49,7 @@ def top_directions(centred: torch.Tensor, rank: int) -> torch.Tensor:
     the extraction device")."""
     m, t, d = centred.shape
     k = min(rank, t, d)
-    if min(t, d) <= EXACT_UP_TO:
+    if min(t, d) <= EXACT_UP_TO.get(centred.device.type, EXACT_UP_TO["cuda"]):
         return gram_directions(centred, k)
     probes = min(k + OVERSAMPLE, t, d)
     generator = torch.Generator(device=centred.device).manual_seed(0)
@@ -77,7 +81,7 @@ def image_factors(x: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
     on the factors), factors ``V`` ``(..., k, D)`` (orthonormal rows) and token means ``(..., 1, D)`` of each image,
     float32 on ``x``'s device; ``k = rank`` (zero-padded when an image has fewer than ``rank`` tokens or channels).
     Means and factors are computed in float64, so that they do not depend on the tokens' order (a flipped view's
-    factors are its image's) beyond rounding."""
+    factors and mean, stored rounded, are its image's) beyond rounding."""
     *lead, h, w, d = x.shape
     tokens = x.reshape(-1, h * w, d).double()
     mean = tokens.mean(dim=1, keepdim=True)

@@ -50,7 +50,8 @@ def fidelity(run: LoadedRun, reader: CacheReader, paths: list[Path], indices: np
     sums = torch.zeros(len(run.teachers), 3, dtype=torch.float64, device=dev)  # per teacher: cls, patch, images
     batches = DataLoader(HeldOutBatches(reader, paths, indices, batch_size, run.resolution), batch_size=None,
                          num_workers=workers, pin_memory=dev.type == "cuda",
-                         multiprocessing_context="forkserver" if workers else None)
+                         multiprocessing_context="forkserver" if workers else None,
+                         generator=torch.Generator())  # its seed draw leaves the training's random stream alone
     for pixels, targets in batches:
         preds = project(run, pixels.to(dev, non_blocking=True), reader.grids)
         for k, t in enumerate(run.teachers):

@@ -86,8 +86,9 @@ def extract(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, ..."),
     amp: bool = typer.Option(True, help="bf16 autocast on CUDA."),
     dtype: str = typer.Option(StorageConfig.dtype, help="Stored dtype: float16 or float32."),
-    codec: str = typer.Option(StorageConfig.codec, help="blosc-zstd, blosc-lz4, zstd, gzip or none."),
-    level: int = typer.Option(StorageConfig.level, help="Compression level."),
+    codec: str = typer.Option(StorageConfig.codec, help="auto (none for plain features, zstd for encoded ones; a "
+                              "resumed group keeps its own), blosc-zstd, blosc-lz4, zstd, gzip or none."),
+    level: Optional[int] = typer.Option(StorageConfig.level, help="Compression level (default: the codec's)."),
     unit_size: int = typer.Option(StorageConfig.unit_size, min=1, help="Images per work unit."),
     shard_images: Optional[int] = typer.Option(
         StorageConfig.shard_images, min=0, help=f"Images per Zarr shard (0: one object per image; default: 0 below "
@@ -314,8 +315,9 @@ def recompress(
     out: str = typer.Option(..., help="New cache root to write."),
     encoding: str = typer.Option(..., help=ENCODING_HELP),
     dtype: Optional[str] = typer.Option(None, help="Stored float dtype (default: the source's)."),
-    codec: Optional[str] = typer.Option(None, help="blosc-zstd, blosc-lz4, zstd, gzip or none (default: the source's)."),
-    level: Optional[int] = typer.Option(None, help="Compression level (default: the source's)."),
+    codec: Optional[str] = typer.Option(None, help="blosc-zstd, blosc-lz4, zstd, gzip or none (default: auto, decided "
+                                        "for the new encoding as extract decides it)."),
+    level: Optional[int] = typer.Option(None, help="Compression level (default: the codec's)."),
     unit_size: Optional[int] = typer.Option(None, min=1, help="Images per work unit (default: the source's)."),
     shard_images: Optional[int] = typer.Option(None, min=0, help="Images per Zarr shard (default: the source's)."),
     teacher: Optional[list[str]] = typer.Option(None, help="Teacher group (repeatable; default: all)."),

@@ -54,8 +54,8 @@ def test_ls_json_describes_every_group_of_every_cache(tree, real_image_dir, tiny
     assert a["checkpoint"]["file"] == "tiny.pth" and len(a["checkpoint"]["sha256"]) == 64
     assert a["images"] == {"count": 6, "manifest_sha256": manifest.sha256}
     assert a["geometry"] == {"resolution": [32, 48], "grid": [4, 6], "resize": "squash"}
-    assert a["storage"] == {"dtype": "float16", "codec": "blosc-zstd", "level": 5, "shard_images": 0,
-                            "encoding": None}
+    # the default codec: none for plain float16 features, zstd level 1 for encoded ones (docs/scale.md §4)
+    assert a["storage"] == {"dtype": "float16", "codec": "none", "level": 0, "shard_images": 0, "encoding": None}
     assert a["blocks"] == []  # no intermediate blocks stored
     assert (a["done"], a["failed"], a["pending"]) == (6, 0, 0)
     on_disk = sum(p.stat().st_size for p in (tree / "a.zarr" / "tiny_test_teacher").rglob("*") if p.is_file())
@@ -74,7 +74,7 @@ def test_ls_table_depth_and_errors(tree):
     assert lines[0].split()[:3] == ["cache", "group", "teacher"]
     assert len(lines) == 1 + 3  # one line per teacher group
     partial = next(line for line in lines if " partial " in line)
-    assert "4/0/2" in partial and "float16 blosc-zstd int8-channel" in partial and "32x48 -> 4x6 squash" in partial
+    assert "4/0/2" in partial and "float16 zstd int8-channel" in partial and "32x48 -> 4x6 squash" in partial
     deep = json.loads(listing(str(tree), "--depth", "4", "--json").output)
     assert str(tree / "x" / "y" / "z" / "deep.zarr") in [e["path"] for e in deep]
     assert json.loads(listing(str(tree / "a.zarr"), "--json").output)[0]["path"] == str(tree / "a.zarr")

@@ -76,10 +76,12 @@ class RecompressResult:
 
 
 def target_storage(source: dict, cfg: RecompressConfig) -> StorageConfig:
-    """The new group's storage: the source's ``storage`` section with the requested changes."""
+    """The new group's storage: the source's ``storage`` section with the requested changes; the codec, unless
+    given, decided for the new encoding as extraction decides it (``auto``: :meth:`StorageConfig.with_codec`)."""
     overrides = {key: getattr(cfg, key) for key in ("dtype", "codec", "level", "unit_size", "shard_images")
                  if getattr(cfg, key) is not None}
-    return replace(StorageConfig.from_json(source), encoding=cfg.encoding, **overrides)
+    codec = {} if cfg.codec is not None else {"codec": "auto", "level": cfg.level}
+    return replace(StorageConfig.from_json(source), encoding=cfg.encoding, **{**overrides, **codec}).with_codec()
 
 
 def target_provenance(source: TeacherStore, cache: str, storage: StorageConfig) -> dict:

@@ -21,6 +21,7 @@ def build_compressors(storage: StorageConfig) -> tuple:
     """Core zarr v3 codecs only, so zarr-python, tensorstore and other v3 readers all open the store; with
     ``storage.checksum`` a final ``crc32c`` codec, so a corrupted chunk fails to decode instead of reading
     as wrong values (in sharded arrays it checks each inner chunk; the shard index has its own crc32c)."""
+    storage = storage.with_codec()
     itemsize = np.dtype(storage.dtype).itemsize
     checksum = (zarr.codecs.Crc32cCodec(),) if storage.checksum else ()
     if storage.codec == "none":

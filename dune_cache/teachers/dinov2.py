@@ -71,10 +71,13 @@ ORIGINAL_RESAMPLING = PosEmbedResampling(offset=0.1, antialias=False)  # hub ``d
 REGISTER_RESAMPLING = PosEmbedResampling(offset=0.0, antialias=True)  # hub ``dinov2_vit*14_reg``
 
 
-def create_dinov2_vit(arch: str, device: torch.device | str | None = None) -> VisionTransformer:
-    """Random-weight timm DINOv2 ViT ``arch`` with 37x37 position embeddings and any input size."""
+def create_dinov2_vit(arch: str, device: torch.device | str | None = None, depth: int | None = None
+                      ) -> VisionTransformer:
+    """Random-weight timm DINOv2 ViT ``arch`` with 37x37 position embeddings and any input size; ``depth``: fewer
+    blocks than the release (reduced-depth copies in tests and exactness checks)."""
+    options = {} if depth is None else {"depth": depth}
     return timm.create_model(arch, pretrained=False, img_size=DINOV2_PRETRAIN_SIZE, dynamic_img_size=True,
-                             num_classes=0, device=device)
+                             num_classes=0, device=device, **options)
 
 
 def load_dinov2_state_dict(raw_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -98,21 +101,24 @@ def dinov2_layout(state: Mapping[str, torch.Tensor]) -> str:
     return "release" if release or any(_CHUNKED_BLOCK.match(k) or ".mlp.w12." in k for k in state) else "timm"
 
 
-def dinov2_hf_expected(spec: TeacherSpec) -> HfGeometry:
-    """What a transformers DINOv2 config.json says for ``spec``'s ViT (read off the timm model, on the meta device)."""
-    vit = create_dinov2_vit(spec.arch, device="meta")
+def dinov2_hf_expected(spec: TeacherSpec, depth: int | None = None) -> HfGeometry:
+    """What a transformers DINOv2 config.json says for ``spec``'s ViT (read off the timm model, on the meta device;
+    ``depth``: a reduced-depth copy's)."""
+    vit = create_dinov2_vit(spec.arch, device="meta", depth=depth)
     return dinov2_hf_geometry(vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads,
                               vit.patch_embed.patch_size[0], vit.patch_embed.grid_size[0], spec.num_registers,
                               isinstance(vit.blocks[0].mlp, GluMlp), vit.norm.eps)
 
 
-def dinov2_release_state(spec: TeacherSpec, ckpt: LoadedCheckpoint) -> tuple[dict[str, torch.Tensor], str]:
+def dinov2_release_state(spec: TeacherSpec, ckpt: LoadedCheckpoint, depth: int | None = None
+                         ) -> tuple[dict[str, torch.Tensor], str]:
     """``ckpt``'s weights in a layout :func:`load_dinov2_state_dict` reads, and the layout they came in: a
-    transformers folder's config.json is checked against ``spec`` and its keys converted to the release names."""
+    transformers folder's config.json is checked against ``spec`` (at ``depth`` blocks when given) and its keys
+    converted to the release names."""
     layout = dinov2_layout(ckpt.state)
     if layout != HF_FORMAT:
         return ckpt.state, layout
-    check_hf_config(ckpt.config, dinov2_hf_expected(spec), spec.name, ckpt.source)
+    check_hf_config(ckpt.config, dinov2_hf_expected(spec, depth), spec.name, ckpt.source)
     return hf_dinov2_to_release(ckpt.state, ckpt.source), layout
 
 
@@ -188,15 +194,15 @@ class Dinov2Teacher(Teacher):
 
 
 def dinov2_teacher_from_state(spec: TeacherSpec, state: Mapping[str, torch.Tensor] | None,
-                              source: str) -> Dinov2Teacher:
+                              source: str, depth: int | None = None) -> Dinov2Teacher:
     """Build ``spec``'s ViT (``spec.arch`` is a timm name) and load ``state`` (either layout) strictly.
 
-    ``state=None`` keeps random weights.
+    ``state=None`` keeps random weights; ``depth``: a reduced-depth copy (tests, exactness checks).
     """
     if state is None:
-        return Dinov2Teacher(spec, create_dinov2_vit(spec.arch))
+        return Dinov2Teacher(spec, create_dinov2_vit(spec.arch, depth=depth))
     # Skip the random init (seconds for ViT-L/g): the strict load fills every tensor (the model has no buffers).
-    vit = create_dinov2_vit(spec.arch, device="meta").to_empty(device="cpu")
+    vit = create_dinov2_vit(spec.arch, device="meta", depth=depth).to_empty(device="cpu")
     load_state_dict_strict(vit, load_dinov2_state_dict(state), source)
     return Dinov2Teacher(spec, vit)
 

@@ -253,8 +253,10 @@ def dinov2_hf_geometry(embed_dim: int, depth: int, heads: int, patch: int, grid:
                        model_types: tuple[str, ...] | None = None) -> HfGeometry:
     """What a DINOv2 config.json says for a ViT of this geometry (``grid``: the position-embedding side, 37)."""
     model_type = "dinov2_with_registers" if registers else "dinov2"
-    fields = {**vit_fields(embed_dim, depth, heads, patch), "image_size": grid * patch, "hidden_act": "gelu",
-              "layer_norm_eps": norm_eps, "use_swiglu_ffn": swiglu, "mlp_ratio": 4, "qkv_bias": True}
+    fields = {**vit_fields(embed_dim, depth, heads, patch), "image_size": grid * patch, "layer_norm_eps": norm_eps,
+              "use_swiglu_ffn": swiglu, "mlp_ratio": 4, "qkv_bias": True}
+    if not swiglu:  # transformers' SwiGLU (ViT-g) is SiLU whatever hidden_act says
+        fields["hidden_act"] = "gelu"
     if registers:
         fields["num_register_tokens"] = registers
     return HfGeometry(model_types=model_types or (model_type,), fields=fields, defaults=DINOV2_DEFAULTS[model_type],

@@ -2,10 +2,11 @@
 
 For every teacher family transformers implements (DINOv2 with and without registers, DINOv3, SigLIP/SigLIP2, SAM,
 Depth Anything V2) a transformers model of the teacher's real geometry (SAM ViT-B and DINOv2 ViT-g/14: real width,
-2 blocks, loaded through the same loader at that depth) gets seeded random values in every tensor (:func:`randomize_`), is written
-with ``save_pretrained`` (a folder: ``config.json`` + ``model.safetensors``, or shards and their index), loaded by
-this package and run on the same uint8 pixels at the teacher's native size; ``cls``/``patch`` (and ``--blocks``
-levels) must equal transformers' outputs on the same normalised pixels within :data:`ATOL`. Checked against
+2 blocks, loaded through the same loader at that depth) gets seeded random values in every tensor
+(:func:`randomize_`), is written with ``save_pretrained`` (a folder: ``config.json`` + ``model.safetensors``, or
+shards and their index), loaded by this package and run on the same uint8 pixels at the teacher's native size;
+``cls``/``patch`` (and ``--blocks`` levels) must equal transformers' outputs on the same normalised pixels within
+:data:`ATOL`. Checked against
 transformers 5.25.0 (PyPI; ``models/*/modeling_*.py`` of huggingface/transformers tag ``v5.25.0``); the figures
 and the off-native comparison are in docs/teachers.md (``tools/check_hf_teachers.py``).
 

@@ -26,12 +26,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from dune_cache.cli import app
-from dune_cache.extract import ExtractConfig, checkpoint_provenance, run_extraction
+from dune_cache.extract import ExtractConfig, checkpoint_provenance, file_sha256, run_extraction
 from dune_cache.images import load_manifest, load_pixels
 from dune_cache.levels import level_name
 from dune_cache.provenance import provenance_differences
 from dune_cache.store import StorageConfig, StoreMismatchError, TeacherStore
 from dune_cache.teachers import CheckpointError, create_teacher, get_spec
+from dune_cache.teachers.checkpoint_files import checkpoint_sha256
 from dune_cache.teachers.dinov2 import dinov2_release_state, dinov2_teacher_from_state
 from dune_cache.teachers.hf import load_checkpoint
 from dune_cache.teachers.sam import sam_teacher
@@ -171,6 +172,7 @@ def test_dinov2_folder_extracts_transformers_features_and_levels(tmp_path, real_
     assert all(f["sha256"] == hashlib.sha256((folder / f["file"]).read_bytes()).hexdigest()
                for f in checkpoint["files"])
     assert checkpoint["weights_sha256"] == teacher.weights_sha256()
+    assert checkpoint["sha256"] == checkpoint_sha256(folder, file_sha256)  # what live teachers check the folder by
 
 
 def test_dinov2_registers_sharded_folder_matches_transformers(tmp_path):

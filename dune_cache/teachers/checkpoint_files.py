@@ -103,9 +103,15 @@ def read_hf_config(path: Path) -> dict | None:
 def checkpoint_sha256(path: Path, hash_file: Callable[[Path], str]) -> str:
     """Provenance ``checkpoint.sha256``: of the file for a file (as before folders were read), else the sha256 of
     the folder's ``sha256sum``-style listing (``<sha256>  <name>\\n`` per file of :func:`checkpoint_files`)."""
+    files = [path] if path.is_file() else checkpoint_files(path)
+    return _checkpoint_digest(path, {f: hash_file(f) for f in files})
+
+
+def _checkpoint_digest(path: Path, hashes: dict[Path, str]) -> str:
+    """:func:`checkpoint_sha256` of ``path`` from the sha256 of each of its files, ``hashes``."""
     if path.is_file():
-        return hash_file(path)
-    listing = "".join(f"{hash_file(f)}  {f.relative_to(path).as_posix()}\n" for f in checkpoint_files(path))
+        return hashes[path]
+    listing = "".join(f"{digest}  {f.relative_to(path).as_posix()}\n" for f, digest in hashes.items())
     return hashlib.sha256(listing.encode("utf-8")).hexdigest()
 
 
@@ -120,14 +126,14 @@ def checkpoint_section(path: Path | None, hash_file: Callable[[Path], str], weig
     """
     if path is None:
         return {"file": None, "sha256": RANDOM_WEIGHTS, "bytes": 0}
-    files = checkpoint_files(path)
+    hashes = {f: hash_file(f) for f in checkpoint_files(path)}  # each file read once
     base = path if path.is_dir() else path.parent
     section = {
         "file": path.name,
-        "sha256": checkpoint_sha256(path, hash_file),
-        "bytes": path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in files),
-        "files": [{"file": f.relative_to(base).as_posix(), "sha256": hash_file(f), "bytes": f.stat().st_size}
-                  for f in files],
+        "sha256": _checkpoint_digest(path, hashes),
+        "bytes": path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in hashes),
+        "files": [{"file": f.relative_to(base).as_posix(), "sha256": digest, "bytes": f.stat().st_size}
+                  for f, digest in hashes.items()],
     }
     if weights is not None:
         section["format"], section["weights_sha256"] = weights

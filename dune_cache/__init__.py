@@ -57,7 +57,7 @@ _LAZY = {
     "decode_size": "images.views",
     # teachers
     "create_teacher": "teachers", "register_teacher": "teachers", "register_prefix": "teachers",
-    "get_spec": "teachers", "list_teachers": "teachers", "TeacherSpec": "teachers", "Teacher": "teachers",
+    "get_spec": "teachers", "list_teachers": "teachers", "checkpoint_sha256": "teachers.checkpoint_files", "TeacherSpec": "teachers", "Teacher": "teachers",
     "TeacherOutput": "teachers", "load_state_dict_strict": "teachers.base", "sak_blocks": "teachers.blocks",
     # pictures of token grids
     "Panel": "viz.pictures", "ShowResult": "viz.pictures", "feature_columns": "viz.pictures",

@@ -152,7 +152,7 @@ def test_mismatched_store_is_refused_with_what_differs(tmp_path, images, tiny_ch
     fewer = tmp_path / "fewer.txt"
     fewer.write_text("".join(f"{images}/{p}\n" for p in load_manifest(images).ids[:3]))
     cases = {
-        "checkpoint.sha256": config(images, out, other_ckpt),
+        "checkpoint.weights_sha256": config(images, out, other_ckpt),  # other weights (docs/cache-format.md)
         "images.manifest_sha256": config(fewer, out, tiny_checkpoint),
         "geometry.resolution": config(images, out, tiny_checkpoint, resolution="40x48"),
         "storage.dtype": config(images, out, tiny_checkpoint, storage=StorageConfig(unit_size=4, dtype="float32")),

@@ -12,11 +12,11 @@ import torch
 from PIL import Image
 
 THRESHOLD = 1e-4  # the exactness target of docs/teachers.md
-LAYER_SCALE_NAMES = ("gamma", "grandma")  # timm/DINOv2 LayerScale; RADIO renames its parameter "grandma"
+LAYER_SCALE_NAMES = ("gamma", "grandma", "lambda1")  # timm/DINOv2 LayerScale; RADIO's "grandma"; transformers' lambda1
 
 
 def randomize(model: torch.nn.Module, seed: int, unit_scale: Callable[[str, torch.Tensor], bool]) -> None:
-    """Every parameter seeded-random, in ``named_parameters`` order: LayerScale (``*gamma``/``*grandma``)
+    """Every parameter seeded-random, in ``named_parameters`` order: LayerScale (``*gamma``/``*grandma``/``*lambda1``)
     N(0.5, 0.1), norm weights 1 + N(0, 0.1), parameters for which ``unit_scale(name, p)`` holds N(0, 1), the rest
     N(0, 0.02)."""
     gen = torch.Generator().manual_seed(seed)

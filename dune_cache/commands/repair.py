@@ -128,7 +128,7 @@ def extraction_config(cfg: RepairConfig, store: TeacherStore, group: str) -> Ext
         raise RepairError(f"{group}: extracted with random weights, so its features cannot be computed again; "
                           "re-extract it with --overwrite")
     checkpoint = recorded_input(cfg.checkpoint, meta, "checkpoint", "--checkpoint", group)
-    if not checkpoint.is_file():
+    if not checkpoint.exists():  # a file, or a Hugging Face folder
         raise RepairError(f"{group}: checkpoint {checkpoint} not found; pass --checkpoint "
                           f"(the group was made from {meta['checkpoint']['file']})")
     geometry = meta["geometry"]

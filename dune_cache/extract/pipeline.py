@@ -206,7 +206,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
                                    existing and StorageConfig.from_json(existing.provenance["storage"]))
     provenance = build_provenance(spec, cfg.checkpoint, manifest, str(Path(cfg.images).resolve()), geometry,
                                   storage, cfg.view_sampling.to_json(cfg.views) if cfg.views else None,
-                                  levels_section(blocks, teacher.level_description()))
+                                  levels_section(blocks, teacher.level_description()), teacher)
     device = pick_device(cfg.device)
     teacher.to(device)
     workers = default_num_workers(device) if cfg.num_workers is None else cfg.num_workers

@@ -11,27 +11,28 @@ import torch
 from .. import __version__
 from ..config import StorageConfig
 from ..images.manifest import ImageManifest
-from ..teachers import TeacherSpec
+from ..teachers import Teacher, TeacherSpec
+from ..teachers.checkpoint_files import checkpoint_section
 from ..teachers.geometry import Geometry
 from ..utils.hashing import file_sha256
 
 
 def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: ImageManifest, source: str,
                      geometry: Geometry, storage: StorageConfig, views: dict | None = None,
-                     levels: dict | None = None) -> dict:
+                     levels: dict | None = None, teacher: Teacher | None = None) -> dict:
     """The teacher group's ``dune_cache`` attributes (docs/cache-format.md); ``views``: the views section
     (:meth:`ViewSampling.to_json`) of a group with cached views, ``levels``: the levels section
-    (:func:`levels.levels_section`) of a group with intermediate blocks, else ``None`` (no section)."""
+    (:func:`levels.levels_section`) of a group with intermediate blocks, else ``None`` (no section);
+    ``teacher``: the loaded teacher, whose checkpoint format and weights digest the checkpoint section then records
+    (:func:`checkpoint_provenance`)."""
     import timm
     import zarr
 
-    ckpt = ({"file": checkpoint.name, "sha256": file_sha256(checkpoint), "bytes": checkpoint.stat().st_size}
-            if checkpoint is not None else {"file": None, "sha256": "random-weights", "bytes": 0})
     provenance = {
         "format_version": 1,
         "kind": "teacher_features",
         "teacher": spec.to_json(),
-        "checkpoint": ckpt,
+        "checkpoint": checkpoint_provenance(checkpoint, teacher),
         "images": {"count": len(manifest), "manifest_sha256": manifest.sha256},
         "geometry": geometry.to_json(),
         "storage": storage.to_json(),
@@ -49,3 +50,10 @@ def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: Image
         provenance["levels"] = levels
         provenance["arrays"]["levels"] = "levels"
     return provenance
+
+
+def checkpoint_provenance(checkpoint: Path | None, teacher: Teacher | None = None) -> dict:
+    """The provenance ``checkpoint`` section: the file (or Hugging Face folder) read, the sha256 of every file, and
+    with ``teacher`` (loaded from ``checkpoint``) its ``format`` and ``weights_sha256`` (:func:`checkpoint_section`)."""
+    weights = teacher.checkpoint_identity() if teacher is not None and checkpoint is not None else None
+    return checkpoint_section(checkpoint, file_sha256, weights)

@@ -13,6 +13,11 @@ IDENTITY_SECTIONS = ("teacher", "checkpoint", "images", "geometry", "storage", "
 # derived (an encoding's per-kind calibration results from the data; the description of the levels' tokens from
 # the teacher), not chosen: not identity
 DERIVED_PREFIXES = ("storage.encoding.kinds.", "levels.encodings.", "levels.tokens")
+# The checkpoint is identified by the digest of the loaded weights when both sides record it (the same weights read
+# from a release file, a timm file or a Hugging Face folder are the same teacher); otherwise by the fields groups
+# made before it was recorded have (and ``repair``'s check of the files, made without loading the teacher).
+CHECKPOINT_WEIGHTS = "checkpoint.weights_sha256"
+CHECKPOINT_FILE_FIELDS = ("checkpoint.file", "checkpoint.sha256", "checkpoint.bytes")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -34,8 +39,19 @@ def provenance_differences(stored: dict, requested: dict) -> list[str]:
         return {k: v for k, v in flat.items() if not k.startswith(DERIVED_PREFIXES)}
 
     a, b = identity(stored), identity(requested)
+    skipped = uncompared_checkpoint_fields(a, b)
     return [
         f"{key}: store has {a.get(key, '<absent>')!r}, this run has {b.get(key, '<absent>')!r}"
         for key in sorted(set(a) | set(b))
-        if a.get(key) != b.get(key)
+        if key not in skipped and a.get(key) != b.get(key)
     ]
+
+
+def uncompared_checkpoint_fields(a: dict[str, Any], b: dict[str, Any]) -> set[str]:
+    """Flattened ``checkpoint.*`` fields of ``a`` or ``b`` that identity does not compare: with ``weights_sha256``
+    on both sides every other one (file names, file hashes, format); otherwise all but ``file``, ``sha256`` and
+    ``bytes``, so that a group made before the others were recorded compares exactly as it did."""
+    fields = {key for key in set(a) | set(b) if key.startswith("checkpoint.")}
+    if CHECKPOINT_WEIGHTS in a and CHECKPOINT_WEIGHTS in b:
+        return fields - {CHECKPOINT_WEIGHTS}
+    return fields - set(CHECKPOINT_FILE_FIELDS)

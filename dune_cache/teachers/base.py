@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import logging
 import pickle
 from dataclasses import dataclass, field
@@ -18,7 +19,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .blocks import NO_BLOCKS
-from .spec import TeacherSpec, check_checkpoint_file
+from .checkpoint_files import hf_weight_files
+from .spec import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec, check_checkpoint_file  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,9 @@ class Teacher(nn.Module):
     spec: TeacherSpec
     # (prefix tokens, registers among them, CLS source "token" | "mean_patch") of a block's output tokens
     level_layout: tuple[int, int, str] | None = None
+    # the layout of the checkpoint the weights came from (provenance checkpoint.format): "release" (the upstream
+    # project's own file), "timm" or "hf" (transformers); the families reading several layouts set it on load
+    checkpoint_format: str = "release"
 
     def __init__(self, spec: TeacherSpec):
         super().__init__()
@@ -121,6 +126,24 @@ class Teacher(nn.Module):
         out.levels = {k: self.level_tokens(captured[k], grid) for k in blocks}
         return out
 
+    def weights_sha256(self) -> str:
+        """sha256 over every tensor the teacher computes with (parameters and buffers, persistent or not, e.g. the
+        release's DINOv3 RoPE periods), by name in sorted order: ``name``, dtype, shape, then the values as
+        little-endian float32 (other dtypes as they are). Equal digests = the same model whatever file it came from."""
+        digest = hashlib.sha256()
+        tensors = dict(self.named_buffers())
+        tensors.update(self.named_parameters())
+        for name in sorted(tensors):
+            tensor = tensors[name].detach().cpu()
+            tensor = tensor.float() if tensor.is_floating_point() else tensor
+            digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+            digest.update(tensor.reshape(-1).contiguous().view(torch.uint8).numpy())
+        return digest.hexdigest()
+
+    def checkpoint_identity(self) -> tuple[str, str]:
+        """``(checkpoint_format, weights_sha256)``: what provenance records of the loaded weights."""
+        return self.checkpoint_format, self.weights_sha256()
+
     def capture_blocks(self, blocks: tuple[int, ...]) -> dict:
         """Forward hooks keeping the output of each of ``blocks`` in the returned dict (key: block; ``"hooks"``:
         the handles to remove); a ``ValueError`` for a teacher without blocks or an index past its depth."""
@@ -159,8 +182,11 @@ def tokens_to_output(tokens: torch.Tensor, num_prefix: int, num_registers: int, 
 
 
 def read_checkpoint(path: str | Path) -> Mapping:
-    """Load a checkpoint file (``.pth``/``.pt``/``.bin`` via torch, ``.safetensors``) on CPU."""
+    """Load a checkpoint file (``.pth``/``.pt``/``.bin`` via torch, ``.safetensors``) or a Hugging Face model
+    folder (its safetensors, :func:`read_safetensors_folder`) on CPU."""
     path = check_checkpoint_file(path)
+    if path.is_dir():
+        return read_safetensors_folder(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -176,6 +202,27 @@ def read_checkpoint(path: str | Path) -> Mapping:
             return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any reader failure is a checkpoint problem
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
+
+
+def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a Hugging Face model folder: ``model.safetensors``, or every shard its index lists (a tensor
+    in two shards is an error naming both)."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    origin: dict[str, Path] = {}
+    for file in hf_weight_files(folder):
+        try:
+            tensors = load_file(str(file))
+        except Exception as exc:  # noqa: BLE001 - any reader failure is a checkpoint problem
+            raise CheckpointError(f"cannot read checkpoint {file}: {exc}") from exc
+        twice = sorted(set(tensors) & set(state))
+        if twice:
+            raise CheckpointError(f"checkpoint {folder}: tensor {twice[0]} is in both {origin[twice[0]].name} and "
+                                  f"{file.name}; a shard index must name each tensor once")
+        state.update(tensors)
+        origin.update(dict.fromkeys(tensors, file))
+    return state
 
 
 def find_state_dict(ckpt: Mapping, candidates: tuple[str, ...] = ("model", "state_dict", "model_state_dict", "teacher", "module")) -> dict:

@@ -5,7 +5,13 @@
 ``ls1``/``ls2.gamma``, 37x37 position embeddings resized bicubically with the ``+0.1`` offset, ViT-g with a
 SwiGLU ``mlp.w12``/``mlp.w3``) under ``pretrained.``, and the DPT head under ``depth_head.``. The head is
 ignored; any key under another prefix is an error, and the encoder part loads strictly through
-:mod:`.dinov2` (missing/unexpected/mis-shaped keys listed).
+:mod:`.dinov2` (missing/unexpected/mis-shaped keys listed). A Hugging Face folder (or its
+``model.safetensors``) of ``DepthAnythingForDepthEstimation`` (``depth-anything/Depth-Anything-V2-*-hf``)
+loads too: its ``backbone.*`` (transformers' DINOv2) converted to the release names under ``pretrained.``, its
+DPT ``neck.*``/``head.*`` ignored, its ``config.json`` checked against the teacher (backbone geometry, and
+``out_indices`` = the 4 blocks the head reads). transformers resizes the position embeddings without the ``+0.1``
+offset, so off the native 518 the teacher's features (the release's rule) differ from transformers'.
+Depth Anything V1 checkpoints have the same layout: their weights load as well, and give V1's features.
 
 Upstream's forward reads ``pretrained.get_intermediate_layers(x, DEPTH_ANYTHING_V2_DPT_BLOCKS[size],
 return_class_token=True)``: four blocks' tokens, each after the final norm. The last of the four is the last
@@ -25,16 +31,28 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from ..errors import CheckpointError
-from .base import find_state_dict, read_checkpoint, strip_prefix
+from .base import CheckpointError, TeacherSpec, strip_prefix
 from .blocks import sak_blocks
-from .dinov2 import Dinov2Teacher, dinov2_teacher_from_state
+from .dinov2 import Dinov2Teacher, dinov2_hf_expected, dinov2_teacher_from_state
 from .families import DEPTH_ANYTHING_V2_DPT_BLOCKS
-from .spec import TeacherSpec
+from .hf import (
+    HF_FORMAT,
+    LoadedCheckpoint,
+    check_hf_config,
+    depth_anything_hf_geometry,
+    hf_depth_anything_to_release,
+    is_hf_depth_anything,
+    load_checkpoint,
+)
 
 NAME_PREFIX = "depth_anything_v2_vit"  # + size letter s|b|l|g
 ENCODER_PREFIX = "pretrained."
 HEAD_PREFIX = "depth_head."
+
+
+def dpt_blocks(spec: TeacherSpec) -> tuple[int, ...]:
+    """The 4 blocks (0-based) whose final-normed tokens the DPT head of ``spec``'s size reads."""
+    return DEPTH_ANYTHING_V2_DPT_BLOCKS[spec.name.removeprefix(NAME_PREFIX)]
 
 
 class DepthAnythingV2Teacher(Dinov2Teacher):
@@ -42,7 +60,7 @@ class DepthAnythingV2Teacher(Dinov2Teacher):
 
     def __init__(self, spec: TeacherSpec, vit: VisionTransformer):
         super().__init__(spec, vit)
-        self.dpt_blocks: tuple[int, ...] = DEPTH_ANYTHING_V2_DPT_BLOCKS[spec.name.removeprefix(NAME_PREFIX)]
+        self.dpt_blocks = dpt_blocks(spec)
 
     @property
     def named_blocks(self) -> dict[str, tuple[int, ...]]:
@@ -81,11 +99,23 @@ def encoder_state(state: dict, source: str) -> dict:
     return encoder
 
 
+def release_state(spec: TeacherSpec, ckpt: LoadedCheckpoint) -> tuple[dict, str]:
+    """``ckpt``'s weights in the release layout and the layout they came in (``"release"`` or ``"hf"``: a
+    transformers folder's config.json is checked against ``spec``, its keys converted)."""
+    if not is_hf_depth_anything(ckpt.state):
+        return ckpt.state, "release"
+    check_hf_config(ckpt.config, depth_anything_hf_geometry(dinov2_hf_expected(spec), dpt_blocks(spec)), spec.name,
+                    ckpt.source)
+    return hf_depth_anything_to_release(ckpt.state, ckpt.source, ENCODER_PREFIX, HEAD_PREFIX), HF_FORMAT
+
+
 def build_depth_anything_v2_teacher(spec: TeacherSpec, checkpoint: Path | None) -> DepthAnythingV2Teacher:
-    """Factory of the ``depth_anything_v2_vit*`` names: the encoder of a release checkpoint."""
+    """Factory of the ``depth_anything_v2_vit*`` names: the encoder of a release checkpoint or Hugging Face folder."""
     if checkpoint is None:
-        encoder = dinov2_teacher_from_state(spec, None, "random weights")
-    else:
-        state = find_state_dict(read_checkpoint(checkpoint))
-        encoder = dinov2_teacher_from_state(spec, encoder_state(state, str(checkpoint)), str(checkpoint))
-    return DepthAnythingV2Teacher(spec, encoder.vit)
+        return DepthAnythingV2Teacher(spec, dinov2_teacher_from_state(spec, None, "random weights").vit)
+    ckpt = load_checkpoint(checkpoint)
+    state, layout = release_state(spec, ckpt)
+    encoder = dinov2_teacher_from_state(spec, encoder_state(state, ckpt.source), ckpt.source)
+    teacher = DepthAnythingV2Teacher(spec, encoder.vit)
+    teacher.checkpoint_format = layout
+    return teacher

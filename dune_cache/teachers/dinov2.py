@@ -8,11 +8,17 @@ Checkpoints load from either layout, strictly:
   with ``block_chunks > 0``, ``blocks.{chunk}.{i}.*``; ViT-g's SwiGLU FFN is ``mlp.w12``/``mlp.w3``;
 * timm's ``vit_*_patch14[_reg4]_dinov2`` layout: ``reg_token``, ``mlp.fc1``/``mlp.fc2``, and for
   the register models ``no_embed_class`` (the CLS position embedding folded into ``cls_token``,
-  ``pos_embed`` of ``(1, 37*37, D)``).
+  ``pos_embed`` of ``(1, 37*37, D)``);
+* a Hugging Face folder (or its ``model.safetensors``) of ``Dinov2Model`` / ``Dinov2WithRegistersModel``
+  (``facebook/dinov2-*``), converted to the release names (:func:`.hf.hf_dinov2_to_release`), its
+  ``config.json`` checked against the teacher's geometry.
 
 Position embeddings are resized to the input grid exactly as upstream: the models without
 registers use bicubic with the legacy ``+0.1`` scale-factor offset and no antialiasing; the
 register models use bicubic to the exact size with antialiasing (which is also what timm does).
+This holds whatever the file format: transformers' ``Dinov2Model`` resizes to the exact size without the
+offset, so off the native 518 its features differ from these (docs/teachers.md measures by how much);
+``Dinov2WithRegistersModel`` resizes as the release does.
 """
 from __future__ import annotations
 
@@ -25,12 +31,29 @@ from typing import Mapping
 import timm
 import torch
 import torch.nn.functional as F
+from timm.layers import GluMlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint, tokens_to_output
+from .base import (
+    Teacher,
+    TeacherOutput,
+    TeacherSpec,
+    load_state_dict_strict,
+    tokens_to_output,
+)
 from .families import DINOV2_PRETRAIN_SIZE
-from .spec import TeacherSpec
+from .families import dinov2_timm_arch as timm_arch  # noqa: F401  (re-exported; the specs are in families.py)
+from .hf import (
+    HF_FORMAT,
+    HfGeometry,
+    LoadedCheckpoint,
+    check_hf_config,
+    dinov2_hf_geometry,
+    hf_dinov2_to_release,
+    is_hf_dinov2,
+    load_checkpoint,
+)
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 _SWIGLU_RENAMES = {".mlp.w12.": ".mlp.fc1.", ".mlp.w3.": ".mlp.fc2."}
@@ -48,10 +71,13 @@ ORIGINAL_RESAMPLING = PosEmbedResampling(offset=0.1, antialias=False)  # hub ``d
 REGISTER_RESAMPLING = PosEmbedResampling(offset=0.0, antialias=True)  # hub ``dinov2_vit*14_reg``
 
 
-def create_dinov2_vit(arch: str, device: torch.device | str | None = None) -> VisionTransformer:
-    """Random-weight timm DINOv2 ViT ``arch`` with 37x37 position embeddings and any input size."""
+def create_dinov2_vit(arch: str, device: torch.device | str | None = None, depth: int | None = None
+                      ) -> VisionTransformer:
+    """Random-weight timm DINOv2 ViT ``arch`` with 37x37 position embeddings and any input size; ``depth``: fewer
+    blocks than the release (reduced-depth copies in tests and exactness checks)."""
+    options = {} if depth is None else {"depth": depth}
     return timm.create_model(arch, pretrained=False, img_size=DINOV2_PRETRAIN_SIZE, dynamic_img_size=True,
-                             num_classes=0, device=device)
+                             num_classes=0, device=device, **options)
 
 
 def load_dinov2_state_dict(raw_state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -64,6 +90,36 @@ def load_dinov2_state_dict(raw_state: Mapping[str, torch.Tensor]) -> dict[str, t
     if "register_tokens" in state:
         state.update(_registers_without_class_pos_embed(state))
     return state
+
+
+def dinov2_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """``"hf"`` (transformers), ``"release"`` (facebookresearch: ``mask_token``, ``register_tokens``, chunked blocks
+    or ``mlp.w12``) or ``"timm"``: the layout of DINOv2 weights ``state``."""
+    if is_hf_dinov2(state):
+        return HF_FORMAT
+    release = "mask_token" in state or "register_tokens" in state
+    return "release" if release or any(_CHUNKED_BLOCK.match(k) or ".mlp.w12." in k for k in state) else "timm"
+
+
+def dinov2_hf_expected(spec: TeacherSpec, depth: int | None = None) -> HfGeometry:
+    """What a transformers DINOv2 config.json says for ``spec``'s ViT (read off the timm model, on the meta device;
+    ``depth``: a reduced-depth copy's)."""
+    vit = create_dinov2_vit(spec.arch, device="meta", depth=depth)
+    return dinov2_hf_geometry(vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads,
+                              vit.patch_embed.patch_size[0], vit.patch_embed.grid_size[0], spec.num_registers,
+                              isinstance(vit.blocks[0].mlp, GluMlp), vit.norm.eps)
+
+
+def dinov2_release_state(spec: TeacherSpec, ckpt: LoadedCheckpoint, depth: int | None = None
+                         ) -> tuple[dict[str, torch.Tensor], str]:
+    """``ckpt``'s weights in a layout :func:`load_dinov2_state_dict` reads, and the layout they came in: a
+    transformers folder's config.json is checked against ``spec`` (at ``depth`` blocks when given) and its keys
+    converted to the release names."""
+    layout = dinov2_layout(ckpt.state)
+    if layout != HF_FORMAT:
+        return ckpt.state, layout
+    check_hf_config(ckpt.config, dinov2_hf_expected(spec, depth), spec.name, ckpt.source)
+    return hf_dinov2_to_release(ckpt.state, ckpt.source), layout
 
 
 def _timm_key(key: str) -> str:
@@ -138,20 +194,26 @@ class Dinov2Teacher(Teacher):
 
 
 def dinov2_teacher_from_state(spec: TeacherSpec, state: Mapping[str, torch.Tensor] | None,
-                              source: str) -> Dinov2Teacher:
+                              source: str, depth: int | None = None) -> Dinov2Teacher:
     """Build ``spec``'s ViT (``spec.arch`` is a timm name) and load ``state`` (either layout) strictly.
 
-    ``state=None`` keeps random weights.
+    ``state=None`` keeps random weights; ``depth``: a reduced-depth copy (tests, exactness checks).
     """
     if state is None:
-        return Dinov2Teacher(spec, create_dinov2_vit(spec.arch))
+        return Dinov2Teacher(spec, create_dinov2_vit(spec.arch, depth=depth))
     # Skip the random init (seconds for ViT-L/g): the strict load fills every tensor (the model has no buffers).
-    vit = create_dinov2_vit(spec.arch, device="meta").to_empty(device="cpu")
+    vit = create_dinov2_vit(spec.arch, device="meta", depth=depth).to_empty(device="cpu")
     load_state_dict_strict(vit, load_dinov2_state_dict(state), source)
     return Dinov2Teacher(spec, vit)
 
 
 def build_dinov2_teacher(spec: TeacherSpec, checkpoint: Path | None) -> Dinov2Teacher:
-    """Factory of the ``dinov2_*`` names: a ``.pth``/``.safetensors`` state dict in either layout."""
-    state = find_state_dict(read_checkpoint(checkpoint)) if checkpoint is not None else None
-    return dinov2_teacher_from_state(spec, state, str(checkpoint))
+    """Factory of the ``dinov2_*`` names: a ``.pth``/``.safetensors`` state dict (release or timm layout) or a
+    Hugging Face folder."""
+    if checkpoint is None:
+        return dinov2_teacher_from_state(spec, None, "random weights")
+    ckpt = load_checkpoint(checkpoint)
+    state, layout = dinov2_release_state(spec, ckpt)
+    teacher = dinov2_teacher_from_state(spec, state, ckpt.source)
+    teacher.checkpoint_format = layout
+    return teacher

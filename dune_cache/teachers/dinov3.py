@@ -10,13 +10,18 @@ Checkpoints load from either layout, strictly:
   (used upstream on local crops in training only, dropped);
 * timm's layout: ``reg_token``, ``gamma_1``/``gamma_2``, ``attn.q_bias``/``attn.v_bias`` (``_qkvb``
   models; timm's plain ``vit_*_patch16_dinov3`` files have no qkv bias and load into that model),
-  ``mlp.fc1_g``/``mlp.fc1_x``/``mlp.fc2``.
+  ``mlp.fc1_g``/``mlp.fc1_x``/``mlp.fc2``;
+* a Hugging Face folder (or its ``model.safetensors``) of ``DINOv3ViTModel``
+  (``facebook/dinov3-*-pretrain-lvd1689m``), converted to timm's names (:func:`.hf.hf_dinov3_to_timm`), its
+  ``config.json`` checked against the teacher's geometry (``rope_theta`` included).
 
 RoPE exactly as upstream evaluates it for any ``h x w`` grid: patch centres ``(i + 0.5) / h`` and
 ``(j + 0.5) / w`` mapped to ``[-1, 1]`` (``normalize_coords="separate"``), no shift/jitter/rescale (these
 are training-only), angles ``2 pi * coord / period``. The periods come from the release checkpoint's
 ``rope_embed.periods`` (upstream loads that buffer, which the release stores rounded to bfloat16); a
-timm-layout file has none and gets timm's, computed in float32 from base 100 like upstream's init.
+timm-layout file or a Hugging Face folder has none and gets timm's, computed in float32 from base 100 like
+upstream's init, and like transformers' ``DINOv3ViTRopePositionEmbedding`` (its ``inv_freq`` from
+``rope_theta``): such a teacher is transformers' model, not quite the release's (docs/teachers.md).
 """
 from __future__ import annotations
 
@@ -30,8 +35,17 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import nn
 
 from ..errors import CheckpointError
-from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint, tokens_to_output
-from .spec import TeacherSpec
+from .base import Teacher, TeacherOutput, TeacherSpec, load_state_dict_strict, tokens_to_output
+from .hf import (
+    HF_FORMAT,
+    HfGeometry,
+    LoadedCheckpoint,
+    check_hf_config,
+    dinov3_hf_geometry,
+    hf_dinov3_to_timm,
+    is_hf_dinov3,
+    load_checkpoint,
+)
 
 PERIODS_KEY = "rope_embed.periods"
 _TRAINING_ONLY = ("mask_token", "local_cls_norm.weight", "local_cls_norm.bias")
@@ -187,7 +201,39 @@ def dinov3_teacher_from_state(spec: TeacherSpec, state: Mapping[str, torch.Tenso
     return Dinov3Teacher(spec, vit)
 
 
+def dinov3_hf_expected(spec: TeacherSpec) -> HfGeometry:
+    """What a transformers DINOv3 config.json says for ``spec``'s model (read off timm's ``Eva``, meta device)."""
+    vit = create_dinov3_vit(spec.arch, device="meta")
+    mlp = vit.blocks[0].mlp
+    return dinov3_hf_geometry(vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads,
+                              vit.patch_embed.patch_size[0], spec.num_registers, mlp.fc2.in_features,
+                              hasattr(mlp, "fc1_g"), vit.norm.eps, float(vit.rope.temperature))
+
+
+def dinov3_layout(state: Mapping[str, torch.Tensor]) -> str:
+    """``"hf"`` (transformers), ``"release"`` (``storage_tokens``) or ``"timm"``: the layout of DINOv3 ``state``."""
+    if is_hf_dinov3(state):
+        return HF_FORMAT
+    return "release" if "storage_tokens" in state else "timm"
+
+
+def dinov3_checkpoint_state(spec: TeacherSpec, ckpt: LoadedCheckpoint) -> tuple[dict[str, torch.Tensor], str]:
+    """``ckpt``'s weights in a layout :func:`load_dinov3_weights` reads (a transformers folder: config.json checked
+    against ``spec``, keys converted to timm's) and the layout they came in."""
+    layout = dinov3_layout(ckpt.state)
+    if layout != HF_FORMAT:
+        return ckpt.state, layout
+    check_hf_config(ckpt.config, dinov3_hf_expected(spec), spec.name, ckpt.source)
+    return hf_dinov3_to_timm(ckpt.state, ckpt.source), layout
+
+
 def build_dinov3_teacher(spec: TeacherSpec, checkpoint: Path | None) -> Dinov3Teacher:
-    """Factory of the ``dinov3_*`` names: a ``.pth``/``.safetensors`` state dict in either layout."""
-    state = find_state_dict(read_checkpoint(checkpoint)) if checkpoint is not None else None
-    return dinov3_teacher_from_state(spec, state, str(checkpoint))
+    """Factory of the ``dinov3_*`` names: a ``.pth``/``.safetensors`` state dict (release or timm layout) or a
+    Hugging Face folder."""
+    if checkpoint is None:
+        return dinov3_teacher_from_state(spec, None, "random weights")
+    ckpt = load_checkpoint(checkpoint)
+    state, layout = dinov3_checkpoint_state(spec, ckpt)
+    teacher = dinov3_teacher_from_state(spec, state, ckpt.source)
+    teacher.checkpoint_format = layout
+    return teacher

@@ -22,7 +22,11 @@ and the top-left ``H/16 x W/16`` tokens kept. Nothing is interpolated; every inp
 Checkpoints: the release files (``sam_vit_{b,l,h}_*.pth``, a plain state dict of the whole ``Sam``)
 load strictly from their ``image_encoder.*`` keys (``mlp.lin1/lin2`` are timm's ``mlp.fc1/fc2``);
 the ``prompt_encoder.*`` and ``mask_decoder.*`` keys are ignored deliberately, any other key is
-refused as unexpected. timm's own layout (``samvit_*_patch16.sa1b``: no prefix, ``mlp.fc*``) loads too.
+refused as unexpected. timm's own layout (``samvit_*_patch16.sa1b``: no prefix, ``mlp.fc*``) loads too, and so
+does a Hugging Face folder (or its ``model.safetensors``) of ``SamModel``/``SamVisionModel`` (``facebook/sam-vit-*``):
+its ``vision_encoder.*`` converted to the release names (:func:`.hf.hf_sam_to_release`), its prompt encoder and
+mask decoder ignored, its ``config.json`` checked against the encoder (width, depth, heads, global blocks, window,
+canvas, neck width, norm epsilon).
 """
 from __future__ import annotations
 
@@ -35,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint
-from .spec import TeacherSpec
+from .base import Teacher, TeacherOutput, TeacherSpec, load_state_dict_strict
+from .hf import HF_FORMAT, HfGeometry, check_hf_config, hf_sam_to_release, is_hf_sam, load_checkpoint, sam_hf_geometry
 
 RELEASE_ENCODER_PREFIX = "image_encoder."
 RELEASE_IGNORED_PREFIXES = ("prompt_encoder.", "mask_decoder.")  # SAM's prompt side: not part of the image encoder
@@ -57,6 +61,15 @@ class SamImageEncoder(nn.Module):
         self.pos_embed = vit.pos_embed
         self.blocks = nn.ModuleList(vit.blocks)
         self.neck = vit.neck
+
+    def hf_geometry(self) -> HfGeometry:
+        """What a transformers SAM config.json says for this encoder (read off its modules)."""
+        blocks = self.blocks
+        global_blocks = [i for i, b in enumerate(blocks) if not b.window_size]
+        return sam_hf_geometry(blocks[0].norm1.normalized_shape[0], len(blocks), blocks[0].attn.num_heads,
+                               self.patch_embed.proj.kernel_size[0], self.canvas_size[0],
+                               max(b.window_size for b in blocks), global_blocks, self.neck[0].out_channels,
+                               blocks[0].norm1.eps)
 
     @property
     def canvas_size(self) -> tuple[int, int]:
@@ -160,13 +173,22 @@ def release_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return converted
 
 
-def load_sam_encoder(encoder: SamImageEncoder, checkpoint: Path) -> None:
-    """Load a SAM release checkpoint (or timm layout) into ``encoder``, strictly; :class:`CheckpointError` naming
-    missing/unexpected/mis-shaped keys (in timm names) otherwise."""
-    state = release_to_timm(find_state_dict(read_checkpoint(checkpoint)))
+def load_sam_encoder(encoder: SamImageEncoder, checkpoint: Path, teacher: str = "this SAM encoder") -> str:
+    """Load a SAM release checkpoint (or timm layout, or a Hugging Face folder) into ``encoder``, strictly;
+    :class:`CheckpointError` naming missing/unexpected/mis-shaped keys (in timm names), or the config.json fields
+    that differ from ``encoder`` (teacher name ``teacher``), otherwise. Returns the layout read: ``"release"``,
+    ``"timm"`` or ``"hf"``."""
+    ckpt = load_checkpoint(checkpoint)
+    state, layout = ckpt.state, "timm"
+    if is_hf_sam(state):
+        check_hf_config(ckpt.config, encoder.hf_geometry(), teacher, ckpt.source)
+        state, layout = hf_sam_to_release(state, ckpt.source), HF_FORMAT
+    elif any(k.startswith(RELEASE_ENCODER_PREFIX) for k in state):
+        layout = "release"
     source = (f"{checkpoint} (SAM layout: image_encoder.* compared without the prefix and with mlp.lin1/2 as "
               f"mlp.fc1/2; prompt_encoder.*/mask_decoder.* ignored)")
-    load_state_dict_strict(encoder, state, source)
+    load_state_dict_strict(encoder, release_to_timm(state), source)
+    return layout
 
 
 def build_sam_encoder(arch: str, *, skip_init: bool = False, **overrides) -> SamImageEncoder:
@@ -183,9 +205,10 @@ def build_sam_encoder(arch: str, *, skip_init: bool = False, **overrides) -> Sam
 def sam_teacher(spec: TeacherSpec, checkpoint: Path | None, after_neck: bool, **overrides) -> SamTeacher:
     """SAM teacher of ``spec`` (``spec.arch`` names the timm model), loaded from ``checkpoint`` if given."""
     encoder = build_sam_encoder(spec.arch, skip_init=checkpoint is not None, **overrides)
-    if checkpoint is not None:
-        load_sam_encoder(encoder, checkpoint)
-    return SamTeacher(spec, encoder, after_neck)
+    layout = load_sam_encoder(encoder, checkpoint, spec.name) if checkpoint is not None else "release"
+    teacher = SamTeacher(spec, encoder, after_neck)
+    teacher.checkpoint_format = layout
+    return teacher
 
 
 def sam_neck_teacher(spec: TeacherSpec, checkpoint: Path | None) -> SamTeacher:

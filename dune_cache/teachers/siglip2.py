@@ -5,12 +5,15 @@ an attention-pool head ``attn_pool``), loaded strictly from either layout:
 
 * timm's own (``patch_embed.proj``, ``pos_embed`` ``(1, M*M, D)``, ``blocks.{i}.attn.qkv``, ``norm``,
   ``attn_pool.{latent,q,kv,proj,norm,mlp}``), i.e. ``timm/vit_*_siglip_*.v2_webli``;
-* Hugging Face's ``SiglipVisionModel`` / ``SiglipModel`` (the ``google/siglip2-*`` fixed-resolution cards):
+* Hugging Face's ``SiglipVisionModel`` / ``SiglipModel`` (the ``google/siglip2-*`` fixed-resolution cards), a
+  folder (``config.json`` checked against the teacher) or its ``model.safetensors``:
   ``vision_model.embeddings.{patch_embedding,position_embedding}``,
   ``vision_model.encoder.layers.{i}.{layer_norm1,self_attn.{q,k,v,out}_proj,layer_norm2,mlp.fc1,mlp.fc2}``,
   ``vision_model.post_layernorm``, ``vision_model.head.{probe,attention.in_proj_*,attention.out_proj,
   layernorm,mlp}``. In a full ``SiglipModel`` checkpoint the text tower (``text_model.*``) and the
-  contrastive ``logit_scale``/``logit_bias`` are dropped deliberately; any other key is refused.
+  contrastive ``logit_scale``/``logit_bias`` are dropped deliberately; any other key is refused. A
+  ``SiglipVisionModel`` saved by transformers 5 has the same keys without ``vision_model.``: read alike.
+  SigLIP2 NaFlex towers (``Siglip2VisionModel``/``Siglip2Model``) are refused (not fixed-resolution).
 
 Outputs: ``patch`` = tokens after the final LayerNorm (HF ``post_layernorm``, timm ``norm``); ``cls`` = the
 attention-pool head over those tokens (HF ``pooler_output``); no registers. The MLPs use the tanh GELU of
@@ -22,7 +25,6 @@ no antialiasing (timm's own ``dynamic_img_size`` path antialiases, which differs
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Mapping
 
@@ -32,28 +34,53 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import CheckpointError
-from .base import Teacher, TeacherOutput, find_state_dict, load_state_dict_strict, read_checkpoint
+from .base import Teacher, TeacherOutput, TeacherSpec, load_state_dict_strict
 from .dinov2 import PosEmbedResampling, resample_patch_pos_embed
-from .spec import TeacherSpec
+from .families import SIGLIP2_HF_CARD_RESOLUTION
+from .hf import (
+    HF_FORMAT,
+    Fused,
+    HfGeometry,
+    KeyRules,
+    LoadedCheckpoint,
+    check_hf_config,
+    convert_keys,
+    load_checkpoint,
+    vit_fields,
+)
 
 HF_VISION_PREFIX = "vision_model."
-HF_IGNORED_PREFIXES = ("text_model.",)  # the text tower of a full SiglipModel checkpoint
-HF_IGNORED_KEYS = ("logit_scale", "logit_bias")  # its contrastive temperature and bias
+HF_UNPREFIXED_MARK = "embeddings.patch_embedding.weight"  # a SiglipVisionModel saved by transformers 5: no prefix
 HF_RESAMPLING = PosEmbedResampling(offset=0.0, antialias=False)
 SIGLIP_ACTIVATION = "gelu_tanh"  # timm name of GELU with the tanh approximation
+NAFLEX_MODEL_TYPES = ("siglip2", "siglip2_vision_model")
 
-_HF_RENAMES = (  # (regex on the key without "vision_model.", timm replacement)
-    (r"^embeddings\.patch_embedding\.", "patch_embed.proj."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm1\.", r"blocks.\1.norm1."),
-    (r"^encoder\.layers\.(\d+)\.layer_norm2\.", r"blocks.\1.norm2."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"blocks.\1.mlp."),
-    (r"^post_layernorm\.", "norm."),
-    (r"^head\.attention\.out_proj\.", "attn_pool.proj."),
-    (r"^head\.layernorm\.", "attn_pool.norm."),
-    (r"^head\.mlp\.", "attn_pool.mlp."),
+_V = r"^vision_model\."
+_V_LAYER = _V + r"encoder\.layers\.(?P<layer>\d+)\."
+HF_RULES = KeyRules(
+    renames=(
+        (_V + r"embeddings\.patch_embedding\.", "patch_embed.proj."),
+        (_V_LAYER + r"layer_norm([12])\.", r"blocks.\1.norm\2."),
+        (_V_LAYER + r"self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+        (_V_LAYER + r"mlp\.", r"blocks.\1.mlp."),
+        (_V + r"post_layernorm\.", "norm."),
+        (_V + r"head\.probe$", "attn_pool.latent"),
+        (_V + r"head\.attention\.out_proj\.", "attn_pool.proj."),
+        (_V + r"head\.layernorm\.", "attn_pool.norm."),
+        (_V + r"head\.mlp\.", "attn_pool.mlp."),
+    ),
+    fused=(Fused(_V_LAYER + r"self_attn\.(?P<part>[qkv])_proj\.(?P<kind>weight|bias)$", ("q", "k", "v"),
+                 r"blocks.\g<layer>.attn.qkv.\g<kind>"),),
+    # a full SiglipModel's text tower and its contrastive temperature and bias
+    dropped=(r"text_model\..*", "logit_scale", "logit_bias"),
 )
-_HF_QKV = re.compile(r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$")
+HF_POS_EMBED = "vision_model.embeddings.position_embedding.weight"
+HF_IN_PROJ = "vision_model.head.attention.in_proj_"
+SIGLIP_DEFAULTS = {  # SiglipVisionConfig (transformers 5.25.0 configuration_siglip.py)
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
+    "patch_size": 16, "image_size": 224, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+    "vision_use_head": True,
+}
 
 
 def create_siglip2_vit(arch: str, depth: int | None = None, device: torch.device | str | None = None
@@ -70,64 +97,75 @@ def create_siglip2_vit(arch: str, depth: int | None = None, device: torch.device
 
 
 def is_hf_layout(state: Mapping[str, torch.Tensor]) -> bool:
-    """Whether ``state`` is a Hugging Face Siglip checkpoint (keys under ``vision_model.``)."""
-    return any(k.startswith(HF_VISION_PREFIX) for k in state)
+    """Whether ``state`` is a Hugging Face Siglip checkpoint (keys under ``vision_model.``, or a transformers-5
+    ``SiglipVisionModel``'s without that prefix)."""
+    return HF_UNPREFIXED_MARK in state or any(k.startswith(HF_VISION_PREFIX) for k in state)
 
 
-def siglip2_timm_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def siglip2_timm_state(state: Mapping[str, torch.Tensor], source: str = "") -> dict[str, torch.Tensor]:
     """SigLIP2 weights in the timm or the Hugging Face layout -> the timm layout."""
-    return hf_to_timm(state) if is_hf_layout(state) else dict(state)
+    return hf_to_timm(state, source) if is_hf_layout(state) else dict(state)
 
 
-def hf_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def hf_to_timm(state: Mapping[str, torch.Tensor], source: str = "") -> dict[str, torch.Tensor]:
     """A Hugging Face ``SiglipVisionModel``/``SiglipModel`` state dict -> timm names.
 
     q/k/v projections ``(D, D)`` are stacked into ``attn.qkv`` ``(3D, D)``; the head's ``in_proj``
     ``(3D, D)`` splits into ``attn_pool.q`` ``(D, D)`` and ``attn_pool.kv`` ``(2D, D)``; ``probe`` becomes
     ``attn_pool.latent`` and ``position_embedding.weight`` ``(M*M, D)`` becomes ``pos_embed`` ``(1, M*M, D)``.
+    Keys without the ``vision_model.`` prefix (a transformers-5 ``SiglipVisionModel``) are read as under it.
     Text-tower keys and ``logit_scale``/``logit_bias`` are dropped; any key no rule knows keeps its
     original name, so a strict load reports it as unexpected. A layer with some but not all of its q/k/v
-    projections is a :class:`CheckpointError` naming the absent ones.
+    projections is a :class:`CheckpointError` naming the absent ones; so is a NaFlex tower (:func:`check_not_naflex`).
     """
-    out: dict[str, torch.Tensor] = {}
-    qkv: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
-        if key.startswith(HF_IGNORED_PREFIXES) or key in HF_IGNORED_KEYS:
-            continue
-        if not key.startswith(HF_VISION_PREFIX):
-            out[key] = value
-            continue
-        name = key[len(HF_VISION_PREFIX):]
-        match = _HF_QKV.match(name)
-        if match:
-            layer, projection, kind = match.groups()
-            qkv.setdefault((layer, kind), {})[projection] = value
-            continue
-        out.update(_convert_hf_tensor(key, name, value))
-    for (layer, kind), parts in qkv.items():
-        absent = [f"{HF_VISION_PREFIX}encoder.layers.{layer}.self_attn.{p}_proj.{kind}"
-                  for p in "qkv" if p not in parts]
-        if absent:
-            raise CheckpointError(f"Hugging Face SigLIP checkpoint lacks {', '.join(absent)} (the other projections of "
-                                  f"layer {layer} are there): q, k and v are fused into blocks.{layer}.attn.qkv")
-        out[f"blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]])
+    if HF_UNPREFIXED_MARK in state:
+        state = {HF_VISION_PREFIX + k: v for k, v in state.items()}
+    check_not_naflex(state, None, source)
+    rest = {k: v for k, v in state.items() if k != HF_POS_EMBED and not k.startswith(HF_IN_PROJ)}
+    out = convert_keys(rest, HF_RULES, source)
+    if HF_POS_EMBED in state:
+        out["pos_embed"] = state[HF_POS_EMBED].unsqueeze(0)
+    for key in (k for k in state if k.startswith(HF_IN_PROJ)):
+        value, kind = state[key], key.removeprefix(HF_IN_PROJ)
+        dim = value.shape[0] // 3
+        out.update({f"attn_pool.q.{kind}": value[:dim], f"attn_pool.kv.{kind}": value[dim:]})
     return out
 
 
-def _convert_hf_tensor(key: str, name: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
-    """One HF tensor (``key`` = ``vision_model.`` + ``name``) -> its timm name(s) and value(s)."""
-    if name == "embeddings.position_embedding.weight":
-        return {"pos_embed": value.unsqueeze(0)}
-    if name == "head.probe":
-        return {"attn_pool.latent": value}
-    if name in ("head.attention.in_proj_weight", "head.attention.in_proj_bias"):
-        dim = value.shape[0] // 3
-        kind = name.rsplit("_", 1)[1]
-        return {f"attn_pool.q.{kind}": value[:dim], f"attn_pool.kv.{kind}": value[dim:]}
-    for pattern, replacement in _HF_RENAMES:
-        if re.match(pattern, name):
-            return {re.sub(pattern, replacement, name): value}
-    return {key: value}
+def check_not_naflex(state: Mapping[str, torch.Tensor], config: dict | None, source: str) -> None:
+    """Refuse a SigLIP2 NaFlex tower (``Siglip2VisionModel``/``Siglip2Model``: config model_type siglip2*, or a
+    2-d ``patch_embedding`` (a Linear over flattened patches)): the ``siglip2_*`` teachers are fixed-resolution."""
+    patch_embed = state.get(HF_VISION_PREFIX + "embeddings.patch_embedding.weight")
+    if (config or {}).get("model_type") in NAFLEX_MODEL_TYPES or (patch_embed is not None and patch_embed.dim() == 2):
+        raise CheckpointError(
+            f"checkpoint {source} is a SigLIP2 NaFlex tower (Siglip2VisionModel/Siglip2Model: a Linear patch "
+            "embedding, position embeddings resized bilinearly per image), not covered: the siglip2_* teachers are "
+            "the fixed-resolution towers (SiglipModel cards such as google/siglip2-base-patch16-224)")
+
+
+def siglip2_hf_expected(spec: TeacherSpec, depth: int | None = None) -> HfGeometry:
+    """What a transformers Siglip config.json (its ``vision_config``, or a ``SiglipVisionModel``'s top level) says
+    for ``spec``'s tower: read off timm's model (meta device); image size = the Hub card's (384 for the 27x27
+    so400m/14)."""
+    vit = create_siglip2_vit(spec.arch, depth, device="meta")
+    patch, grid = vit.patch_embed.patch_size[0], vit.patch_embed.grid_size[0]
+    fields = {**vit_fields(vit.embed_dim, len(vit.blocks), vit.blocks[0].attn.num_heads, patch),
+              "intermediate_size": vit.blocks[0].mlp.fc1.out_features,
+              "image_size": SIGLIP2_HF_CARD_RESOLUTION.get(grid * patch, grid * patch),
+              "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": vit.norm.eps, "vision_use_head": True}
+    return HfGeometry(model_types=("siglip", "siglip_vision_model"), fields=fields, defaults=SIGLIP_DEFAULTS,
+                      section="vision_config")
+
+
+def siglip2_checkpoint_state(spec: TeacherSpec, ckpt: LoadedCheckpoint, depth: int | None = None
+                             ) -> tuple[dict[str, torch.Tensor], str]:
+    """``ckpt``'s weights (for :func:`siglip2_teacher_from_state`) and their layout, ``"hf"`` or ``"timm"``; a
+    transformers config.json is checked against ``spec`` (at ``depth`` blocks when given)."""
+    if not is_hf_layout(ckpt.state):
+        return ckpt.state, "timm"
+    check_not_naflex({}, ckpt.config, ckpt.source)
+    check_hf_config(ckpt.config, siglip2_hf_expected(spec, depth), spec.name, ckpt.source)
+    return ckpt.state, HF_FORMAT
 
 
 class Siglip2Teacher(Teacher):
@@ -170,15 +208,18 @@ def siglip2_teacher_from_state(spec: TeacherSpec, state: Mapping[str, torch.Tens
     # The strict load fills every tensor (the model has no buffers): skip the random initialisation.
     vit = create_siglip2_vit(spec.arch, depth, device="meta").to_empty(device="cpu")
     layout = "Hugging Face" if is_hf_layout(state) else "timm"
-    try:
-        converted = siglip2_timm_state(state)
-    except CheckpointError as exc:
-        raise CheckpointError(f"checkpoint {source} ({layout} layout): {exc}") from exc
+    converted = siglip2_timm_state(state, f"{source} ({layout} layout)")
     load_state_dict_strict(vit, converted, f"{source} ({layout} layout, compared in timm names)")
     return Siglip2Teacher(spec, vit)
 
 
 def build_siglip2_teacher(spec: TeacherSpec, checkpoint: Path | None) -> Siglip2Teacher:
-    """Factory of the ``siglip2_*`` names: a ``.safetensors``/``.pth``/``.bin`` state dict in either layout."""
-    state = find_state_dict(read_checkpoint(checkpoint)) if checkpoint is not None else None
-    return siglip2_teacher_from_state(spec, state, str(checkpoint))
+    """Factory of the ``siglip2_*`` names: a ``.safetensors``/``.pth``/``.bin`` state dict in either layout, or a
+    Hugging Face folder."""
+    if checkpoint is None:
+        return siglip2_teacher_from_state(spec, None, "random weights")
+    ckpt = load_checkpoint(checkpoint)
+    state, layout = siglip2_checkpoint_state(spec, ckpt)
+    teacher = siglip2_teacher_from_state(spec, state, ckpt.source)
+    teacher.checkpoint_format = layout
+    return teacher

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..errors import CheckpointError
+from .checkpoint_files import check_checkpoint_path
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -44,8 +44,6 @@ class TeacherSpec:
 
 
 def check_checkpoint_file(path: str | Path) -> Path:
-    """``path`` as a :class:`Path`; a :class:`CheckpointError` unless it is a file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint not found: {path}")
-    return path
+    """``path`` as a :class:`Path`; a :class:`CheckpointError` unless it is a file or a Hugging Face model folder
+    (:func:`.checkpoint_files.check_checkpoint_path`)."""
+    return check_checkpoint_path(path)

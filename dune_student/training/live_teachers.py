@@ -20,7 +20,7 @@ log = logging.getLogger("dune_student.training.trainer")  # its messages belong 
 
 def load_live_teachers(cfg: TrainConfig, reader: CacheReader, device: torch.device) -> dict[str, nn.Module]:
     """The cache's teachers, from checkpoints whose sha256 must equal the cache's provenance."""
-    from dune_cache import file_sha256
+    from dune_cache import checkpoint_sha256, file_sha256
 
     teachers = {}
     for t in reader.teachers:
@@ -34,7 +34,7 @@ def load_live_teachers(cfg: TrainConfig, reader: CacheReader, device: torch.devi
         if path is None:
             raise DataError(f"teacher_checkpoints.{t}: required with live_teachers "
                             f"(the cache was made from {prov['checkpoint']['file']})")
-        if file_sha256(Path(path)) != prov["checkpoint"]["sha256"]:
+        if checkpoint_sha256(Path(path), file_sha256) != prov["checkpoint"]["sha256"]:
             raise DataError(f"teacher_checkpoints.{t}: {path} is not the checkpoint the cache was made with "
                             f"(sha256 differs from {prov['checkpoint']['sha256']})")
         teachers[t] = create_teacher(prov["teacher"]["name"], path).to(device)

@@ -1,4 +1,5 @@
-"""``dune-cache``: list teachers, extract features, inspect, verify, repair, catalog, recompress and picture caches."""
+"""``dune-cache``: list teachers, extract features, inspect, verify, repair, catalog, recompress and picture caches;
+convert a trusted checkpoint to safetensors."""
 from __future__ import annotations
 
 import json
@@ -338,6 +339,26 @@ def recompress(
         typer.echo(f"[{r.teacher}] {r.done}/{r.images} images -> {out}/{r.teacher}: {r.bytes_before / 2**20:.2f} MiB "
                    f"-> {r.bytes_after / 2**20:.2f} MiB ({r.ratio:.2f}x smaller)")
 
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint(
+    source: Path = typer.Argument(..., metavar="IN", help="Checkpoint that the safe loader refuses (.pth, .pt, ...)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="The .safetensors file to write."),
+    trust_this_file: bool = typer.Option(False, "--trust-this-file", help="Required: you vouch for IN, which is "
+                                         "loaded with full unpickling (it can run code)."),
+) -> None:
+    """Convert a checkpoint you trust into one safetensors file that every command loads without running code
+    (tensors, plus the file's other plain fields as JSON; objects without a plain form are listed and left out)."""
+    from .commands.convert_checkpoint import convert_checkpoint as run_convert
+    from .commands.convert_checkpoint import summary_lines
+
+    try:
+        result = run_convert(source, out, trust_this_file)
+    except USER_ERRORS as exc:
+        fail(exc)
+    for line in summary_lines(result):
+        typer.echo(line)
 
 
 @app.command("add-images")

@@ -41,6 +41,7 @@ from ..format.rows import contiguous_runs
 from ..format.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
 from ..images.manifest import load_manifest
 from ..teachers import TeacherSpec, create_teacher
+from ..teachers.base import read_checkpoint
 from ..teachers.geometry import resolve_geometry
 from ..teachers.registry import get_spec
 from .verify import VerifyReport, checked_arrays, verify_teacher
@@ -157,7 +158,8 @@ def teacher_spec(name: str, checkpoint: Path) -> TeacherSpec:
 
 def check_inputs(store: TeacherStore, extraction: ExtractConfig, group: str) -> None:
     """Refuse (writing nothing) when the re-extraction would not reproduce the group: another checkpoint
-    (sha256), another image list (manifest sha256), or settings that no longer resolve to the recorded ones."""
+    (sha256), another image list (manifest sha256), settings that no longer resolve to the recorded ones, or a
+    checkpoint the safe loader refuses (it pickles objects beyond weights: docs/security.md)."""
     spec = teacher_spec(extraction.teacher, extraction.checkpoint)
     geometry = resolve_geometry(spec, extraction.resolution, extraction.student_patch,
                                 extraction.student_resolution, extraction.resize)
@@ -172,6 +174,7 @@ def check_inputs(store: TeacherStore, extraction: ExtractConfig, group: str) -> 
             f"{extraction.out}/{group}: re-extracting with checkpoint {extraction.checkpoint} and images "
             f"{extraction.images} would not reproduce this group, so nothing was changed (give the original "
             "files with --checkpoint / --images):\n  " + "\n  ".join(diffs))
+    read_checkpoint(extraction.checkpoint)  # loads safely or refuses (CheckpointError) before anything is reset
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,10 +5,7 @@ normalises them itself and returns :class:`TeacherOutput`.
 """
 from __future__ import annotations
 
-import argparse
 import functools
-import logging
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -18,9 +15,8 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .blocks import NO_BLOCKS
+from .checkpoint_io import load_torch_file, read_safetensors
 from .spec import TeacherSpec, check_checkpoint_file
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -159,21 +155,17 @@ def tokens_to_output(tokens: torch.Tensor, num_prefix: int, num_registers: int, 
 
 
 def read_checkpoint(path: str | Path) -> Mapping:
-    """Load a checkpoint file (``.pth``/``.pt``/``.bin`` via torch, ``.safetensors``) on CPU."""
+    """Load a checkpoint file on CPU without executing anything it holds (:mod:`.checkpoint_io`): ``.safetensors``
+    (a ``convert-checkpoint`` file comes back as the structure it was converted from), anything else through
+    ``torch.load(weights_only=True)`` with the plain types release files hold. A file that needs more is a
+    :class:`CheckpointError` naming what it holds and ``dune-cache convert-checkpoint``."""
     path = check_checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        # MASt3R/DUSt3R/CroCo checkpoints pickle an argparse Namespace under 'args': allow it in the safe loader.
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            log.warning("%s holds objects beyond tensors (%s); loading it with full unpickling", path,
-                        str(exc).splitlines()[0])
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return read_safetensors(path)
+        return load_torch_file(path)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is a checkpoint problem
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
 

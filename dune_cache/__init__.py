@@ -59,6 +59,7 @@ _LAZY = {
     "create_teacher": "teachers", "register_teacher": "teachers", "register_prefix": "teachers",
     "get_spec": "teachers", "list_teachers": "teachers", "TeacherSpec": "teachers", "Teacher": "teachers",
     "TeacherOutput": "teachers", "load_state_dict_strict": "teachers.base", "sak_blocks": "teachers.blocks",
+    "plain_copy": "teachers.checkpoint_io", "weights_only_refusal": "teachers.checkpoint_io",
     # pictures of token grids
     "Panel": "viz.pictures", "ShowResult": "viz.pictures", "feature_columns": "viz.pictures",
     "sample_paths": "viz.pictures", "select_samples": "viz.pictures", "write_pictures": "viz.pictures",

@@ -130,8 +130,7 @@ def copy_units(source: TeacherStore, target: TeacherStore, status: np.ndarray, f
         target.write_rows(rows, source.read_features("cls", rows), source.read_features("patch", rows), views,
                           levels={n: source.read_features(n, rows) for n in levels})
     for unit in units:
-        target.write_unit_failures(unit, failures.get(unit, []))
-        target.write_unit_status(unit, status)
+        target.commit_unit(unit, status, failures.get(unit, []), [])
     return hi - lo
 
 

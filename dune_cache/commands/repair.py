@@ -227,14 +227,12 @@ def reset_images(store: TeacherStore, images: list[int]) -> None:
     per = store.images_per_unit
     units = sorted({i // per for i in images})
     status = store.read_status()
+    stored = store.read_failures(units, stale=True)
     status[images] = STATUS_PENDING
-    for unit in units:
-        store.write_unit_status(unit, status)
+    for unit in units:  # the status first (records of images no longer failed are removed after it)
+        of_unit = [r for r in stored if r["index"] // per == unit]
+        store.commit_unit(unit, status, [r for r in of_unit if status[r["index"]] == STATUS_FAILED], of_unit)
     clear_rows(store, images)
-    chosen = set(images)
-    records = [r for r in store.read_failures() if r["index"] not in chosen]
-    for unit in units:
-        store.write_unit_failures(unit, [r for r in records if r["index"] // per == unit])
 
 
 def apply_repair(cfg: RepairConfig, plan: GroupRepair) -> None:

@@ -20,13 +20,16 @@ class FeatureWriter:
     owning whole objects (images, or shards); its failure records and status chunks follow once all have landed."""
 
     def __init__(self, store: TeacherStore, status: np.ndarray, records: list[dict], manifest: ImageManifest,
-                 threads: int = 1, max_pending: int = 3):
-        """``status`` ``(N,)`` and failure ``records``: those of the units this process owns and alone writes
-        (:meth:`TeacherStore.read_unit_state`)."""
+                 threads: int = 1, max_pending: int = 3, stored: list[dict] | None = None):
+        """``status`` ``(N,)``, failure ``records`` and the records ``stored`` (``None``: ``records``): those of the
+        units this process owns and alone writes (:meth:`TeacherStore.read_unit_state`)."""
         self.store, self.status, self.manifest, self.threads = store, status, manifest, threads
-        self.failures: dict[int, dict[int, dict]] = {}
+        self.failures: dict[int, dict[int, dict]] = {}  # unit -> image -> record, as they are to be
+        self.stored: dict[int, list[dict]] = {}  # unit -> its records as the store holds them
         for record in records:
             self.failures.setdefault(record["index"] // store.images_per_unit, {})[record["index"]] = record
+        for record in records if stored is None else stored:
+            self.stored.setdefault(record["index"] // store.images_per_unit, []).append(record)
         self.queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self.error: BaseException | None = None
         self.pool = (ThreadPoolExecutor(threads - 1, thread_name_prefix="dune-cache-writer-pool")
@@ -76,5 +79,6 @@ class FeatureWriter:
             unit_failures = self.failures.get(unit, {})
             for index in [i for i in unit_failures if self.status[i] == STATUS_DONE]:
                 del unit_failures[index]  # a retried image that now succeeded
-            self.store.write_unit_failures(unit, [unit_failures[i] for i in sorted(unit_failures)])
-            self.store.write_unit_status(unit, self.status)
+            records = [unit_failures[i] for i in sorted(unit_failures)]
+            self.store.commit_unit(unit, self.status, records, self.stored.get(unit, []))
+            self.stored[unit] = records

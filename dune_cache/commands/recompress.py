@@ -85,7 +85,7 @@ def target_storage(source: dict, cfg: RecompressConfig) -> StorageConfig:
 def target_provenance(source: TeacherStore, cache: str, storage: StorageConfig) -> dict:
     """The source's provenance with the new ``storage`` and a ``recompressed`` record of where it came from."""
     meta = dict(source.provenance)
-    meta["recompressed"] = {"from": cache, "storage": meta["storage"], "by": f"dune_cache {__version__}",
+    meta["recompressed"] = {"from": location.redact(cache), "storage": meta["storage"], "by": f"dune_cache {__version__}",
                             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     meta["storage"] = storage.to_json()
     return meta

@@ -129,7 +129,6 @@ class Trainer:
                                   input_plan(cfg, self.device), self.rank, self.world)
         self.workers = default_num_workers(self.device) if cfg.data.num_workers < 0 else cfg.data.num_workers
         self.out = Path(cfg.out)
-        self.checkpointer = Checkpointer(self.out / CHECKPOINT)
         self.step = 0
         self.saved_step: int | None = None  # step of the checkpoint in self.out (None: none yet)
         self.damaged_targets = 0  # (sample, teacher) targets left out as damaged over the whole run, all ranks
@@ -146,6 +145,11 @@ class Trainer:
                 "device": str(self.device)}
 
     # ---- checkpoints (written, read, checked and restored by runs.checkpoint.Checkpointer) ----
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """Writes and reads ``out/checkpoint.pt``."""
+        return Checkpointer(self.out / CHECKPOINT)
+
     def modules(self) -> RunModules:
         """The modules a checkpoint saves and restores."""
         return RunModules(self.student, self.heads, self.standardizer, self.optimizer, self.scheduler, self.sak)

@@ -53,17 +53,20 @@ _LAZY = {
     "Encoding": "encodings", "run_extraction": "extract.pipeline",
     # images
     "ImageManifest": "images.manifest", "load_manifest": "images.manifest", "image_files": "images.manifest",
-    "load_pixels": "images.decode", "open_rgb": "images.decode", "crop_view": "images.views",
+    "load_pixels": "images.decode", "open_rgb": "images.decode", "check_image_header": "images.decode",
+    "crop_view": "images.views",
     "decode_size": "images.views",
     # teachers
     "create_teacher": "teachers", "register_teacher": "teachers", "register_prefix": "teachers",
     "get_spec": "teachers", "list_teachers": "teachers", "checkpoint_sha256": "teachers.checkpoint_files", "TeacherSpec": "teachers", "Teacher": "teachers",
     "TeacherOutput": "teachers", "load_state_dict_strict": "teachers.base", "sak_blocks": "teachers.blocks",
+    "plain_copy": "teachers.checkpoint_io", "weights_only_refusal": "teachers.checkpoint_io",
     # pictures of token grids
     "Panel": "viz.pictures", "ShowResult": "viz.pictures", "feature_columns": "viz.pictures",
     "sample_paths": "viz.pictures", "select_samples": "viz.pictures", "write_pictures": "viz.pictures",
+    "unreachable": "viz.pictures",
     # shared plumbing (dune_student's command line and jobs use it too)
-    "is_remote": "storage.urls", "resolve_chunk_cache": "storage.chunk_cache",
+    "is_remote": "storage.urls", "redact_url": "utils.redaction", "resolve_chunk_cache": "storage.chunk_cache",
     "fail": "utils.console", "new_app": "utils.console", "setup_logging": "utils.console",
     "disk_full_error": "utils.interrupt", "pick_device": "utils.runtime", "default_num_workers": "utils.runtime",
     "file_sha256": "utils.hashing", "installed_package_file": "utils.resources",

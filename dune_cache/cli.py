@@ -1,4 +1,5 @@
-"""``dune-cache``: list teachers, extract features, inspect, verify, repair, catalog, recompress and picture caches."""
+"""``dune-cache``: list teachers, extract features, inspect, verify, repair, catalog, recompress and picture caches;
+convert a trusted checkpoint to safetensors."""
 from __future__ import annotations
 
 import json
@@ -20,10 +21,12 @@ from .config import (
     ViewSampling,
 )
 from .errors import CheckpointError, GeometryError, Interrupted, ManifestError, NonFiniteFeaturesError, StoreError
+from .storage.urls import redact
 from .teachers import UnknownTeacherError, list_prefixes, list_teachers, prefix_form
 from .teachers.blocks import parse_blocks
 from .teachers.spec import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 from .utils.console import fail, new_app, setup_logging
+from .utils.redaction import redact_text
 
 app = new_app(__doc__)
 NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5", (CLIP_MEAN, CLIP_STD): "clip"}
@@ -135,7 +138,7 @@ def extract(
     except USER_ERRORS as exc:
         fail(exc)
     except Interrupted as exc:
-        typer.secho(str(exc), fg=typer.colors.YELLOW, err=True)
+        typer.secho(redact_text(str(exc)), fg=typer.colors.YELLOW, err=True)
         raise typer.Exit(exc.exit_code)
     typer.echo(f"{result.group}: {result.processed} images extracted, {result.failed} failed "
                f"({result.images_per_s:.1f} img/s); cache has {result.total} images")
@@ -225,7 +228,7 @@ def stats(cache: str = typer.Argument(..., help="Cache root."),
             result = compute_stats(cache, name, sample=sample)
             write_stats(cache, name, result)
             scale = float(np.linalg.norm(result.phis_matrix[0]))
-            typer.echo(f"[{name}] {result.count} images (of {result.done} done) -> {cache}/{name}/stats")
+            typer.echo(f"[{name}] {result.count} images (of {result.done} done) -> {redact(cache)}/{name}/stats")
             for label, mean, std in (("cls", result.cls_mean, result.cls_std),
                                      ("patch", result.patch_mean, result.patch_std)):
                 typer.echo(f"  {label:6} |mean| max {np.abs(mean).max():.4g}, std min/median/max "
@@ -275,7 +278,7 @@ def list_caches(root: str = typer.Argument(..., help="Folder or fsspec URL (s3:/
     if as_json:
         typer.echo(json.dumps(catalog_json(entries), indent=2))
     elif not entries:
-        typer.echo(f"no caches under {root} (searched {depth} levels deep)")
+        typer.echo(f"no caches under {redact(root)} (searched {depth} levels deep)")
     else:
         typer.echo("\n".join(table_lines(entries)))
 
@@ -340,9 +343,29 @@ def recompress(
     except USER_ERRORS as exc:
         fail(exc)
     for r in results:
-        typer.echo(f"[{r.teacher}] {r.done}/{r.images} images -> {out}/{r.teacher}: {r.bytes_before / 2**20:.2f} MiB "
+        typer.echo(f"[{r.teacher}] {r.done}/{r.images} images -> {redact(out)}/{r.teacher}: {r.bytes_before / 2**20:.2f} MiB "
                    f"-> {r.bytes_after / 2**20:.2f} MiB ({r.ratio:.2f}x smaller)")
 
+
+
+@app.command("convert-checkpoint")
+def convert_checkpoint(
+    source: Path = typer.Argument(..., metavar="IN", help="Checkpoint that the safe loader refuses (.pth, .pt, ...)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="The .safetensors file to write."),
+    trust_this_file: bool = typer.Option(False, "--trust-this-file", help="Required: you vouch for IN, which is "
+                                         "loaded with full unpickling (it can run code)."),
+) -> None:
+    """Convert a checkpoint you trust into one safetensors file that every command loads without running code
+    (tensors, plus the file's other plain fields as JSON; objects without a plain form are listed and left out)."""
+    from .commands.convert_checkpoint import convert_checkpoint as run_convert
+    from .commands.convert_checkpoint import summary_lines
+
+    try:
+        result = run_convert(source, out, trust_this_file)
+    except USER_ERRORS as exc:
+        fail(exc)
+    for line in summary_lines(result):
+        typer.echo(line)
 
 
 @app.command("add-images")
@@ -368,7 +391,7 @@ def add_images(
     from .format.image_copy import stored_bytes
 
     size = stored_bytes(cache)
-    typer.echo(f"{info.count} images at {info.resolution} px (JPEG quality {info.quality}) -> {cache}/images: "
+    typer.echo(f"{info.count} images at {info.resolution} px (JPEG quality {info.quality}) -> {redact(cache)}/images: "
                f"{size / 2**20:.2f} MiB, {size / max(info.count, 1) / 1e3:.1f} kB per image")
 
 if __name__ == "__main__":  # torchrun -m dune_cache.cli extract ...

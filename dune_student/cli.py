@@ -230,5 +230,27 @@ def route(
     typer.echo(f"routers, picture and export written to {out}")
 
 
+@app.command("convert-run")
+def convert_run(
+    source: Path = typer.Argument(..., metavar="IN", help="Run checkpoint that the safe loader refuses."),
+    out: Path = typer.Argument(..., metavar="OUT", help="Checkpoint to write (its plain contents)."),
+    trust_this_file: bool = typer.Option(False, "--trust-this-file", help="Required: you vouch for IN, which is "
+                                         "loaded with full unpickling (it can run code)."),
+) -> None:
+    """Keep the tensors and plain values of a run checkpoint you trust, in a file every command loads without running
+    code (objects without a plain form are listed and left out)."""
+    try:
+        from .runs.checkpoint import convert_run as run_convert
+
+        dropped, converted = run_convert(source, out, trust_this_file)
+    except _user_errors() as exc:
+        fail(exc)
+    for item in converted:
+        typer.echo(f"  converted {item['path']}: {item['type']} kept as {item['as']}")
+    for item in dropped:
+        typer.echo(f"  dropped {item['path']}: {item['type']} has no plain form, left out")
+    typer.echo(f"run checkpoint written to {out}")
+
+
 if __name__ == "__main__":  # torchrun -m dune_student.cli train ...
     app()

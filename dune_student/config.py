@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dune_cache import is_remote
+from dune_cache import is_remote, redact_url
 
 from .errors import ConfigError
 
@@ -362,4 +362,8 @@ def loss_terms(cfg: TrainConfig) -> tuple[float, float, str]:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict:
-    return dataclasses.asdict(cfg)
+    """The config as plain values, as a run records it (config.json, checkpoint.pt) and compares it on resume:
+    ``data.cache`` with any credentials in its URL redacted (docs/security.md)."""
+    data = dataclasses.asdict(cfg)
+    data["data"]["cache"] = redact_url(data["data"]["cache"])
+    return data

@@ -49,6 +49,7 @@ def run_app(module: str, *args: str) -> tuple[int, list[str], list[str]]:
     ("dune_cache.cli", ["teachers"]),
     ("dune_cache.cli", ["teachers", "--offline"]),
     ("dune_cache.cli", ["teachers", "--path", "mobilenet_v2"]),
+    ("dune_cache.cli", ["convert-checkpoint", "--help"]),
     ("dune_student.cli", ["--help"]),
     ("dune_student.cli", ["train", "--help"]),
 ])
@@ -90,6 +91,14 @@ def test_extract_flag_errors_are_one_line_before_torch(args, message):
                                  *args)
     assert (code, heavy) == (2, [])
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_convert_checkpoint_without_the_trust_flag_refuses_before_torch(tmp_path):
+    source = tmp_path / "their.pth"
+    source.write_bytes(b"a pickle from someone else")
+    code, heavy, lines = run_app("dune_cache.cli", "convert-checkpoint", str(source), str(tmp_path / "x.safetensors"))
+    assert (code, heavy) == (2, [])
+    assert len(lines) == 1 and "run it again with --trust-this-file" in lines[0], lines
 
 
 def test_the_config_lists_what_the_model_and_reader_build():

@@ -1,6 +1,8 @@
 """A kill at any instant: the extraction is stopped at every store write boundary in turn (each object written or
 deleted is one), then the same command is run again, and the store must be exactly the one an uninterrupted run
-makes: the same objects with the same bytes (provenance up to its creation time), and ``verify`` passes.
+makes: the same objects with the same bytes (provenance up to its creation time), and ``verify`` passes. Before the
+re-run, every image the killed store marks failed has its failure record (``info`` and ``verify`` in between see no
+unexplained failure).
 
 Local stores write each object atomically (zarr's LocalStore: a temporary file renamed into place) and object
 stores put whole objects, so the instants between two writes are all the instants a kill can leave behind."""
@@ -11,13 +13,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zarr.storage
-
-from dune_cache.extract.pipeline import run_extraction
-from dune_cache.commands.verify import verify_cache
-
 from test_extract import config, images  # noqa: F401 - the images fixture: 6 photos and 3 unusable files
+
+from dune_cache.commands.verify import verify_cache
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.format.store import STATUS_FAILED, TeacherStore
 
 TEACHER = "tiny_test_teacher"
 WRITES = ("_set", "set_sync", "delete", "delete_dir", "delete_sync", "clear")
@@ -75,8 +78,18 @@ def store_objects(root: Path) -> dict[str, object]:
     return objects
 
 
+def unexplained_failures(out: Path) -> list[int]:
+    """Images marked failed that have no failure record in the store as a kill left it (what ``info`` and
+    ``verify`` see before a resume): there must be none at any instant."""
+    store = TeacherStore.open_if_complete(str(out), TEACHER, mode="r")
+    if store is None:  # killed before the group was complete: nothing is marked yet
+        return []
+    recorded = {r["index"] for r in store.read_failures(stale=True)}
+    return sorted(set(np.flatnonzero(store.read_status() == STATUS_FAILED).tolist()) - recorded)
+
+
 @pytest.mark.parametrize("batch_size, writer_threads, shard_images, writes", [
-    (1, 1, 0, 60),  # unit 1 records 2 failures in turn
+    (1, 1, 0, 50),  # unit 1 records 2 failures in turn (each record update one object)
     (3, 2, 0, 40),  # a pool writes each batch's features (in any order), then its units' failures and status
     (2, 1, 4, 12),  # shards of 4 images: each unit gathered over batches, then written once
     (3, 2, 4, 12),  # ... by a pool, each array of a unit by one thread
@@ -97,6 +110,7 @@ def test_a_kill_at_every_write_boundary_resumes_into_the_reference_store(tmp_pat
         with killed_at_write(at), pytest.raises((Killed, RuntimeError)) as died:
             run_extraction(replace(cfg, out=str(out)))
         assert isinstance(died.value, Killed) or isinstance(died.value.__cause__, Killed), died.value
+        assert unexplained_failures(out) == [], f"killed before write {at + 1}: failed images without a record"
         result = run_extraction(replace(cfg, out=str(out)))  # the same command again
         assert result.total == 9
         got = store_objects(out)

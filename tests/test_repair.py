@@ -130,7 +130,7 @@ def test_lost_failure_record_is_restored(tmp_path, images, tiny_checkpoint):
     clean, out = tmp_path / "clean.zarr", tmp_path / "cache.zarr"
     extract(images, clean, tiny_checkpoint)
     extract(images, out, tiny_checkpoint)
-    shutil.rmtree(out / GROUP / "failures" / "unit_00000000")
+    shutil.rmtree(out / GROUP / "failures" / "records_00000000")
     checked = verify(out)
     assert checked.exit_code == 1 and "1 images differ between failed status and failure records" in checked.output
 

@@ -216,7 +216,7 @@ def test_sak_training_distils_levels_checkpoints_paths_and_refuses_other_heads(s
     trainer, result, out = sak_run
     assert trainer.sak.pairs == {f"timm-{TIMM_TEACHER}": [(2, 2), (5, 5), (8, 8), (11, 11)], "tiny_test_teacher": []}
     assert result.steps == 3 and torch.isfinite(torch.tensor(result.final_loss))
-    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)
     adapters = [k for k in ckpt["heads"] if ".path.adapters." in k]
     assert len(adapters) == 2 * 13 * 5  # 2 teachers x 13 adapters x (down w/b, up w/b, scale)
     scales = [v.item() for k, v in ckpt["heads"].items() if k.endswith(".scale")]

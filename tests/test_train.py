@@ -95,8 +95,8 @@ def test_resume_continues_bit_for_bit(tmp_path, cache, real_image_dir, monkeypat
     assert resumed.step == 6
     for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
-    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["optimizer"]["state"]
+    a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)["optimizer"]["state"]
     assert all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
 
 
@@ -189,7 +189,7 @@ def test_ddp_under_torchrun_on_cpu(tmp_path, cache, real_image_dir):
                            str(free_port()), "-m", "dune_student.cli", "train", *args],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]

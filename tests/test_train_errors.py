@@ -121,7 +121,7 @@ def test_eval_and_export_name_a_file_that_is_no_run_checkpoint_or_does_not_fit_i
     not_a_pickle = tmp_path / "notes.pt"
     not_a_pickle.write_text("not a checkpoint\n")
     resized = tmp_path / "resized.pt"
-    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     ckpt["config"]["student"]["arch"] = "vit_small"  # its weights are vit_tiny's
     torch.save(ckpt, resized)
     cases = [
@@ -144,10 +144,10 @@ def test_a_full_disk_while_checkpointing_is_one_paragraph_and_keeps_the_last_che
         tmp_path, cache, real_image_dir, monkeypatch):
     import errno
 
-    import dune_student.runs.control as run_control
+    import dune_student.runs.checkpoint as run_checkpoint
 
     out = tmp_path / "run"
-    real_save, saves = run_control.torch.save, []
+    real_save, saves = run_checkpoint.torch.save, []
 
     def disk_fills_at_second_checkpoint(state, file):
         saves.append(state["step"])
@@ -155,12 +155,12 @@ def test_a_full_disk_while_checkpointing_is_one_paragraph_and_keeps_the_last_che
             raise OSError(errno.ENOSPC, "No space left on device", str(out / "checkpoint.pt.tmp"))
         return real_save(state, file)
 
-    monkeypatch.setattr(run_control.torch, "save", disk_fills_at_second_checkpoint)
+    monkeypatch.setattr(run_checkpoint.torch, "save", disk_fills_at_second_checkpoint)
     result = CliRunner().invoke(app, train_args(cache, real_image_dir, out))
     assert_one_paragraph_error(result, f"no space left on the device writing {out / 'checkpoint.pt.tmp'}.",
                                "The last complete checkpoint is kept.", "re-run the same command to resume")
-    assert torch.load(out / "checkpoint.pt", weights_only=False)["step"] == 3
-    monkeypatch.setattr(run_control.torch, "save", real_save)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    monkeypatch.setattr(run_checkpoint.torch, "save", real_save)
     resumed = CliRunner().invoke(app, train_args(cache, real_image_dir, out))
     assert resumed.exit_code == 0 and "trained 3 steps in this session (6 of 6 in total)" in resumed.output, \
         resumed.output

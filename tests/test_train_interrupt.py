@@ -15,8 +15,8 @@ import torch
 from typer.testing import CliRunner
 
 from dune_cache.errors import Interrupted
-import dune_student.training.trainer as train_module
 from dune_student.cli import app
+from dune_student.runs.checkpoint import Checkpointer
 from dune_student.runs.control import CheckpointSchedule
 from dune_student.training.trainer import Trainer
 from test_train import TINY_STUDENT, cache, config  # noqa: F401 - cache: the tiny-teacher cache fixture
@@ -26,7 +26,7 @@ LONG_RUN = [f"steps={STEPS}", "checkpoint_every=1000"]  # one checkpoint, at the
 
 
 def checkpoint(run_dir: Path) -> dict:
-    return torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)
 
 
 def assert_same_training_state(a: dict, b: dict) -> None:
@@ -105,7 +105,7 @@ def test_a_signal_during_a_step_finishes_it_checkpoints_it_and_the_resumed_run_i
 
 def test_a_second_signal_stops_at_once_but_lets_a_checkpoint_being_written_finish(
         tmp_path, cache, real_image_dir, monkeypatch):
-    real_step, real_write = Trainer.train_step, train_module.write_atomically
+    real_step, real_write = Trainer.train_step, Checkpointer.write
     calls = {"n": 0}
 
     def signalled_in_second_step(self, batch):
@@ -115,12 +115,12 @@ def test_a_second_signal_stops_at_once_but_lets_a_checkpoint_being_written_finis
             os.kill(os.getpid(), signal.SIGTERM)
         return real_step(self, batch)
 
-    def signalled_again_while_writing(state, path):
+    def signalled_again_while_writing(self, state):
         os.kill(os.getpid(), signal.SIGTERM)
-        real_write(state, path)
+        real_write(self, state)
 
     monkeypatch.setattr(Trainer, "train_step", signalled_in_second_step)
-    monkeypatch.setattr(train_module, "write_atomically", signalled_again_while_writing)
+    monkeypatch.setattr(Checkpointer, "write", signalled_again_while_writing)
     with pytest.raises(Interrupted, match="SIGTERM again: stopped at once; the run directory keeps its last "
                                           "checkpoint") as stopped:
         Trainer(config(cache, real_image_dir, tmp_path / "run", *LONG_RUN)).run()

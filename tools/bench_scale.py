@@ -111,12 +111,12 @@ def fill_group(images: Path, out: Path, shard_images: int, batch: int) -> dict:
     store = TeacherStore.open_or_create(str(out), TEACHER, provenance, manifest, geometry.grid, spec.embed_dim,
                                         cfg.storage)
     units = list(range(store.num_units))
-    status, records = store.read_unit_state(units)
+    status, records, stored = store.read_unit_state(units)
     setup = {"wall_s": time.perf_counter() - start, "cpu_s": cpu_seconds() - cpu}
     rng = np.random.default_rng(0)
     grid_values = rng.normal(size=(batch, *geometry.grid, spec.embed_dim)).astype(np.float16)
     start, cpu = time.perf_counter(), cpu_seconds()
-    writer = FeatureWriter(store, status, records, manifest)
+    writer = FeatureWriter(store, status, records, manifest, stored=stored)
     for lo in range(0, len(manifest), batch):
         indices = np.arange(lo, min(lo + batch, len(manifest)))
         patch = grid_values[: len(indices)]

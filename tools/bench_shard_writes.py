@@ -53,9 +53,9 @@ def write_group(root: Path, features: np.ndarray, cls: np.ndarray, batch: int, s
     provenance = build_provenance(spec, None, manifest, "synthetic", geometry, storage)
     store = TeacherStore.create(str(root), "bench", provenance, manifest, (h, w), dim, storage)
     todo = np.arange(n)
-    status, records = store.read_unit_state(list(range(store.num_units)))
+    status, records, stored = store.read_unit_state(list(range(store.num_units)))
     before, start = written_bytes(), time.perf_counter()
-    writer = FeatureWriter(store, status, records, manifest, todo=todo if gathered else None)
+    writer = FeatureWriter(store, status, records, manifest, todo=todo if gathered else None, stored=stored)
     for lo in range(0, n, batch):
         rows = np.arange(lo, min(lo + batch, n))
         writer.submit(rows, cls[rows], features[rows], None, [])

@@ -59,6 +59,7 @@ def level_fidelity(checkpoint: Path, cache: Path, images: Path) -> dict:
     from dune_cache.images.decode import load_pixels
     from dune_cache.read.reader import CacheReader
     from dune_student.data.batches import image_paths
+    from dune_student.runs.checkpoint import read_run_checkpoint
     from dune_student.runs.loading import load_run
     from dune_student.model.sak import at_larger_grid
     from dune_student.loss.sak import SAKObjective, level_key
@@ -67,7 +68,7 @@ def level_fidelity(checkpoint: Path, cache: Path, images: Path) -> dict:
     reader = CacheReader(str(cache), run.teachers, levels=True)
     objective = SAKObjective.from_config(run.cfg, reader.blocks, run.student.depth, reader.dims,
                                          {t: True for t in run.teachers})
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["sak_objective"]
+    state = read_run_checkpoint(checkpoint)["sak_objective"]  # weights_only: nothing in the file runs
     objective.load_state_dict(state)
     paths, size = image_paths(reader, str(images)), (run.resolution, run.resolution)
     sums: dict[str, list[list[float]]] = {t: [[0.0, 0.0] for _ in p] for t, p in objective.pairs.items()}

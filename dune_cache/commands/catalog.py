@@ -19,7 +19,8 @@ from ..format.root import teacher_names
 from ..format.store import ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
 from ..storage import location
 from ..storage.location import filesystem
-from ..storage.urls import join
+from ..storage.urls import join, redact
+from ..utils.redaction import redact_text
 
 SHORT_SHA = 12
 
@@ -99,7 +100,7 @@ def describe_group(cache: str, name: str) -> GroupEntry:
     try:
         store = TeacherStore.open(cache, name, mode="r")
     except StoreError as exc:
-        return GroupEntry(group=name, error=str(exc))
+        return GroupEntry(group=name, error=redact_text(str(exc)))
     meta = store.provenance
     counts = np.bincount(store.read_status(), minlength=3)
     geometry, storage = meta["geometry"], meta["storage"]
@@ -118,7 +119,7 @@ def describe_group(cache: str, name: str) -> GroupEntry:
 
 def catalog(root: str, depth: int = 3) -> list[CacheEntry]:
     """Every cache under ``root`` (see :func:`find_caches`) with its teacher groups."""
-    return [CacheEntry(path=cache, groups=[describe_group(cache, name) for name in teacher_names(cache)])
+    return [CacheEntry(path=redact(cache), groups=[describe_group(cache, name) for name in teacher_names(cache)])
             for cache in find_caches(root, depth)]
 
 

@@ -87,7 +87,7 @@ def target_storage(source: dict, cfg: RecompressConfig) -> StorageConfig:
 def target_provenance(source: TeacherStore, cache: str, storage: StorageConfig) -> dict:
     """The source's provenance with the new ``storage`` and a ``recompressed`` record of where it came from."""
     meta = dict(source.provenance)
-    meta["recompressed"] = {"from": cache, "storage": meta["storage"], "by": f"dune_cache {__version__}",
+    meta["recompressed"] = {"from": location.redact(cache), "storage": meta["storage"], "by": f"dune_cache {__version__}",
                             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     meta["storage"] = storage.to_json()
     return meta
@@ -132,8 +132,7 @@ def copy_units(source: TeacherStore, target: TeacherStore, status: np.ndarray, f
         target.write_rows(rows, source.read_features("cls", rows), source.read_features("patch", rows), views,
                           levels={n: source.read_features(n, rows) for n in levels})
     for unit in units:
-        target.write_unit_failures(unit, failures.get(unit, []))
-        target.write_unit_status(unit, status)
+        target.commit_unit(unit, status, failures.get(unit, []), [])
     return hi - lo
 
 

@@ -39,8 +39,9 @@ from ..format.provenance import provenance_differences
 from ..format.root import select_teachers
 from ..format.rows import contiguous_runs
 from ..format.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
-from ..images.manifest import load_manifest
+from ..images.manifest import ImageManifest, confined_path, load_manifest
 from ..teachers import TeacherSpec, create_teacher
+from ..teachers.base import read_checkpoint
 from ..teachers.geometry import resolve_geometry
 from ..teachers.registry import get_spec
 from .verify import VerifyReport, checked_arrays, verify_teacher
@@ -155,13 +156,28 @@ def teacher_spec(name: str, checkpoint: Path) -> TeacherSpec:
         return create_teacher(name, checkpoint).spec
 
 
-def check_inputs(store: TeacherStore, extraction: ExtractConfig, group: str) -> None:
+def check_confined(manifest: ImageManifest, images: Path, group: str) -> None:
+    """A :class:`RepairError` when an image list named by the group's provenance (not by the user) names a file
+    outside its folder: a cache's provenance does not choose which files of this machine repair reads."""
+    base = manifest.base or Path(images).parent
+    outside = [image_id for image_id in manifest.ids if confined_path(base, image_id) is None]
+    if outside:
+        raise RepairError(f"{group}: the image list its provenance names ({images}) lists {len(outside)} image(s) "
+                          f"outside its folder (e.g. {outside[0]!r}: absolute, or with '..'), so nothing was changed; "
+                          "repair reads such paths only from a list you give: pass --images")
+
+
+def check_inputs(store: TeacherStore, extraction: ExtractConfig, group: str, images_from_provenance: bool) -> None:
     """Refuse (writing nothing) when the re-extraction would not reproduce the group: another checkpoint
-    (sha256), another image list (manifest sha256), or settings that no longer resolve to the recorded ones."""
+    (sha256), another image list (manifest sha256), settings that no longer resolve to the recorded ones, or a
+    checkpoint the safe loader refuses (it pickles objects beyond weights: docs/security.md), or
+    ``images_from_provenance`` naming files outside their folder (:func:`check_confined`)."""
     spec = teacher_spec(extraction.teacher, extraction.checkpoint)
     geometry = resolve_geometry(spec, extraction.resolution, extraction.student_patch,
                                 extraction.student_resolution, extraction.resize)
     manifest = load_manifest(extraction.images)
+    if images_from_provenance:
+        check_confined(manifest, extraction.images, group)
     views = extraction.view_sampling.to_json(extraction.views) if extraction.views else None
     levels = levels_section(tuple(extraction.blocks), (store.provenance.get("levels") or {}).get("tokens", ""))
     requested = build_provenance(spec, extraction.checkpoint, manifest, str(extraction.images), geometry,
@@ -172,6 +188,7 @@ def check_inputs(store: TeacherStore, extraction: ExtractConfig, group: str) -> 
             f"{extraction.out}/{group}: re-extracting with checkpoint {extraction.checkpoint} and images "
             f"{extraction.images} would not reproduce this group, so nothing was changed (give the original "
             "files with --checkpoint / --images):\n  " + "\n  ".join(diffs))
+    read_checkpoint(extraction.checkpoint)  # loads safely or refuses (CheckpointError) before anything is reset
 
 
 # ---------------------------------------------------------------------------------------
@@ -189,7 +206,7 @@ def plan_group(cfg: RepairConfig, group: str) -> GroupRepair:
         return GroupRepair(group=group, report=report, images=[], ids=[], extraction=None)
     images = widen_to_objects(store, sorted(report.damaged))
     extraction = extraction_config(cfg, store, group)
-    check_inputs(store, extraction, group)
+    check_inputs(store, extraction, group, images_from_provenance=cfg.images is None)
     ids = store.manifest().ids
     return GroupRepair(group=group, report=report, images=images, ids=[ids[i] for i in images],
                        extraction=extraction)
@@ -224,14 +241,12 @@ def reset_images(store: TeacherStore, images: list[int]) -> None:
     per = store.images_per_unit
     units = sorted({i // per for i in images})
     status = store.read_status()
+    stored = store.read_failures(units, stale=True)
     status[images] = STATUS_PENDING
-    for unit in units:
-        store.write_unit_status(unit, status)
+    for unit in units:  # the status first (records of images no longer failed are removed after it)
+        of_unit = [r for r in stored if r["index"] // per == unit]
+        store.commit_unit(unit, status, [r for r in of_unit if status[r["index"]] == STATUS_FAILED], of_unit)
     clear_rows(store, images)
-    chosen = set(images)
-    records = [r for r in store.read_failures() if r["index"] not in chosen]
-    for unit in units:
-        store.write_unit_failures(unit, [r for r in records if r["index"] // per == unit])
 
 
 def apply_repair(cfg: RepairConfig, plan: GroupRepair) -> None:

@@ -10,7 +10,8 @@ every storage encoding is shown decoded.
 
 Input images are found where the cache's provenance says they were read from (``source.images`` of the
 first group holding the image, a directory or list file; ids resolve against it as at extraction) or
-under ``image_root``. An unreachable
+under ``image_root`` (a folder; or a list file of the user's own, whose paths are taken as they are). Ids come
+from the cache, so one that would leave the folder (absolute, ``..``) is never read. An unreachable
 image is reported and drawn as a placeholder cell; its features are still shown.
 
 The layout helpers (:func:`feature_columns`, :class:`Panel`, :func:`write_pictures`) are shared with
@@ -35,15 +36,19 @@ from ..viz.pictures import (
     placeholder,
     sample_paths,
     select_samples,
+    unreachable,
     write_pictures,
 )
 
 log = logging.getLogger(__name__)
 
 
-def input_panel(path: Path, geometry: dict, label: str) -> tuple[Panel, str | None]:
+def input_panel(path: Path | None, geometry: dict, label: str) -> tuple[Panel, str | None]:
     """The image at ``path`` resized like the cache's ``geometry`` (resolution, resize mode) and a note
-    (``None`` if it was read, else why not: the panel is then a placeholder)."""
+    (``None`` if it was read, else why not: the panel is then a placeholder). ``path`` ``None``: the image is not
+    reachable (:func:`~dune_cache.viz.pictures.sample_paths`), nothing is read."""
+    if path is None:
+        return placeholder("image not\nreachable", label), f"{label}: input image not drawn: {unreachable(label)}"
     try:
         pixels = resize_image(open_rgb(path), tuple(geometry["resolution"]), geometry["resize"])
     except ImageDecodeError as exc:

@@ -9,6 +9,7 @@ import numpy as np
 import zarr
 import zarr.storage
 
+from ..errors import StoreError
 from ..format.root import teacher_names
 from ..format.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
 from ..images.manifest import ImageManifest
@@ -40,46 +41,13 @@ class VerifyReport:
         return not self.problems
 
 
-def check_feature_parts(store: TeacherStore, name: str, lead: tuple[int, ...], grid: tuple[int, ...]) -> list[str]:
-    """Each stored part of feature array ``name`` exists with its shape (``Part.stored_shape(lead, grid)``: per
-    token ``(*lead, *grid, part.last)``) and the part's dtype (for ``none``: ``(*lead, *grid, D)`` in the storage
-    dtype)."""
-    problems = []
-    group = store.group if "/" not in name else store.group[name.rpartition("/")[0]]
-    encoding = store.encoding_of(name)
-    for part in encoding.parts(name):
-        key = name.rpartition("/")[2] + part.suffix
-        label = name + part.suffix
-        if key not in group:
-            problems.append(f"{label} is missing (encoding {encoding.name})")
-            continue
-        array, shape = group[key], part.stored_shape(lead, grid)
-        if tuple(array.shape) != shape:
-            problems.append(f"{label} shape {tuple(array.shape)} != {shape} from provenance")
-        if str(array.dtype) != part.dtype:
-            problems.append(f"{label} dtype {array.dtype} differs from {part.dtype} of provenance "
-                            f"(storage dtype {store.provenance['storage']['dtype']}, encoding {encoding.name})")
-    return problems
-
-
 def check_provenance(store: TeacherStore, manifest: ImageManifest) -> list[str]:
-    """Array shapes, dtypes and ``manifest`` agree with the recorded provenance."""
-    meta, problems = store.provenance, []
-    grid = tuple(meta["geometry"]["grid"])
-    n = meta["images"]["count"]
-    k = store.num_views
-    for name in store.feature_names():  # cls (n, [k,] D), patch (n, [k,] h, w, D), also of each level
-        lead = (n, *((k,) if name.startswith("views/") else ()))
-        problems += check_feature_parts(store, name, lead, grid if name.endswith("patch") else ())
-    if store.views is not None:
-        expected = {"boxes": (n, k, 4), "flip": (n, k)}
-        problems.extend(f"views/{name} shape {tuple(store.views[name].shape)} != {shape} from provenance"
-                        for name, shape in expected.items() if tuple(store.views[name].shape) != shape)
-    if len(manifest) != n:
-        problems.append(f"manifest lists {len(manifest)} images, provenance says {n}")
-    if manifest.sha256 != meta["images"]["manifest_sha256"]:
-        problems.append("manifest sha256 differs from provenance (manifest altered?)")
-    return problems
+    """``manifest`` agrees with the recorded provenance (the arrays' shapes, chunks and dtypes were checked when the
+    store was opened, :func:`dune_cache.format.checks.check_layout`, and its image count when it was read,
+    :meth:`TeacherStore.manifest`)."""
+    if manifest.sha256 != store.provenance["images"]["manifest_sha256"]:
+        return ["manifest sha256 differs from provenance (manifest altered?)"]
+    return []
 
 
 def failure_record_mismatches(store: TeacherStore, status: np.ndarray) -> list[int]:
@@ -209,14 +177,20 @@ def verify_teacher(store: TeacherStore, progress: Callable[[int], None] | None =
 
 
 def verify_cache(root: str, progress_factory=None) -> list[VerifyReport]:
-    """Verify every teacher group of a cache."""
+    """Verify every teacher group of a cache; a group whose metadata the store refuses (it does not describe this
+    format within its limits) is reported as inconsistent."""
     reports = []
     for name in teacher_names(root):
-        store = TeacherStore.open(root, name)
-        bar = progress_factory(name, store.count) if progress_factory else None
-        reports.append(verify_teacher(store, progress=bar.update if bar else None))
-        if bar:
-            bar.close()
+        bar = None
+        try:
+            store = TeacherStore.open(root, name)
+            bar = progress_factory(name, store.count) if progress_factory else None
+            reports.append(verify_teacher(store, progress=bar.update if bar else None))
+        except StoreError as exc:  # metadata the store refuses, or a manifest that does not fit the provenance
+            reports.append(VerifyReport(name=name, problems=[str(exc)], inconsistent=[str(exc)]))
+        finally:
+            if bar:
+                bar.close()
     if not reports:
         reports.append(VerifyReport(name="<root>", problems=[f"{root}: no teacher groups"]))
     return reports

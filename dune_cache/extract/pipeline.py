@@ -222,14 +222,14 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
                                         storage, overwrite=cfg.overwrite, views=cfg.views, encoding=encoding,
                                         creator=creator, level_encodings=level_encodings)
     units = my_units(store.num_units, slot, slots)
-    status, records = store.read_unit_state(units)  # never another slot's objects: they may be mid-write
+    status, records, stored = store.read_unit_state(units)  # never another slot's objects: they may be mid-write
     todo = pending_indices(status, units, store.images_per_unit, cfg.retry_failed)
     log.info("extract %s -> %s/%s: %d images (+%d views each), %d to do in slot %d/%d, %dx%d on %s, encoding %s",
              spec.name, cfg.out, name, len(manifest), cfg.views, len(todo), slot, slots, *geometry.resolution,
              device, store.encoding)
     start = time.perf_counter()
     processed, skipped = 0, []
-    writer = FeatureWriter(store, status, records, manifest, cfg.writer_threads, todo=todo)
+    writer = FeatureWriter(store, status, records, manifest, cfg.writer_threads, stored=stored, todo=todo)
     images = ManifestImages(manifest, todo, geometry, cfg.views, cfg.view_sampling)
     loader = DataLoader(images, batch_size=cfg.batch_size,
                         num_workers=workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",

@@ -11,6 +11,7 @@ import torch
 from .. import __version__
 from ..config import StorageConfig
 from ..images.manifest import ImageManifest
+from ..storage.urls import redact
 from ..teachers import Teacher, TeacherSpec
 from ..teachers.checkpoint_files import checkpoint_section
 from ..teachers.geometry import Geometry
@@ -40,7 +41,8 @@ def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: Image
                    "failures": "failures"},
         "software": {"dune_cache": __version__, "torch": torch.__version__, "timm": timm.__version__,
                      "zarr": zarr.__version__},
-        "source": {"images": source, "checkpoint": str(checkpoint.resolve()) if checkpoint is not None else None},
+        "source": {"images": redact(source),
+                   "checkpoint": redact(str(checkpoint.resolve())) if checkpoint is not None else None},
         "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     if views is not None:

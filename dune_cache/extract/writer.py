@@ -78,13 +78,17 @@ class FeatureWriter:
     """
 
     def __init__(self, store: TeacherStore, status: np.ndarray, records: list[dict], manifest: ImageManifest,
-                 threads: int = 1, max_pending: int = 3, todo: np.ndarray | None = None):
-        """``status`` ``(N,)`` and failure ``records``: those of the units this process owns and alone writes
-        (:meth:`TeacherStore.read_unit_state`)."""
+                 threads: int = 1, max_pending: int = 3, todo: np.ndarray | None = None,
+                 stored: list[dict] | None = None):
+        """``status`` ``(N,)``, failure ``records`` and the records ``stored`` (``None``: ``records``): those of the
+        units this process owns and alone writes (:meth:`TeacherStore.read_unit_state`)."""
         self.store, self.status, self.manifest, self.threads = store, status, manifest, threads
-        self.failures: dict[int, dict[int, dict]] = {}
+        self.failures: dict[int, dict[int, dict]] = {}  # unit -> image -> record, as they are to be
+        self.stored: dict[int, list[dict]] = {}  # unit -> its records as the store holds them
         for record in records:
             self.failures.setdefault(record["index"] // store.images_per_unit, {})[record["index"]] = record
+        for record in records if stored is None else stored:
+            self.stored.setdefault(record["index"] // store.images_per_unit, []).append(record)
         per = store.images_per_unit
         gathered = store.images_per_object > 1 and todo is not None
         self.expected: dict[int, int] = ({} if not gathered else
@@ -175,8 +179,9 @@ class FeatureWriter:
                                   rows.levels)
 
     def _commit(self, rows: Rows) -> None:
-        """Mark the rows' images done and its failed images failed: per unit touched, the failure records, then the
-        status chunk (features first, so that a kill at any instant leaves no image done without its features)."""
+        """Mark the rows' images done and its failed images failed: per unit touched, the failure records and the
+        status chunk in the order :meth:`TeacherStore.commit_unit` keeps consistent (features first, so that a kill
+        at any instant leaves no image done without its features, nor failed without its record)."""
         per = self.store.images_per_unit
         self.status[rows.indices] = STATUS_DONE
         for index, reason, message in rows.failures:
@@ -188,5 +193,6 @@ class FeatureWriter:
             unit_failures = self.failures.get(unit, {})
             for index in [i for i in unit_failures if self.status[i] == STATUS_DONE]:
                 del unit_failures[index]  # a retried image that now succeeded
-            self.store.write_unit_failures(unit, [unit_failures[i] for i in sorted(unit_failures)])
-            self.store.write_unit_status(unit, self.status)
+            records = [unit_failures[i] for i in sorted(unit_failures)]
+            self.store.commit_unit(unit, self.status, records, self.stored.get(unit, []))
+            self.stored[unit] = records

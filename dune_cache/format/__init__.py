@@ -1,7 +1,8 @@
 """What a cache holds on disk (docs/cache-format.md): the teacher group and its read/write access (``store``,
 :class:`~dune_cache.format.store.TeacherStore`), how its arrays are laid out (``layout``), which provenance fields
 define it (``provenance``), its root's groups (``root``), intermediate blocks (``levels``), statistics (``stats``),
-the image copy (``image_copy``) and how a batch of rows is split for writing (``rows``).
+the image copy (``image_copy``), how a batch of rows is split for writing (``rows``) and what a group's metadata must
+say before anything it sizes is read (``checks``: layout and limits, docs/security.md).
 
 May import: :mod:`dune_cache.config`, :mod:`dune_cache.encodings`, :mod:`dune_cache.errors`, :mod:`dune_cache.images`,
 :mod:`dune_cache.storage`. Never the read or write paths, commands or the CLI.

@@ -23,6 +23,7 @@ import numpy as np
 
 from ..errors import ImageCopyError
 from ..storage import location
+from .checks import MAX_COPY_IMAGE_BYTES, MAX_GRID_SIDE, MAX_IMAGES, bounded_int, check_whole_read
 from .root import select_teachers
 from .store import ATTR_KEY, TeacherStore
 
@@ -63,9 +64,12 @@ def read_info(root: str) -> ImageCopyInfo | None:
     if GROUP not in group:
         return None
     attrs = dict(group[GROUP].attrs.get(ATTR_KEY, {}))
+    where = location.join(root, GROUP)
     if attrs.get("kind") != KIND:
-        raise ImageCopyError(f"{location.join(root, GROUP)} is not an image copy (attributes {attrs})")
-    return ImageCopyInfo(resolution=int(attrs["resolution"]), quality=int(attrs["quality"]), count=int(attrs["count"]),
+        raise ImageCopyError(f"{where} is not an image copy (attributes {attrs})")
+    return ImageCopyInfo(resolution=bounded_int(attrs.get("resolution"), 1, MAX_GRID_SIDE * 64, "resolution", where),
+                         quality=bounded_int(attrs.get("quality"), 1, 100, "quality", where),
+                         count=bounded_int(attrs.get("count"), 0, MAX_IMAGES, "count", where),
                          manifest_sha256=str(attrs["manifest_sha256"]), complete=bool(attrs["complete"]))
 
 
@@ -80,18 +84,33 @@ class ImageCopy:
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_arrays": None}
 
-    def read(self, rows: np.ndarray) -> list[bytes]:
-        """The JPEG bytes of manifest ``rows`` ``(B,)`` (an :class:`ImageCopyError` naming a row left empty)."""
+    def arrays(self) -> tuple:
+        """``offsets`` and ``bytes``, opened on first use and checked before anything is read from them: offsets
+        ``(count + 1,)`` integers, bytes one-dimensional uint8, chunks within bounds."""
         if self._arrays is None:
-            self._arrays = (location.open_array(location.join(self.root, GROUP, "offsets")),
-                            location.open_array(location.join(self.root, GROUP, "bytes")))
-        offsets, data = self._arrays
+            where = location.join(self.root, GROUP)
+            offsets = location.open_array(location.join(self.root, GROUP, "offsets"))
+            data = location.open_array(location.join(self.root, GROUP, "bytes"))
+            check_whole_read(offsets, f"{where}/offsets", 8 * (MAX_IMAGES + 1), kinds="i", shape=(self.info.count + 1,))
+            check_whole_read(data, f"{where}/bytes", None, kinds="u", ndim=1)  # read in ranges, never whole
+            self._arrays = (offsets, data)
+        return self._arrays
+
+    def read(self, rows: np.ndarray) -> list[bytes]:
+        """The JPEG bytes of manifest ``rows`` ``(B,)``; an :class:`ImageCopyError` naming a row left empty, or one
+        whose range is not within the stored bytes or longer than :data:`.checks.MAX_COPY_IMAGE_BYTES`."""
+        offsets, data = self.arrays()
         rows = np.asarray(rows, dtype=np.int64)
         ends = offsets.get_coordinate_selection(np.concatenate([rows, rows + 1])).reshape(2, -1)
         empty = rows[ends[1] <= ends[0]]
         if empty.size:
             raise ImageCopyError(f"image copy of {self.root}: row(s) {empty[:5].tolist()} hold no image (unreadable "
                                  "when the copy was made); re-run `dune-cache add-images --overwrite`")
+        bad = rows[(ends[0] < 0) | (ends[1] > data.shape[0]) | (ends[1] - ends[0] > MAX_COPY_IMAGE_BYTES)]
+        if bad.size:
+            raise ImageCopyError(f"image copy of {self.root}: row(s) {bad[:5].tolist()} point outside its bytes or "
+                                 f"at more than {MAX_COPY_IMAGE_BYTES} bytes; the copy is damaged or forged: re-run "
+                                 "`dune-cache add-images --overwrite`")
         return [data[int(a):int(b)].tobytes() for a, b in ends.T]
 
 

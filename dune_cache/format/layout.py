@@ -4,7 +4,7 @@ Only core zarr v3 codecs are used, so zarr-python, tensorstore and other v3 read
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 import zarr
@@ -15,6 +15,7 @@ from ..encodings import Encoding
 from .levels import level_prefix
 
 FLIP_UNWRITTEN = 255  # fill value of ``views/flip``: never written
+STATUS_FILL = 0  # fill value of ``status``: pending (store.STATUS_PENDING)
 
 
 def build_compressors(storage: StorageConfig) -> tuple:
@@ -42,58 +43,129 @@ def part_compressors(storage: StorageConfig, dtype: str) -> tuple:
                  for codec in build_compressors(storage))
 
 
-def create_feature_array(group: zarr.Group, name: str, prefix: tuple[int, ...], inner: tuple[int, ...],
-                         shards: tuple[int, ...] | None, dimension_names: tuple[str, ...], storage: StorageConfig,
-                         encoding: Encoding) -> None:
-    """The stored parts of feature array ``name`` (``cls``, ``patch``, ``views/...``): each ``name + part.suffix``
-    of shape ``(*prefix, part.last)``, chunks ``(*inner, part.last)`` and, when ``shards`` is given, shards
-    ``(*shards, part.last)``; a per-image part (``part.per_image``, patch arrays only) has ``part.rows`` in place of
-    the token grid ``(h, w)`` that ends ``prefix``, ``inner`` and ``shards`` (:meth:`Part.stored_shape`)."""
+@dataclass(frozen=True)
+class ArrayLayout:
+    """One array of a teacher group as the format lays it out: ``path`` relative to the group it is created in
+    (``cls``, ``patch_basis``, ``views/boxes``, ``levels/b5/patch``...), shape, inner chunks, shards (``None``: not
+    sharded), dtype, fill value, dimension names and compressors. What :func:`create_arrays` creates, and what
+    :mod:`dune_cache.format.checks` requires of an existing group before reading it."""
+
+    path: str
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+    shards: tuple[int, ...] | None
+    dtype: str
+    fill: float | int
+    dimension_names: tuple[str, ...]
+    compressors: tuple = ()
+
+
+def within(folder: str, name: str) -> str:
+    """``folder/name`` (``name`` when ``folder`` is empty)."""
+    return f"{folder}/{name}" if folder else name
+
+
+def feature_layouts(name: str, prefix: tuple[int, ...], inner: tuple[int, ...], shards: tuple[int, ...] | None,
+                    dimension_names: tuple[str, ...], storage: StorageConfig, encoding: Encoding,
+                    folder: str = "") -> list[ArrayLayout]:
+    """The stored parts of feature array ``name`` (``cls``, ``patch``, ``views/...``), in ``folder``: each
+    ``name + part.suffix`` of shape ``(*prefix, part.last)``, chunks ``(*inner, part.last)`` and, when ``shards`` is
+    given, shards ``(*shards, part.last)``; a per-image part (``part.per_image``, patch arrays only) has ``part.rows``
+    in place of the token grid ``(h, w)`` that ends ``prefix``, ``inner`` and ``shards`` (:meth:`Part.stored_shape`)."""
     cut = len(prefix) - (2 if name.endswith("patch") else 0)
-    for part in encoding.parts(name):
-        names = (*dimension_names[:cut], "factor", "channel") if part.per_image else dimension_names
-        group.create_array(name.rpartition("/")[2] + part.suffix,
-                           shape=part.stored_shape(prefix[:cut], prefix[cut:]),
-                           chunks=part.stored_shape(inner[:cut], inner[cut:]),
-                           shards=part.stored_shape(shards[:cut], shards[cut:]) if shards else None,
-                           dtype=part.dtype, fill_value=part.fill, compressors=part_compressors(storage, part.dtype),
-                           dimension_names=names)
+    return [ArrayLayout(path=within(folder, name.rpartition("/")[2] + part.suffix),
+                        shape=part.stored_shape(prefix[:cut], prefix[cut:]),
+                        chunks=part.stored_shape(inner[:cut], inner[cut:]),
+                        shards=part.stored_shape(shards[:cut], shards[cut:]) if shards else None,
+                        dtype=part.dtype, fill=part.fill,
+                        dimension_names=(*dimension_names[:cut], "factor", "channel") if part.per_image
+                        else dimension_names,
+                        compressors=part_compressors(storage, part.dtype))
+            for part in encoding.parts(name)]
+
+
+def image_feature_layouts(n: int, grid: tuple[int, int], storage: StorageConfig, encoding: Encoding,
+                          folder: str = "") -> list[ArrayLayout]:
+    """``cls`` ``(n, D)`` and ``patch`` ``(n, h, w, D)`` (of a teacher group, or one of its ``levels/b{k}``
+    subgroups): one image per chunk, ``S`` images per shard with ``storage.shard_images``."""
+    shards = (storage.shard_images,) if storage.shard_images else None
+    return [*feature_layouts("cls", (n,), (1,), shards, ("image", "channel"), storage, encoding, folder),
+            *feature_layouts("patch", (n, *grid), (1, *grid), shards and (*shards, *grid),
+                             ("image", "y", "x", "channel"), storage, encoding, folder)]
+
+
+def view_feature_layouts(n: int, views: int, grid: tuple[int, int], storage: StorageConfig, encoding: Encoding,
+                         folder: str = "") -> list[ArrayLayout]:
+    """``cls`` ``(n, K, D)`` and ``patch`` ``(n, K, h, w, D)`` (of ``views/``, or one of its ``levels/b{k}``
+    subgroups), each part of them: one object per image (or per shard of ``S`` images) holding its K views, one
+    inner chunk per view, so reading one view decodes only that view."""
+    shard_images = storage.shard_images or 1
+    return [*feature_layouts("views/cls", (n, views), (1, 1), (shard_images, views), ("image", "view", "channel"),
+                             storage, encoding, folder),
+            *feature_layouts("views/patch", (n, views, *grid), (1, 1, *grid), (shard_images, views, *grid),
+                             ("image", "view", "y", "x", "channel"), storage, encoding, folder)]
+
+
+SMALL_COMPRESSORS = (zarr.codecs.ZstdCodec(level=3),)  # status, view boxes and flips
+
+
+def view_array_layouts(n: int, views: int, grid: tuple[int, int], storage: StorageConfig, encoding: Encoding,
+                       folder: str = "") -> list[ArrayLayout]:
+    """The arrays of a ``views/`` subgroup: features (:func:`view_feature_layouts`), and boxes and flips, one
+    chunk per work unit, like ``status``."""
+    per = storage.images_per_unit
+    return [*view_feature_layouts(n, views, grid, storage, encoding, folder),
+            ArrayLayout(within(folder, "boxes"), (n, views, 4), (per, views, 4), None, "float32", float("nan"),
+                        ("image", "view", "coordinate"), SMALL_COMPRESSORS),
+            ArrayLayout(within(folder, "flip"), (n, views), (per, views), None, "uint8", FLIP_UNWRITTEN,
+                        ("image", "view"), SMALL_COMPRESSORS)]
+
+
+def status_layout(n: int, storage: StorageConfig) -> ArrayLayout:
+    """``status`` ``(n,)`` uint8, one chunk per work unit."""
+    per = storage.images_per_unit
+    return ArrayLayout("status", (n,), (per,), None, "uint8", STATUS_FILL, ("image",), SMALL_COMPRESSORS)
+
+
+def group_layouts(n: int, grid: tuple[int, int], storage: StorageConfig, encoding: Encoding, views: int,
+                  blocks: tuple[int, ...], level_encodings: dict[int, Encoding]) -> list[ArrayLayout]:
+    """Every array of a teacher group but ``manifest``, the encodings' calibration and the failure records, with
+    paths relative to the group."""
+    layouts = [*image_feature_layouts(n, grid, storage, encoding), status_layout(n, storage)]
+    if views:
+        layouts += view_array_layouts(n, views, grid, storage, encoding, "views")
+    for k in blocks:
+        layouts += image_feature_layouts(n, grid, storage, level_encodings[k], level_prefix(k))
+        if views:
+            layouts += view_feature_layouts(n, views, grid, storage, level_encodings[k], f"views/{level_prefix(k)}")
+    return layouts
+
+
+def create_arrays(group: zarr.Group, layouts: list[ArrayLayout]) -> None:
+    """Create each of ``layouts`` in ``group`` (their folders must exist)."""
+    for layout in layouts:
+        folder, _, name = layout.path.rpartition("/")
+        (group[folder] if folder else group).create_array(
+            name, shape=layout.shape, chunks=layout.chunks, shards=layout.shards, dtype=layout.dtype,
+            fill_value=layout.fill, compressors=layout.compressors, dimension_names=layout.dimension_names)
 
 
 def create_image_features(group: zarr.Group, n: int, grid: tuple[int, int], storage: StorageConfig,
                           encoding: Encoding) -> None:
-    """``cls`` ``(n, D)`` and ``patch`` ``(n, h, w, D)`` of ``group`` (a teacher group, or one of its
-    ``levels/b{k}`` subgroups): one image per chunk, ``S`` images per shard with ``storage.shard_images``."""
-    shards = (storage.shard_images,) if storage.shard_images else None
-    create_feature_array(group, "cls", (n,), (1,), shards, ("image", "channel"), storage, encoding)
-    create_feature_array(group, "patch", (n, *grid), (1, *grid), shards and (*shards, *grid),
-                         ("image", "y", "x", "channel"), storage, encoding)
+    """The arrays of :func:`image_feature_layouts` in ``group`` (a teacher group, or a ``levels/b{k}`` subgroup)."""
+    create_arrays(group, image_feature_layouts(n, grid, storage, encoding))
 
 
 def create_view_features(group: zarr.Group, n: int, views: int, grid: tuple[int, int], storage: StorageConfig,
                          encoding: Encoding) -> None:
-    """``cls`` ``(n, K, D)`` and ``patch`` ``(n, K, h, w, D)`` of ``group`` (``views/``, or one of its
-    ``levels/b{k}`` subgroups), each part of them (see :func:`create_feature_array`): one object per image
-    (or per shard of ``S`` images) holding its K views, one inner chunk per view, so reading one view decodes
-    only that view."""
-    shard_images = storage.shard_images or 1
-    create_feature_array(group, "views/cls", (n, views), (1, 1), (shard_images, views),
-                         ("image", "view", "channel"), storage, encoding)
-    create_feature_array(group, "views/patch", (n, views, *grid), (1, 1, *grid), (shard_images, views, *grid),
-                         ("image", "view", "y", "x", "channel"), storage, encoding)
+    """The arrays of :func:`view_feature_layouts` in ``group`` (``views/``, or a ``levels/b{k}`` subgroup of it)."""
+    create_arrays(group, view_feature_layouts(n, views, grid, storage, encoding))
 
 
 def create_view_arrays(group: zarr.Group, n: int, views: int, grid: tuple[int, int], storage: StorageConfig,
                        encoding: Encoding) -> None:
-    """The arrays of a ``views/`` subgroup: features (:func:`create_view_features`), and boxes and flips, one
-    chunk per work unit, like ``status``."""
-    per = storage.images_per_unit
-    create_view_features(group, n, views, grid, storage, encoding)
-    small_args = dict(compressors=(zarr.codecs.ZstdCodec(level=3),))
-    group.create_array("boxes", shape=(n, views, 4), chunks=(per, views, 4), dtype="float32",
-                       fill_value=float("nan"), dimension_names=("image", "view", "coordinate"), **small_args)
-    group.create_array("flip", shape=(n, views), chunks=(per, views), dtype="uint8", fill_value=FLIP_UNWRITTEN,
-                       dimension_names=("image", "view"), **small_args)
+    """The arrays of :func:`view_array_layouts` in ``group`` (a ``views/`` subgroup)."""
+    create_arrays(group, view_array_layouts(n, views, grid, storage, encoding))
 
 
 def create_level_arrays(group: zarr.Group, blocks: tuple[int, ...], n: int, views: int, grid: tuple[int, int],

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import zarr.codecs
 
-from ..errors import CacheNotFoundError
+from ..errors import CacheNotFoundError, StoreError
 from ..storage import location
+from .checks import MAX_DIM, MAX_IMAGES, bounded_int, check_whole_read
 from .store import ATTR_KEY, TeacherStore
 
 STATS_GROUP = "stats"
@@ -59,7 +60,9 @@ def write_stats(root: str, teacher: str, stats: TeacherStats) -> None:
 
 
 def read_stats(root: str, teacher: str) -> TeacherStats | None:
-    """The stored statistics of ``teacher``, or ``None`` if ``dune-cache stats`` has not written them."""
+    """The stored statistics of ``teacher``, or ``None`` if ``dune-cache stats`` has not written them. Each array
+    must have the shape the group's embed dim ``D`` implies (``(D,)``, PHI-S matrix ``(D, D)``), float64, before it
+    is read (a :class:`StoreError` otherwise)."""
     try:
         group = location.open_group(root, path=f"{teacher}/{STATS_GROUP}", mode="r")
     except CacheNotFoundError:
@@ -67,5 +70,16 @@ def read_stats(root: str, teacher: str) -> TeacherStats | None:
     meta = group.attrs.get(ATTR_KEY)
     if not meta:
         return None
-    return TeacherStats(**{name: group[name][...] for name in STATS_ARRAYS}, count=int(meta["count"]),
-                        done=int(meta.get("done", meta["count"])))
+    where = location.join(root, teacher, STATS_GROUP)
+    provenance = location.open_group(root, path=teacher, mode="r").attrs.get(ATTR_KEY) or {}
+    dim = bounded_int((provenance.get("teacher") or {}).get("embed_dim"), 1, MAX_DIM, "teacher.embed_dim", where)
+    arrays = {}
+    for name in STATS_ARRAYS:
+        shape = (dim, dim) if name == "phis_matrix" else (dim,)
+        array = group[name] if name in group else None
+        if array is None:
+            raise StoreError(f"{where}: no {name} array; run `dune-cache stats` again")
+        arrays[name] = check_whole_read(array, f"{where}/{name}", 8 * MAX_DIM * MAX_DIM, kinds="f", shape=shape)[...]
+    count = bounded_int(meta.get("count"), 0, MAX_IMAGES, "stats count", where)
+    done = bounded_int(meta.get("done", count), 0, MAX_IMAGES, "stats done", where)
+    return TeacherStats(**arrays, count=count, done=done)

@@ -24,7 +24,7 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
 import zarr
@@ -36,7 +36,25 @@ from ..encodings.base import check_range
 from ..errors import CacheNotFoundError, DamagedFeaturesError, StoreError, StoreMismatchError
 from ..images.manifest import ImageManifest
 from ..storage import location
-from .layout import create_image_features, create_level_arrays, create_view_arrays
+from .checks import (
+    MAX_CALIBRATION_BYTES,
+    MAX_LINE_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_RECORD_BYTES,
+    check_bounds,
+    check_layout,
+    check_provenance,
+    check_whole_read,
+)
+from .layout import (
+    ArrayLayout,
+    create_arrays,
+    create_image_features,
+    create_level_arrays,
+    create_view_arrays,
+    group_layouts,
+    status_layout,
+)
 from .levels import block_of, level_names, level_prefix
 from .provenance import provenance_differences
 from .rows import contiguous_runs, disjoint_parts, run_all
@@ -113,9 +131,17 @@ def unit_bounds(unit: int, images_per_unit: int, count: int) -> tuple[int, int]:
     return lo, min(lo + images_per_unit, count)
 
 
+RECORDS_PREFIX, LEGACY_PREFIX = "records", "unit"  # failures/records_<u> groups; unit_<u> arrays of earlier versions
+
+
 def failure_key(unit: int) -> str:
-    """Name of the failure-record object of ``unit`` under ``<teacher>/failures/``."""
-    return f"unit_{unit:08d}"
+    """Name of the failure-record group of ``unit`` under ``<teacher>/failures/``."""
+    return f"{RECORDS_PREFIX}_{unit:08d}"
+
+
+def legacy_failure_key(unit: int) -> str:
+    """Name of the failure-record array earlier versions wrote for ``unit`` (read, and removed on rewrite)."""
+    return f"{LEGACY_PREFIX}_{unit:08d}"
 
 
 def open_root(root: str, mode: str = "a") -> zarr.Group:
@@ -155,25 +181,34 @@ class TeacherStore:
             raise StoreError(f"{group.path or group.store}: not a dune_cache teacher group (no provenance)")
         if meta.get("format_version") != FORMAT_VERSION:
             raise StoreError(f"{group.path}: format version {meta.get('format_version')}, this package reads {FORMAT_VERSION}")
+        where = str(group.path or group.store)
+        check_provenance(meta, where)  # numbers in range before any layout is computed from them
         meta["storage"].setdefault("checksum", False)  # groups made before checksums (in memory only)
         self.provenance: dict = meta
         self.dim = int(meta["teacher"]["embed_dim"])
         self.encoding = Encoding.load(meta["storage"].get("encoding"), self.dim, meta["storage"]["dtype"],
                                       partial(read_calibration, group, ENCODING_GROUP))
-        self.cls = group["cls"]  # stored values (codes under an encoding with a decode step): see read_features
-        self.patch = group["patch"]
-        self.status = group["status"]
-        self.count = int(self.cls.shape[0])
+        self.count = int(meta["images"]["count"])
         self.images_per_unit = int(meta["storage"]["shard_images"] or meta["storage"]["unit_size"])
         self.images_per_object = int(meta["storage"]["shard_images"] or 1)  # of each feature array
         self.num_views = int(meta["views"]["count"]) if "views" in meta else 0
-        self.views: zarr.Group | None = group["views"] if self.num_views else None
         levels = meta.get("levels") or {}
         self.blocks: tuple[int, ...] = tuple(levels.get("blocks", ()))  # intermediate blocks stored (levels/b{k})
         self.level_encodings: dict[int, Encoding] = {  # each level's own calibration, under levels/b{k}/encoding
             k: Encoding.load(levels.get("encodings", {}).get(f"b{k}"), self.dim, meta["storage"]["dtype"],
                              partial(read_calibration, group, f"{level_prefix(k)}/{ENCODING_GROUP}"))
             for k in self.blocks}
+        check_layout(group, self.layouts(), where)  # every array as this format lays it out, before any read
+        self.cls = group["cls"]  # stored values (codes under an encoding with a decode step): see read_features
+        self.patch = group["patch"]
+        self.status = group["status"]
+        self.views: zarr.Group | None = group["views"] if self.num_views else None
+
+    def layouts(self) -> list[ArrayLayout]:
+        """The arrays its provenance implies (:func:`.layout.group_layouts`)."""
+        storage = StorageConfig.from_json(self.provenance["storage"])
+        return group_layouts(self.count, tuple(self.provenance["geometry"]["grid"]), storage, self.encoding,
+                             self.num_views, self.blocks, self.level_encodings)
 
     # ---- creation / opening ---------------------------------------------------------
     @classmethod
@@ -204,12 +239,14 @@ class TeacherStore:
         for enc in (encoding, *level_encodings.values()):
             if enc.config != storage.encoding:
                 raise StoreError(f"encoding {enc} differs from the storage's {storage.encoding}")
+        n = len(manifest)
+        where = location.join(root, name)
+        check_provenance(provenance, where)  # what readers would refuse is never written
+        check_bounds(group_layouts(n, grid, storage, encoding, views, blocks, level_encodings), where)
         parent = open_root(root)
         group = parent.create_group(name)
-        n, per = len(manifest), storage.images_per_unit
         create_image_features(group, n, grid, storage, encoding)
-        group.create_array("status", shape=(n,), chunks=(per,), dtype="uint8", fill_value=STATUS_PENDING,
-                           compressors=(zarr.codecs.ZstdCodec(level=3),), dimension_names=("image",))
+        create_arrays(group, [status_layout(n, storage)])
         if views:
             create_view_arrays(group.create_group("views"), n, views, grid, storage, encoding)
         create_level_arrays(group, blocks, n, views, grid, storage, level_encodings)
@@ -302,8 +339,14 @@ class TeacherStore:
     # ---- reading ------------------------------------------------------------------------
     def manifest(self) -> ImageManifest:
         """The group's image list; the ``manifest`` array's attributes say how its text is escaped (none: raw)."""
-        array = self.group["manifest"]
-        return ImageManifest.from_stored_text(bytes(array[:]).decode("utf-8"), array.attrs)
+        where = f"{self.group.path}/manifest"
+        bound = min(MAX_MANIFEST_BYTES, max(1, self.count) * MAX_LINE_BYTES)
+        array = check_whole_read(self.group["manifest"], where, bound, kinds="u", ndim=1)
+        manifest = ImageManifest.from_stored_text(bytes(array[:]).decode("utf-8"), array.attrs)
+        if len(manifest) != self.count:
+            raise StoreError(f"{where}: lists {len(manifest)} images, its provenance {self.count}; the group is "
+                             "damaged: re-extract it with --overwrite")
+        return manifest
 
     def feature_names(self) -> list[str]:
         """The group's feature arrays: ``cls``, ``patch``, each stored block's ``levels/b{k}/cls|patch`` and, with
@@ -362,36 +405,61 @@ class TeacherStore:
             status[owned] = self.status.oindex[owned]  # one call: zarr fetches the units' chunks concurrently
         return status
 
-    def read_unit_state(self, units: list[int]) -> tuple[np.ndarray, list[dict]]:
-        """Status ``(N,)`` (see :meth:`read_status`) and failure records of ``units``, made consistent after an
-        interrupted update. A unit's failure records are rewritten before its status chunk, and rewriting an
-        object replaces it (a kill can leave it gone or empty), so an image marked failed without a record lost
-        it: it reads as pending and is extracted again (failing again, it gets its record back). A record of an
-        image not marked failed is dropped (its image is pending, or done by a retry)."""
+    def read_unit_state(self, units: list[int]) -> tuple[np.ndarray, list[dict], list[dict]]:
+        """Status ``(N,)`` (see :meth:`read_status`), failure records of the images of ``units`` marked failed, and
+        every record the store holds for them (what :meth:`commit_unit` replaces). Records land before the status
+        that marks their images failed and go after the status that stops doing so (:meth:`commit_unit`), so every
+        image marked failed has one. A group written by an earlier version (which replaced a unit's record array in
+        two steps) may have lost some to a kill: such an image reads as pending and is extracted again (failing
+        again, it gets its record back)."""
         status = self.read_status(units)
-        records = [r for r in self.read_failures(units) if status[r["index"]] == STATUS_FAILED]
+        stored = self.read_failures(units, stale=True)
+        records = [r for r in stored if status[r["index"]] == STATUS_FAILED]
         orphans = np.flatnonzero(status == STATUS_FAILED)
         orphans = orphans[~np.isin(orphans, [r["index"] for r in records])]
         if len(orphans):
             log.warning("%d image(s) of %s were marked failed but their failure records were lost to an interrupted "
                         "write: extracting them again", len(orphans), self.group.path)
             status[orphans] = STATUS_PENDING
-        return status, records
+        return status, records, stored
 
-    def read_failures(self, units: Iterable[int] | None = None) -> list[dict]:
-        """Failure records of every unit (or of ``units`` only), sorted by image index. A record object whose
-        data is not written yet (another process is creating it: its metadata lands first) reads as none."""
-        failures = self.group["failures"]
-        if units is None:
-            arrays = [arr for _, arr in failures.arrays()]
+    def read_failures(self, units: Iterable[int] | None = None, status: np.ndarray | None = None,
+                      stale: bool = False) -> list[dict]:
+        """Failure records of every unit (or of ``units`` only) of images marked failed in ``status`` (read when not
+        given), sorted by image index: a record of an image not marked failed is one an update has not removed yet,
+        and ignored (``stale=True``: every record stored, whatever the status). A unit's records are the attributes
+        of its ``records_<unit>`` group; groups written by earlier versions hold them in a ``unit_<unit>`` array
+        instead (read when there is no ``records_<unit>``)."""
+        wanted = None if units is None else set(units)
+        nodes = dict(self.group["failures"].members())  # one listing
+        found: dict[int, Any] = {}
+        for name, node in nodes.items():
+            prefix, _, number = name.partition("_")
+            unit = int(number) if number.isdigit() else None
+            if unit is None or (wanted is not None and unit not in wanted):
+                continue
+            if prefix == RECORDS_PREFIX or (prefix == LEGACY_PREFIX and unit not in found):
+                found[unit] = node
+        records = sorted((r for unit, node in found.items() for r in self.unit_records(node, unit)),
+                         key=lambda r: r["index"])
+        if stale:
+            return records
+        status = self.read_status(wanted) if status is None else status
+        return [r for r in records if status[r["index"]] == STATUS_FAILED]
+
+    def unit_records(self, node: zarr.Group | zarr.Array, unit: int) -> list[dict]:
+        """The records of ``unit`` held by ``node`` (a ``records_<unit>`` group, or an earlier version's
+        ``unit_<unit>`` array, whose data reads as none while another process is still writing it), those of images
+        outside the unit (a damaged or forged record) left out."""
+        where = f"{self.group.path}/failures/{node.basename}"
+        if isinstance(node, zarr.Group):
+            records = (node.attrs.get(ATTR_KEY) or {}).get("records", [])
         else:
-            present = set(failures.array_keys())  # one listing, not one lookup per unit
-            arrays = [failures[key] for key in map(failure_key, units) if key in present]
-        records: list[dict] = []
-        for arr in arrays:
-            text = bytes(arr[:]).rstrip(b"\0").decode("utf-8")  # fill value 0 until the chunk lands
-            records.extend(json.loads(line) for line in text.splitlines() if line)
-        return sorted(records, key=lambda r: r["index"])
+            text = bytes(check_whole_read(node, where, MAX_RECORD_BYTES, kinds="u", ndim=1)[:]).rstrip(b"\0")
+            records = [json.loads(line) for line in text.decode("utf-8").splitlines() if line]
+        lo, hi = unit_bounds(unit, self.images_per_unit, self.count)
+        return [r for r in records if isinstance(r, dict) and isinstance(r.get("index"), int)
+                and not isinstance(r["index"], bool) and lo <= r["index"] < hi]
 
     @property
     def num_units(self) -> int:
@@ -489,17 +557,40 @@ class TeacherStore:
         lo, hi = unit_bounds(unit, self.images_per_unit, self.count)
         self.status[lo:hi] = status[lo:hi]
 
+    def commit_unit(self, unit: int, status: np.ndarray, records: list[dict], stored: list[dict]) -> None:
+        """Write the status chunk of ``unit`` (from the full in-memory ``status``) and its failure ``records``, which
+        replace ``stored`` (what the store holds now), so that at every instant each image marked failed has its
+        record: records that come land (with those that stay) before the status, records that go are removed after
+        it. Every object write is atomic (zarr's LocalStore renames a temporary file; an object store puts a whole
+        object), so a kill between two writes leaves one of these consistent states (docs/reliability.md)."""
+        union = {r["index"]: r for r in stored} | {r["index"]: r for r in records}
+        before = [union[i] for i in sorted(union)]
+        if before != stored:
+            self.write_unit_failures(unit, before)
+        self.write_unit_status(unit, status)
+        if list(records) != before:
+            self.write_unit_failures(unit, records)
+
     def write_unit_failures(self, unit: int, records: Iterable[dict]) -> None:
-        """Replace the failure records of ``unit`` (removes the object when there are none)."""
-        key = failure_key(unit)
+        """Replace the failure records of ``unit`` in one object write: the attributes of group
+        ``failures/records_<unit>`` (created, or its ``zarr.json`` rewritten; removed when there are none). A record
+        array an earlier version wrote for the unit is removed afterwards. Use :meth:`commit_unit` to change records
+        and status together."""
+        key, legacy = failure_key(unit), legacy_failure_key(unit)
         failures = self.group["failures"]
-        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records).encode("utf-8")
-        if not text:
-            if key in failures:
-                del failures[key]
-            return
-        failures.create_array(key, data=np.frombuffer(text, dtype=np.uint8), chunks=(len(text),),
-                              compressors=(), overwrite=True)
+        records = list(records)
+        attributes = {ATTR_KEY: {"kind": "failure_records", "unit": unit, "records": records}}
+        if records:
+            try:
+                node = failures[key]
+            except KeyError:
+                failures.create_group(key, attributes=attributes)
+            else:
+                node.attrs.put(attributes)
+        elif key in failures:
+            del failures[key]
+        if legacy in failures:
+            del failures[legacy]
 
     def nbytes_stored(self) -> int:
         """Bytes the feature arrays (every stored part), the encodings' calibration arrays and cached views
@@ -529,8 +620,10 @@ def write_filled(array: zarr.Array, lo: int, hi: int, position: np.ndarray, valu
 
 
 def read_calibration(group: zarr.Group, path: str, key: str) -> np.ndarray:
-    """Calibration array ``key`` of an encoding stored under ``group``/``path``."""
-    return group[f"{path}/{key}"][...]
+    """Calibration array ``key`` of an encoding stored under ``group``/``path`` (at most
+    :data:`.checks.MAX_CALIBRATION_BYTES`, checked before it is read)."""
+    array = group[f"{path}/{key}"]
+    return check_whole_read(array, f"{group.path}/{path}/{key}", MAX_CALIBRATION_BYTES)[...]
 
 
 def write_calibration(group: zarr.Group, encoding: Encoding) -> None:

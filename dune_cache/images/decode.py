@@ -13,6 +13,36 @@ from ..errors import ImageDecodeError
 from ..teachers.geometry import RESIZE_MODES
 
 ALPHA_BACKGROUND = (255, 255, 255)
+# Images of more pixels are recorded as failed (``too_large``), never decoded: a small file can declare a huge
+# image (a decompression bomb). PIL's own default (``Image.MAX_IMAGE_PIXELS``, about 9459 x 9459), checked here
+# whatever another library sets PIL's global to.
+MAX_IMAGE_PIXELS = 89_478_485
+
+
+def check_pixel_count(img: Image.Image, path: object) -> None:
+    """An :class:`ImageDecodeError` (``too_large``) when the opened (not yet decoded) ``img`` declares more than
+    :data:`MAX_IMAGE_PIXELS` pixels."""
+    width, height = img.size
+    if width * height > MAX_IMAGE_PIXELS:
+        raise ImageDecodeError("too_large", f"{path}: {width}x{height} = {width * height} pixels, more than the "
+                                            f"{MAX_IMAGE_PIXELS} an image may have (a decompression bomb?); not decoded")
+
+
+def check_image_header(data: bytes, name: str) -> None:
+    """Read only the header of the image file ``data`` and refuse (:class:`ImageDecodeError`) one that declares
+    more than :data:`MAX_IMAGE_PIXELS` pixels or is no image PIL recognises: what must hold before a decoder
+    that allocates from the header (torchvision, nvJPEG) gets the bytes."""
+    import io
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:  # lazy: parses the header, decodes nothing
+                check_pixel_count(img, name)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError("too_large", f"{name}: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise ImageDecodeError("unreadable", f"{name}: {exc}") from None
 
 
 def open_rgb(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Image:
@@ -20,12 +50,14 @@ def open_rgb(path: Path, draft_size: tuple[int, int] | None = None) -> Image.Ima
 
     Grayscale is replicated, CMYK/YCbCr/LAB converted, 16/32-bit integer scaled to 8 bits,
     alpha composited over white. ``draft_size`` ``(W, H)`` lets JPEG decode at a reduced scale
-    no smaller than it. Raises :class:`ImageDecodeError`.
+    no smaller than it. An image of more than :data:`MAX_IMAGE_PIXELS` pixels is refused from its header, before
+    any decoding. Raises :class:`ImageDecodeError`.
     """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(path)
+            check_pixel_count(img, path)
             if draft_size is not None and img.format == "JPEG":
                 img.draft("RGB", draft_size)
             img.load()

@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Iterator, Mapping
 
 from ..errors import ManifestError
@@ -133,6 +133,17 @@ class ImageManifest:
         """The manifest stored as ``text`` with ``attributes`` (:meth:`text_attributes`; none in caches
         written before escaping, whose text is raw)."""
         return cls.from_text(text, escaping=attributes.get(ESCAPING_ATTRIBUTE))
+
+
+def confined_path(base: Path, image_id: str) -> Path | None:
+    """The file ``image_id`` names under ``base``, or ``None`` when the id would leave it: absolute, with a ``..``
+    part, empty or holding a NUL. Ids read from a cache's stored manifest come from whoever made the cache: they are
+    resolved only this way (docs/security.md). A list file of the user's own may name any path (its ids are used
+    through :meth:`ImageManifest.path` of the manifest loaded from it)."""
+    pure = PurePosixPath(image_id)
+    if not image_id or "\0" in image_id or pure.is_absolute() or ".." in pure.parts or PureWindowsPath(image_id).drive:
+        return None
+    return Path(base) / pure
 
 
 def image_files(folder: Path) -> list[str]:

@@ -121,7 +121,7 @@ class CacheReader:
         info = read_info(self.root)  # the cache's own copy of its images (dune-cache add-images), if any
         self.image_copy: ImageCopy | None = ImageCopy(self.root, info) if info is not None else None
         limit = f" (limit {chunk_cache_limit / 1e9:.1f} GB)" if chunk_cache_limit > 0 else ""
-        log.info("CacheReader %s: %d samples, teachers %s, backend %s%s", self.root, len(self.image_ids),
+        log.info("CacheReader %s: %d samples, teachers %s, backend %s%s", location.redact(self.root), len(self.image_ids),
                  ", ".join(f"{t} ({self.done_counts[t]} done)" for t in self.teachers), self.backend,
                  f", chunk cache {kept}{limit}" if kept else "")
         if chunk_cache and not remote:

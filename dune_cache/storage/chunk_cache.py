@@ -69,7 +69,7 @@ def group_directory(base: str | os.PathLike, group_url: str, provenance: dict) -
     identity = "\n".join([group_url, str(provenance.get("created")), str(provenance["images"]["manifest_sha256"])])
     folder = Path(base).expanduser() / hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
     if not (folder / "source.json").exists():
-        source = {"url": group_url, "created": provenance.get("created"),
+        source = {"url": location.redact(group_url), "created": provenance.get("created"),
                   "manifest_sha256": provenance["images"]["manifest_sha256"]}
         write_atomically(folder / "source.json", json.dumps(source, indent=2).encode("utf-8"))
     return folder

@@ -25,7 +25,8 @@ from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
 from ..errors import CacheNotFoundError, StoreError
-from .urls import is_remote, join, local_path, scheme
+from ..utils.redaction import redact_text
+from .urls import is_remote, join, local_path, redact, scheme
 
 STORAGE_OPTIONS_ENV = "DUNE_CACHE_STORAGE_OPTIONS"
 # Object stores whose fsspec filesystems cache directory listings; a cache changes while it is filled,
@@ -45,10 +46,11 @@ def storage_options(url: str) -> dict[str, Any]:
         try:
             extra = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise StoreError(f"{STORAGE_OPTIONS_ENV} is not valid JSON ({exc}); expected a dict of fsspec "
-                             f'options, e.g. {{"endpoint_url": "http://host:9000"}}') from exc
+            raise StoreError(f"{STORAGE_OPTIONS_ENV} is not valid JSON ({exc.msg} at character {exc.pos}); expected "
+                             f'a dict of fsspec options, e.g. {{"endpoint_url": "http://host:9000"}}') from None
         if not isinstance(extra, dict):
-            raise StoreError(f"{STORAGE_OPTIONS_ENV} must be a JSON dict of fsspec options, got {text!r}")
+            raise StoreError(f"{STORAGE_OPTIONS_ENV} must be a JSON dict of fsspec options, got a "
+                             f"{type(extra).__name__} (its value is not shown: it may hold credentials)")
         options.update(extra)
     return options
 
@@ -95,9 +97,9 @@ def check_writable(url: str) -> None:
         sync(store.delete(key))
     except OSError as exc:
         reason = "permission denied" if isinstance(exc, PermissionError) else "the write failed"
-        raise StoreError(f"cannot write to {url}: {reason} ({type(exc).__name__}: {exc}). The store is read-only "
-                         "or these credentials may not write there; reading (info, verify, training) still "
-                         "works.") from exc
+        raise StoreError(f"cannot write to {redact(url)}: {reason} ({type(exc).__name__}: {redact_text(str(exc))}). "
+                         "The store is read-only or these credentials may not write there; reading (info, verify, "
+                         "training) still works.") from exc
 
 
 def _opened(url: str, where: str, opener, mode: str, what: str):
@@ -108,9 +110,9 @@ def _opened(url: str, where: str, opener, mode: str, what: str):
     try:
         return opener()
     except FileNotFoundError as exc:  # includes zarr's GroupNotFoundError / ArrayNotFoundError
-        raise CacheNotFoundError(f"no {what} at {where}") from exc
+        raise CacheNotFoundError(f"no {what} at {redact(where)}") from exc
     except PermissionError as exc:
-        raise StoreError(f"permission denied reading {where} ({exc}); check the credentials "
+        raise StoreError(f"permission denied reading {redact(where)} ({redact_text(str(exc))}); check the credentials "
                          f"(environment, fsspec config, {STORAGE_OPTIONS_ENV})") from exc
 
 

@@ -1,12 +1,16 @@
 """Cache locations as strings: a local path or an fsspec URL (``s3://bucket/x.zarr``, ``file:///...``).
 
 Pure string functions (standard library only), so that configurations can check a location without
-importing fsspec or zarr; :mod:`dune_cache.storage.location` opens what they name.
+importing fsspec or zarr; :mod:`dune_cache.storage.location` opens what they name. :func:`redact` (defined with the
+console's redaction, :mod:`dune_cache.utils.redaction`) is what a location looks like wherever it is recorded, logged
+or put in a message: no user-info, no query values.
 """
 from __future__ import annotations
 
 import os
 from urllib.parse import unquote, urlsplit
+
+from ..utils.redaction import redact_url as redact  # noqa: F401  (re-exported: the one redaction of a location)
 
 
 def scheme(url: str) -> str:

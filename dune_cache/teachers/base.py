@@ -5,11 +5,9 @@ normalises them itself and returns :class:`TeacherOutput`.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import logging
-import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
@@ -20,6 +18,7 @@ from torch import nn
 from ..errors import CheckpointError
 from .blocks import NO_BLOCKS
 from .checkpoint_files import hf_weight_files
+from .checkpoint_io import load_torch_file, read_safetensors
 from .spec import IMAGENET_MEAN, IMAGENET_STD, TeacherSpec, check_checkpoint_file  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -182,24 +181,20 @@ def tokens_to_output(tokens: torch.Tensor, num_prefix: int, num_registers: int, 
 
 
 def read_checkpoint(path: str | Path) -> Mapping:
-    """Load a checkpoint file (``.pth``/``.pt``/``.bin`` via torch, ``.safetensors``) or a Hugging Face model
-    folder (its safetensors, :func:`read_safetensors_folder`) on CPU."""
+    """Load a checkpoint file, or a Hugging Face model folder (its safetensors, :func:`read_safetensors_folder`), on
+    CPU without executing anything it holds (:mod:`.checkpoint_io`): ``.safetensors`` (a ``convert-checkpoint`` file
+    comes back as the structure it was converted from), anything else through ``torch.load(weights_only=True)`` with
+    the plain types release files hold. A file that needs more is a :class:`CheckpointError` naming what it holds and
+    ``dune-cache convert-checkpoint``."""
     path = check_checkpoint_file(path)
     if path.is_dir():
         return read_safetensors_folder(path)
     try:
         if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        # MASt3R/DUSt3R/CroCo checkpoints pickle an argparse Namespace under 'args': allow it in the safe loader.
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            log.warning("%s holds objects beyond tensors (%s); loading it with full unpickling", path,
-                        str(exc).splitlines()[0])
-            return torch.load(path, map_location="cpu", weights_only=False)
+            return read_safetensors(path)
+        return load_torch_file(path)
+    except CheckpointError:
+        raise
     except Exception as exc:  # noqa: BLE001 - any reader failure is a checkpoint problem
         raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
 

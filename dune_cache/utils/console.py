@@ -1,10 +1,13 @@
-"""Command-line plumbing shared by ``dune-cache`` and ``dune-student``: logging and user-facing errors."""
+"""Command-line plumbing shared by ``dune-cache`` and ``dune-student``: logging and user-facing errors, both with
+credentials in URLs redacted (:mod:`.redaction`)."""
 from __future__ import annotations
 
 import logging
 import sys
 
 import typer
+
+from .redaction import RedactingFilter, redact_text
 
 
 def new_app(help: str) -> typer.Typer:
@@ -14,11 +17,15 @@ def new_app(help: str) -> typer.Typer:
 
 
 def setup_logging(verbose: bool) -> None:
+    """Log to stderr (DEBUG with ``verbose``, else INFO), URLs in every message redacted."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 def fail(exc: BaseException) -> None:
-    """Report a user error in one red line (no traceback) and exit with status 2."""
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    """Report a user error in one red line (no traceback, URLs redacted) and exit with status 2."""
+    typer.secho(f"error: {redact_text(str(exc))}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import ShowError
+from ..images.manifest import confined_path, load_manifest
 from ..read.reader import CacheReader
 
 LABEL_HEIGHT = 16          # pixels of the label strip above every panel
@@ -88,17 +89,29 @@ def image_base(provenance: dict, image_root: str | Path | None) -> Path | None:
     return source.parent if source.is_file() else source
 
 
-def image_path(base: Path | None, image_id: str) -> Path:
-    """File of ``image_id`` (absolute ids stay as they are)."""
-    path = Path(image_id)
-    return path if path.is_absolute() or base is None else base / path
+def image_path(base: Path | None, image_id: str) -> Path | None:
+    """File of ``image_id`` under ``base``; ``None`` when there is no base or the id would leave it (absolute,
+    ``..``: ids come from the cache's manifest, :func:`dune_cache.images.manifest.confined_path`)."""
+    return None if base is None else confined_path(base, image_id)
 
 
-def sample_paths(reader: CacheReader, indices: Sequence[int], image_root: str | Path | None) -> list[Path]:
-    """Image file of each sample: its id under ``image_root``, else under the source of the first teacher
-    group holding it (groups may come from different image folders)."""
+def sample_paths(reader: CacheReader, indices: Sequence[int], image_root: str | Path | None) -> list[Path | None]:
+    """Image file of each sample (``None``: not reachable, see :func:`image_path`): with ``image_root`` a list file
+    of the user's own, the path it gives the id (any path: the user's list is trusted); else the id under
+    ``image_root``, or under the source of the first teacher group holding it (groups may come from different image
+    folders)."""
+    if image_root is not None and Path(image_root).is_file():
+        manifest = load_manifest(image_root)
+        listed = {image_id: manifest.path(k) for k, image_id in enumerate(manifest.ids)}
+        return [listed.get(reader.image_ids[i]) for i in indices]
     bases = [image_base(reader.provenance[t], image_root) for t in reader.teachers]
     return [image_path(bases[int(np.argmax(reader.rows[i] >= 0))], reader.image_ids[i]) for i in indices]
+
+
+def unreachable(image_id: str) -> str:
+    """Why the image of ``image_id`` is not read (:func:`sample_paths` gave no path), and what to do."""
+    return (f"{image_id!r} is not under the image folder (an absolute id, one with '..', or no image folder known), "
+            "so it is not read; pass --image-root: a folder holding the ids, or a list file of yours naming them")
 
 
 def placeholder(text: str, label: str) -> Panel:

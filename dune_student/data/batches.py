@@ -28,6 +28,7 @@ from dune_cache import (
     ImageDecodeError,
     ReaderError,
     block_shuffled_order,
+    check_image_header,
     decode_size,
     load_manifest,
     open_rgb,
@@ -122,9 +123,17 @@ JPEG_MAGIC = b"\xff\xd8\xff"
 
 def decode_crops(images: EncodedImages, device: torch.device | str) -> torch.Tensor:
     """uint8 ``(B, 3, H_s, W_s)`` on ``device``: each image decoded by torchvision (JPEGs batched on ``device``:
-    nvJPEG on CUDA; other formats on the CPU), upright per EXIF, then cut and resized by :func:`crop_pixels`."""
+    nvJPEG on CUDA; other formats on the CPU), upright per EXIF, then cut and resized by :func:`crop_pixels`. Each
+    file's header is checked first (:func:`dune_cache.check_image_header`): an image declaring more than
+    ``MAX_IMAGE_PIXELS`` pixels (the bytes may come from a cache's image copy) is a :class:`DataError`, never
+    decoded."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
+    for data, name in zip(images.data, images.names):  # the header first: no decoder allocates for a bomb
+        try:
+            check_image_header(data.numpy().tobytes(), name)
+        except ImageDecodeError as exc:
+            raise DataError(f"data.image_decode=device: training image {exc}") from None
     jpeg = [k for k, d in enumerate(images.data) if bytes(d[:3].tolist()) == JPEG_MAGIC]
     decoded: dict[int, torch.Tensor] = {}
     try:

@@ -34,6 +34,7 @@ from dune_cache import (
     pick_device,
     sample_paths,
     select_samples,
+    unreachable,
     write_pictures,
 )
 
@@ -50,8 +51,11 @@ def checkpoint_path(run: str | Path) -> Path:
     return path
 
 
-def student_pixels(path: Path, resolution: int) -> torch.Tensor:
-    """uint8 ``(3, S, S)``: the image squashed to the student's resolution (evaluation's preprocessing)."""
+def student_pixels(path: Path | None, image_id: str, resolution: int) -> torch.Tensor:
+    """uint8 ``(3, S, S)``: the image squashed to the student's resolution (evaluation's preprocessing); ``path``
+    ``None``: the image is not reachable (an id that would leave the image folder is never read)."""
+    if path is None:
+        raise ShowError(f"the student needs the input image: {unreachable(image_id)}")
     try:
         return torch.from_numpy(load_pixels(path, (resolution, resolution), "squash"))
     except ImageDecodeError as exc:
@@ -99,7 +103,8 @@ def show_run(run: str | Path, out: str | Path, cache: str | None = None, images:
     check_same_teachers(loaded, reader)
     indices = select_samples(reader, images, first)
     ids = [reader.image_ids[i] for i in indices]
-    pixels = torch.stack([student_pixels(path, loaded.resolution) for path in sample_paths(reader, indices, image_root)])
+    pixels = torch.stack([student_pixels(path, image_id, loaded.resolution)
+                          for path, image_id in zip(sample_paths(reader, indices, image_root), ids)])
     columns = []
     for teacher, (cached, student, have) in teacher_and_student(loaded, reader, indices, pixels).items():
         columns += comparison_panels(teacher, cached, student, have)

@@ -1,9 +1,8 @@
-"""When a training run writes checkpoints, which checkpoint it may resume, and how it stops early.
+"""When a training run writes checkpoints, which checkpoint it may resume, and how it stops early (how a
+checkpoint is written and read: :mod:`dune_student.runs.checkpoint`).
 
 * :class:`CheckpointSchedule`: every ``checkpoint_every`` steps, at the last step, and with
   ``checkpoint_minutes`` once that much wall time has passed since the last checkpoint.
-* :func:`write_atomically`: a checkpoint goes to a temporary file, flushed to disk, then renamed over the old
-  one, so a crash, a signal or a full disk leaves either the old checkpoint or the new one, never a mix.
 * :func:`config_changes`, :func:`cache_changes`: what refuses a resume (another configuration, another cache).
 * :class:`StopSignals`: SIGINT (Ctrl-C) and SIGTERM (a scheduler's notice) are recorded instead of killing
   the process, so the trainer finishes the step it is in, checkpoints that step and stops with
@@ -19,14 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
-
-import torch
 
 from dune_cache import CacheReader, Interrupted
 
@@ -50,16 +45,6 @@ class CheckpointSchedule:
     def saved(self) -> None:
         """A checkpoint was just written: the wall-time interval starts again."""
         self.saved_at = self.clock()
-
-
-def write_atomically(state: dict, path: Path) -> None:
-    """``torch.save(state)`` to ``path.tmp``, flushed to disk, then renamed over ``path`` (``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------

@@ -47,9 +47,9 @@ def placeholder_stats(dim: int) -> types.SimpleNamespace:
 
 
 def load_run(checkpoint: str | Path, device: torch.device) -> LoadedRun:
-    """Student, heads and standardiser of a training checkpoint, in eval mode on ``device``. A file that is no
-    checkpoint, or whose weights do not fit the modules its config builds, is a :class:`RunCheckpointError` naming
-    the file and the mismatch."""
+    """Student, heads and standardiser of a training checkpoint (read with ``weights_only=True``: nothing in it runs),
+    in eval mode on ``device``. A file that is no checkpoint, or whose weights do not fit the modules its config
+    builds, is a :class:`RunCheckpointError` naming the file and the mismatch."""
     path = Path(checkpoint)
     ckpt = read_run_checkpoint(path)
     try:
@@ -67,6 +67,9 @@ def load_run(checkpoint: str | Path, device: torch.device) -> LoadedRun:
     except ValueError as exc:  # a ConfigError, or a value the modules refuse
         raise RunCheckpointError(f"{path}: its config does not describe a run this version can build: {exc}") \
             from None
+    except (KeyError, TypeError, AttributeError) as exc:  # e.g. dims without a teacher of ``teachers``
+        raise RunCheckpointError(f"{path}: its fields do not fit together ({type(exc).__name__}: {exc}); it was "
+                                 "edited or damaged: use the run's own checkpoint.pt, or train again") from None
     for module in (student, heads, standardizer):
         module.to(device).eval()
     return LoadedRun(cfg, student, heads, standardizer, list(ckpt["teachers"]), int(ckpt["resolution"]),

@@ -44,6 +44,7 @@ from ..loss.sak import SAKObjective
 from ..loss.standardize import ema_momentum
 from ..model.heads import TeacherHeads
 from ..model.student import Student
+from ..runs.checkpoint import Checkpointer, RunModules
 from ..runs.control import (
     CheckpointSchedule,
     StopSignals,
@@ -51,7 +52,6 @@ from ..runs.control import (
     config_changes,
     ignore_signals_in_worker,
     shut_down_workers,
-    write_atomically,
 )
 from ..runs.layout import CHECKPOINT, CONFIG, METRICS
 from ..runs.loading import LoadedRun
@@ -159,36 +159,40 @@ class Trainer:
                 "data.reader_backend": self.reader.backend, "student.attention": self.student.attention_backend,
                 "device": str(self.device)}
 
-    # ---- checkpoints ---------------------------------------------------------------
+    # ---- checkpoints (written, read, checked and restored by runs.checkpoint.Checkpointer) ----
+    @property
+    def checkpointer(self) -> Checkpointer:
+        """Writes and reads ``out/checkpoint.pt``."""
+        return Checkpointer(self.out / CHECKPOINT)
+
+    def modules(self) -> RunModules:
+        """The modules a checkpoint saves and restores."""
+        return RunModules(self.student, self.heads, self.standardizer, self.optimizer, self.scheduler, self.sak)
+
     def state(self) -> dict:
-        return {
+        return self.checkpointer.state(self.modules(), {
             "config": config_to_dict(self.cfg), "step": self.step, "teachers": self.teachers,
             "resolution": self.resolution, "dims": self.reader.dims,
             "grids": {t: list(g) for t, g in self.reader.grids.items()},
             "provenance": {t: {k: self.reader.provenance[t][k] for k in ("teacher", "checkpoint", "images",
                                                                           "geometry")}
                            for t in self.teachers},
-            "done_counts": self.reader.done_counts,
-            "student": self.student.state_dict(), "heads": self.heads.state_dict(),
-            "standardizer": self.standardizer.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "sak_objective": self.sak.state_dict() if self.sak is not None else None,
-            "scheduler": self.scheduler.state_dict(), "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "damaged_targets": self.damaged_targets, "loss": self.last_loss,
-        }
+            "done_counts": self.reader.done_counts, "damaged_targets": self.damaged_targets, "loss": self.last_loss,
+        })
 
     def save(self, draw_curves: bool = True) -> None:
         """Checkpoint the current step (rank 0 writes, atomically) and redraw ``curves.png`` if ``draw_curves``."""
         self.saved_step = self.step
         if self.rank != 0:
             return
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.state(), self.out / CHECKPOINT)
+        self.checkpointer.write(self.state())
         if draw_curves:
             write_curves_safely(self.out)
 
     def load(self, ckpt: dict) -> None:
-        """Restore everything but the RNG (restored once the data iterator exists, see :meth:`run`)."""
+        """Restore everything but the RNG (restored once the data iterator exists, see :meth:`run`) from a checked
+        checkpoint (:meth:`Checkpointer.read_for_resume`): refused before anything changes when it was made with
+        another configuration or cache."""
         diffs = config_changes(ckpt["config"], config_to_dict(self.cfg), self.device.type == "cuda")
         if diffs:
             raise RunMismatchError(f"{self.out} holds a run with another configuration; use another --out:\n  "
@@ -203,13 +207,7 @@ class Trainer:
             log.info("resuming on the same images with other done counts (then -> now: %s): training goes on over "
                      "all done images now, so the sample order differs from an uninterrupted run",
                      ", ".join(f"{t} {done_then.get(t)} -> {n}" for t, n in self.reader.done_counts.items()))
-        self.student.load_state_dict(ckpt["student"])
-        self.heads.load_state_dict(ckpt["heads"])
-        self.standardizer.load_state_dict(ckpt["standardizer"])
-        if self.sak is not None:  # level statistics (the config check above guarantees the checkpoint has them)
-            self.sak.load_state_dict(ckpt["sak_objective"])
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.checkpointer.restore(ckpt, self.modules())
         self.step = self.saved_step = ckpt["step"]
         # checkpoints of earlier versions kept neither
         self.damaged_targets, self.last_loss = ckpt.get("damaged_targets", 0), ckpt.get("loss", float("nan"))
@@ -341,11 +339,11 @@ class Trainer:
                            seconds=time.perf_counter() - start, run_dir=self.out, damaged_targets=self.damaged_targets)
 
     def resume_batches(self) -> Iterator[TrainBatch]:
-        """Load ``out/checkpoint.pt`` when present, write ``out/config.json``, and start the batches of the steps
+        """Load ``out/checkpoint.pt`` when present (read with ``weights_only=True`` and checked: a file that cannot be
+        resumed is refused before anything is written), write ``out/config.json``, and start the batches of the steps
         left, the RNG then restored so that the model's random stream continues exactly."""
         cfg = self.cfg
-        ckpt_path = self.out / CHECKPOINT
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.exists() else None
+        ckpt = self.checkpointer.read_for_resume()  # checked: a file that cannot be resumed stops before any write
         if ckpt is not None:
             self.load(ckpt)
             log.info("resuming %s at step %d", self.out, self.step)
@@ -355,9 +353,7 @@ class Trainer:
         loader.worker_init_fn = ignore_signals_in_worker  # the trainer alone reacts to Ctrl-C and stops its workers
         batches = iter(loader)
         if ckpt is not None:  # after the iterator drew its seed
-            torch.set_rng_state(ckpt["torch_rng"])
-            if ckpt["cuda_rng"]:
-                torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+            self.checkpointer.restore_rng(ckpt)
         return batches
 
     def train_steps(self, batches: Iterator[TrainBatch], stop: StopSignals) -> int | None:

@@ -131,7 +131,9 @@ def test_extract_from_a_converted_file_records_the_file_it_read(tmp_path, real_i
     assert result.exit_code == 0, result.output
     assert_not_fired(marker)
     recorded = TeacherStore.open(str(out), "tiny_test_teacher").provenance["checkpoint"]
-    assert recorded == {"file": converted.name, "sha256": file_sha256(converted), "bytes": converted.stat().st_size}
+    assert {key: recorded[key] for key in ("file", "sha256", "bytes")} == {
+        "file": converted.name, "sha256": file_sha256(converted), "bytes": converted.stat().st_size}
+    assert recorded["files"] == [{"file": converted.name, "sha256": file_sha256(converted), "bytes": converted.stat().st_size}]
 
 
 def test_convert_checkpoint_names_a_wrong_output(tmp_path, tiny_checkpoint):

@@ -432,11 +432,11 @@ def test_repair_checks_a_folder_by_its_files_sha256(tmp_path, real_image_dir):
     images = copy_photos(real_image_dir, tmp_path / "images")
     store = extract("dinov2_vits14", folder, images, tmp_path / "cache", "224")
     cfg = RepairConfig(cache=str(tmp_path / "cache"))
-    check_inputs(store, extraction_config(cfg, store, "dinov2_vits14"), "dinov2_vits14")  # the same folder: accepted
+    check_inputs(store, extraction_config(cfg, store, "dinov2_vits14"), "dinov2_vits14", False)  # same folder: accepted
     other = saved(dinov2_model(seed=1), tmp_path / "other")
     cfg = RepairConfig(cache=str(tmp_path / "cache"), checkpoint=other)
     with pytest.raises(RepairError, match=r"checkpoint\.sha256"):
-        check_inputs(store, extraction_config(cfg, store, "dinov2_vits14"), "dinov2_vits14")
+        check_inputs(store, extraction_config(cfg, store, "dinov2_vits14"), "dinov2_vits14", False)
 
 
 def test_groups_made_before_weights_were_recorded_compare_their_files_as_before(tiny_checkpoint):

@@ -21,12 +21,12 @@ from .config import (
     ViewSampling,
 )
 from .errors import CheckpointError, GeometryError, Interrupted, ManifestError, NonFiniteFeaturesError, StoreError
-from .storage.urls import redact
 from .teachers import UnknownTeacherError, list_prefixes, list_teachers, prefix_form
 from .teachers.blocks import parse_blocks
 from .teachers.spec import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
 from .utils.console import fail, new_app, setup_logging
 from .utils.redaction import redact_text
+from .utils.redaction import redact_url as redact
 
 app = new_app(__doc__)
 NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5", (CLIP_MEAN, CLIP_STD): "clip"}

@@ -14,7 +14,8 @@ from dune_cache.commands.verify import verify_cache
 from dune_cache.read.reader import CacheReader
 from dune_cache.errors import ReaderError
 from dune_cache.read.backends import backend_installed
-from dune_cache.format.store import ATTR_KEY, TeacherStore
+from dune_cache.format.constants import ATTR_KEY
+from dune_cache.format.store import TeacherStore
 from dune_cache.config import StorageConfig
 from dune_cache.errors import StoreMismatchError
 

@@ -20,7 +20,8 @@ from test_extract import config, images  # noqa: F401 - the images fixture: 6 ph
 
 from dune_cache.commands.verify import verify_cache
 from dune_cache.extract.pipeline import run_extraction
-from dune_cache.format.store import STATUS_FAILED, TeacherStore
+from dune_cache.format.constants import STATUS_FAILED
+from dune_cache.format.store import TeacherStore
 
 TEACHER = "tiny_test_teacher"
 WRITES = ("_set", "set_sync", "delete", "delete_dir", "delete_sync", "clear")

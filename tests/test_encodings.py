@@ -18,7 +18,8 @@ from dune_cache.images.manifest import ImageManifest
 from dune_cache.commands.verify import verify_cache
 from dune_cache.read.reader import CacheReader
 from dune_cache.read.batches import EncodedBatch
-from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.format.constants import STATUS_DONE
+from dune_cache.format.store import TeacherStore
 from dune_cache.errors import DamagedFeaturesError, StoreMismatchError
 from dune_cache.config import StorageConfig
 from dune_cache.teachers.spec import TeacherSpec

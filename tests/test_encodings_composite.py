@@ -18,7 +18,8 @@ from dune_cache.encodings.lowrank import image_factors
 from dune_cache.encodings.registry import register_scheme
 from dune_cache.errors import DamagedFeaturesError
 from dune_cache.extract.provenance import build_provenance
-from dune_cache.format.store import TeacherStore, ViewRows
+from dune_cache.format.store import TeacherStore
+from dune_cache.format.rows import ViewRows
 from dune_cache.images.manifest import ImageManifest
 from dune_cache.read.reader import CacheReader
 from dune_cache.teachers.geometry import Geometry

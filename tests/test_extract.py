@@ -21,7 +21,8 @@ from dune_cache.images.manifest import load_manifest
 from dune_cache.images.decode import load_pixels
 from dune_cache.commands.info import cache_info
 from dune_cache.commands.verify import verify_cache
-from dune_cache.format.store import STATUS_DONE, STATUS_FAILED, TeacherStore
+from dune_cache.format.constants import STATUS_DONE, STATUS_FAILED
+from dune_cache.format.store import TeacherStore
 from dune_cache.config import StorageConfig
 from dune_cache.errors import StoreError, StoreMismatchError
 from dune_cache.teachers import create_teacher

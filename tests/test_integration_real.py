@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from dune_cache.cli import app
 from dune_cache.images.manifest import load_manifest
 from dune_cache.images.decode import load_pixels
-from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.format.constants import STATUS_DONE
+from dune_cache.format.store import TeacherStore
 from dune_cache.teachers import create_teacher
 
 pytestmark = pytest.mark.integration

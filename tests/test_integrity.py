@@ -25,7 +25,8 @@ from dune_cache.read.reader import CacheReader
 from dune_cache.commands.verify import verify_cache
 from dune_cache.commands.recompress import RecompressConfig, recompress
 from dune_cache.commands.stats import compute_stats
-from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.format.constants import STATUS_DONE
+from dune_cache.format.store import TeacherStore
 from dune_cache.errors import DamagedFeaturesError
 from dune_cache.teachers import create_teacher
 

@@ -20,7 +20,8 @@ from dune_cache.errors import ImageDecodeError, ManifestError
 from dune_cache.images.manifest import ImageManifest, escape_field, load_manifest, unescape_field
 from dune_cache.images.decode import load_pixels, open_rgb
 from dune_cache.commands.verify import verify_cache
-from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.format.constants import STATUS_DONE
+from dune_cache.format.store import TeacherStore
 from dune_cache.config import StorageConfig
 from dune_cache.teachers import create_teacher
 

@@ -19,7 +19,8 @@ from dune_cache.errors import ReaderError
 from dune_cache.read.shuffle import block_shuffled_order, buffer_shuffle
 from dune_cache.commands.stats import compute_stats
 from dune_cache.format.stats import write_stats
-from dune_cache.format.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
+from dune_cache.format.constants import STATUS_DONE, STATUS_PENDING
+from dune_cache.format.store import TeacherStore
 from dune_cache.config import StorageConfig
 from dune_cache.teachers.spec import TeacherSpec
 

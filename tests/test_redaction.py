@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
 import fsspec
 import pytest
@@ -18,7 +17,7 @@ from dune_cache.cli import app
 from dune_cache.commands.stats import compute_stats
 from dune_cache.format.stats import write_stats
 from dune_cache.format.store import TeacherStore
-from dune_cache.storage.urls import redact
+from dune_cache.utils.redaction import redact_url as redact
 from dune_cache.utils.redaction import redact_text
 from dune_student.training.trainer import train
 from test_train import TINY_STUDENT

@@ -15,7 +15,8 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app
 from dune_cache.errors import CheckpointError
-from dune_cache.format.store import ATTR_KEY, TeacherStore
+from dune_cache.format.constants import ATTR_KEY
+from dune_cache.format.store import TeacherStore
 from dune_cache.teachers import create_teacher
 from dune_cache.teachers.base import read_checkpoint
 from dune_cache.teachers.checkpoint_io import TREE_KEY
@@ -133,7 +134,8 @@ def test_extract_from_a_converted_file_records_the_file_it_read(tmp_path, real_i
     recorded = TeacherStore.open(str(out), "tiny_test_teacher").provenance["checkpoint"]
     assert {key: recorded[key] for key in ("file", "sha256", "bytes")} == {
         "file": converted.name, "sha256": file_sha256(converted), "bytes": converted.stat().st_size}
-    assert recorded["files"] == [{"file": converted.name, "sha256": file_sha256(converted), "bytes": converted.stat().st_size}]
+    expected = {"file": converted.name, "sha256": file_sha256(converted), "bytes": converted.stat().st_size}
+    assert recorded["files"] == [expected]
 
 
 def test_convert_checkpoint_names_a_wrong_output(tmp_path, tiny_checkpoint):

@@ -12,7 +12,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dune_cache.format.store import ATTR_KEY, TeacherStore
+from dune_cache.format.constants import ATTR_KEY
+from dune_cache.format.store import TeacherStore
 from dune_cache.utils.hashing import file_sha256
 from dune_student.cli import app
 from dune_student.config import load_config

@@ -13,7 +13,8 @@ from dune_cache.extract.pipeline import run_extraction
 from dune_cache.commands.verify import verify_cache
 from dune_cache.format.stats import STATS_ARRAYS, read_stats
 from dune_cache.commands.stats import compute_stats, hadamard
-from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.format.constants import STATUS_DONE
+from dune_cache.format.store import TeacherStore
 from dune_cache.config import StorageConfig
 from test_reader import make_group
 

@@ -48,7 +48,8 @@ from dune_cache.encodings.base import token_cosines as cosine_per_token
 from dune_cache.commands.info import cache_info
 from dune_cache.format.layout import part_compressors
 from dune_cache.commands.recompress import RecompressConfig, recompress
-from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.format.constants import STATUS_DONE
+from dune_cache.format.store import TeacherStore
 from dune_cache.config import StorageConfig
 from dune_student.config import load_config
 from dune_student.evaluation.fidelity import evaluate

@@ -47,7 +47,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_encodings import fidelity, stored_bytes  # noqa: E402
 
 from dune_cache.format.layout import part_compressors  # noqa: E402
-from dune_cache.format.store import STATUS_DONE, TeacherStore  # noqa: E402
+from dune_cache.format.constants import STATUS_DONE  # noqa: E402
+from dune_cache.format.store import TeacherStore
 from dune_cache.config import StorageConfig
 
 CENTROIDS = 256

@@ -57,7 +57,8 @@ from dune_cache.read.backends import BACKENDS, backend_installed
 from dune_cache.read.reader import CacheReader
 from dune_cache.commands.recompress import RecompressConfig, recompress
 from dune_cache.read.shuffle import block_shuffled_order
-from dune_cache.format.store import STATUS_DONE, TeacherStore
+from dune_cache.format.constants import STATUS_DONE
+from dune_cache.format.store import TeacherStore
 from dune_cache.config import StorageConfig
 from dune_cache.teachers.spec import TeacherSpec
 

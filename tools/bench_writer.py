@@ -51,7 +51,8 @@ from dune_cache.config import EncodingConfig, StorageConfig
 from dune_cache.encodings import Encoding, calibration_indices
 from dune_cache.extract.provenance import build_provenance
 from dune_cache.extract.writer import FeatureWriter
-from dune_cache.format.store import STATUS_PENDING, TeacherStore
+from dune_cache.format.constants import STATUS_PENDING
+from dune_cache.format.store import TeacherStore
 from dune_cache.images.decode import load_pixels
 from dune_cache.images.manifest import ImageManifest, load_manifest
 from dune_cache.offline.catalogue import AUTO, resolve_checkpoint_option

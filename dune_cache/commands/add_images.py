@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import ImageCopyError, ImageDecodeError
+from ..format.constants import ATTR_KEY
 from ..format.image_copy import (
     CHUNK_BYTES,
     FORMAT_VERSION,
@@ -23,7 +24,6 @@ from ..format.image_copy import (
     cache_manifest_sha256,
     read_info,
 )
-from ..format.store import ATTR_KEY
 from ..images.decode import load_pixels
 from ..images.manifest import load_manifest
 from ..storage import location

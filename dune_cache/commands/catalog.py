@@ -15,12 +15,14 @@ import numpy as np
 
 from ..encodings import EncodingConfig
 from ..errors import StoreError
+from ..format.constants import ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING
 from ..format.root import teacher_names
-from ..format.store import ATTR_KEY, STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
+from ..format.store import TeacherStore
 from ..storage import location
 from ..storage.location import filesystem
-from ..storage.urls import join, redact
+from ..storage.urls import join
 from ..utils.redaction import redact_text
+from ..utils.redaction import redact_url as redact
 
 SHORT_SHA = 12
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..format.constants import STATUS_DONE, STATUS_FAILED, STATUS_PENDING
 from ..format.levels import level_prefix
 from ..format.root import select_teachers
-from ..format.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
+from ..format.store import TeacherStore
 
 
 def teacher_info(store: TeacherStore) -> dict:

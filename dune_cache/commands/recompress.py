@@ -30,10 +30,13 @@ from .. import __version__
 from ..config import StorageConfig
 from ..encodings import Encoding, EncodingConfig, calibration_indices
 from ..errors import StoreError
+from ..format.constants import STATUS_DONE
 from ..format.levels import KINDS, level_name, level_names
 from ..format.root import select_teachers
+from ..format.rows import ViewRows
 from ..format.stats import read_stats, write_stats
-from ..format.store import STATUS_DONE, TeacherStore, ViewRows, open_root, unit_bounds
+from ..format.store import TeacherStore, open_root
+from ..format.unit_state import unit_bounds
 from ..storage import location
 from .stats import compute_stats
 

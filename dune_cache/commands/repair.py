@@ -34,11 +34,12 @@ from ..config import ExtractConfig, StorageConfig, ViewSampling
 from ..errors import RepairError
 from ..extract.pipeline import run_extraction
 from ..extract.provenance import build_provenance
+from ..format.constants import STATUS_DONE, STATUS_FAILED, STATUS_PENDING
 from ..format.levels import levels_section
 from ..format.provenance import provenance_differences
 from ..format.root import select_teachers
 from ..format.rows import contiguous_runs
-from ..format.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
+from ..format.store import TeacherStore
 from ..images.manifest import ImageManifest, confined_path, load_manifest
 from ..teachers import TeacherSpec, create_teacher
 from ..teachers.base import read_checkpoint

@@ -25,8 +25,9 @@ import numpy as np
 from ..config import STATS_SAMPLE
 from ..encodings import calibration_indices
 from ..errors import StoreError
+from ..format.constants import STATUS_DONE, STATUS_PENDING
 from ..format.stats import TeacherStats
-from ..format.store import STATUS_DONE, STATUS_PENDING, TeacherStore
+from ..format.store import TeacherStore
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ import zarr
 import zarr.storage
 
 from ..errors import StoreError
+from ..format.constants import STATUS_DONE, STATUS_FAILED, STATUS_PENDING
 from ..format.root import teacher_names
-from ..format.store import STATUS_DONE, STATUS_FAILED, STATUS_PENDING, TeacherStore
+from ..format.store import TeacherStore
 from ..images.manifest import ImageManifest
 
 

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from ..config import ExtractConfig, StorageConfig
 from ..encodings import Encoding, calibration_indices
 from ..errors import CacheNotFoundError, EncodingError, Interrupted, NonFiniteFeaturesError
+from ..format.constants import ATTR_KEY, FLOAT16_MAX
 from ..format.levels import level_name, levels_section
-from ..format.store import ATTR_KEY, FLOAT16_MAX, TeacherStore, open_root
+from ..format.store import TeacherStore, open_root
 from ..images.manifest import ImageManifest, load_manifest
 from ..teachers import Teacher, TeacherSpec, create_teacher
 from ..teachers.blocks import resolve_blocks

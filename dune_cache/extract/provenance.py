@@ -11,11 +11,11 @@ import torch
 from .. import __version__
 from ..config import StorageConfig
 from ..images.manifest import ImageManifest
-from ..storage.urls import redact
 from ..teachers import Teacher, TeacherSpec
 from ..teachers.checkpoint_files import checkpoint_section
 from ..teachers.geometry import Geometry
 from ..utils.hashing import file_sha256
+from ..utils.redaction import redact_url as redact
 
 
 def build_provenance(spec: TeacherSpec, checkpoint: Path | None, manifest: ImageManifest, source: str,

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..errors import NonFiniteFeaturesError
-from ..format.store import ViewRows
+from ..format.rows import ViewRows
 from .writer import Rows
 
 PART = "|"  # joins a feature name and a part suffix in a HostCopy's keys: ``levels/b5/patch|_scale``

@@ -10,7 +10,8 @@ import os
 import numpy as np
 
 from ..config import parse_shard
-from ..format.store import STATUS_FAILED, STATUS_PENDING, unit_bounds
+from ..format.constants import STATUS_FAILED, STATUS_PENDING
+from ..format.unit_state import unit_bounds
 
 
 def worker_slot(shard: str) -> tuple[int, int]:

@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import NonFiniteFeaturesError
-from ..format.store import STATUS_DONE, STATUS_FAILED, TeacherStore, ViewRows, concat_rows, take_rows
+from ..format.constants import STATUS_DONE, STATUS_FAILED
+from ..format.rows import ViewRows, concat_rows, take_rows
+from ..format.store import TeacherStore
 from ..images.manifest import ImageManifest
 
 

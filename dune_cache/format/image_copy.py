@@ -24,8 +24,9 @@ import numpy as np
 from ..errors import ImageCopyError
 from ..storage import location
 from .checks import MAX_COPY_IMAGE_BYTES, MAX_GRID_SIDE, MAX_IMAGES, bounded_int, check_whole_read
+from .constants import ATTR_KEY
 from .root import select_teachers
-from .store import ATTR_KEY, TeacherStore
+from .store import TeacherStore
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from ..errors import StoreError
-from .store import ATTR_KEY, open_root
+from .constants import ATTR_KEY
+from .store import open_root
 
 
 def teacher_names(root: str) -> list[str]:

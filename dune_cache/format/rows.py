@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from concurrent.futures import Executor, wait
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -43,3 +44,40 @@ def run_all(tasks: list[Callable[[], None]], executor: Executor | None) -> None:
         wait(futures)
     for future in futures:
         future.result()
+
+
+def take_rows(values, rows):
+    """Rows ``rows`` (a slice, an index or a bool array) of float rows or of every part of encoded ones."""
+    return {suffix: part[rows] for suffix, part in values.items()} if isinstance(values, dict) else values[rows]
+
+
+def concat_rows(values: list, order: np.ndarray | None = None):
+    """Float rows, or encoded parts suffix by suffix, of ``values`` end to end (then in ``order``, if given)."""
+    pick = (lambda joined: joined) if order is None else (lambda joined: joined[order])
+    if isinstance(values[0], dict):
+        return {suffix: pick(np.concatenate([v[suffix] for v in values])) for suffix in values[0]}
+    return pick(np.concatenate(values))
+
+
+def row_count(values) -> int:
+    """How many images (or views) float rows or encoded parts hold."""
+    return len(next(iter(values.values()))) if isinstance(values, dict) else len(values)
+
+
+@dataclass
+class ViewRows:
+    """The K cached views of B images: cls ``(B, K, D)``, patch ``(B, K, h, w, D)`` in the storage dtype (or their
+    encoded parts by suffix), boxes ``(B, K, 4)`` float32 ``(y0, x0, y1, x1)`` relative to the original image, flip
+    ``(B, K)`` uint8; levels: level feature name (``levels/b{k}/cls|patch``) -> the views' values ``(B, K, ...)`` at
+    that block (or their parts)."""
+
+    cls: np.ndarray
+    patch: np.ndarray
+    boxes: np.ndarray
+    flip: np.ndarray
+    levels: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def take(self, rows: slice | np.ndarray) -> "ViewRows":
+        """The views of the images at batch positions ``rows``."""
+        return ViewRows(cls=take_rows(self.cls, rows), patch=take_rows(self.patch, rows), boxes=self.boxes[rows],
+                        flip=self.flip[rows], levels={name: take_rows(v, rows) for name, v in self.levels.items()})

@@ -13,7 +13,8 @@ import zarr.codecs
 from ..errors import CacheNotFoundError, StoreError
 from ..storage import location
 from .checks import MAX_DIM, MAX_IMAGES, bounded_int, check_whole_read
-from .store import ATTR_KEY, TeacherStore
+from .constants import ATTR_KEY
+from .store import TeacherStore
 
 STATS_GROUP = "stats"
 

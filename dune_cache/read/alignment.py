@@ -11,8 +11,9 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ReaderError
+from ..format.constants import STATUS_DONE, STATUS_PENDING
 from ..format.root import select_teachers
-from ..format.store import STATUS_DONE, STATUS_PENDING, TeacherStore
+from ..format.store import TeacherStore
 
 
 def open_teacher_stores(root: str, teachers: Sequence[str] | None) -> dict[str, TeacherStore]:

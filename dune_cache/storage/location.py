@@ -26,7 +26,8 @@ from zarr.core.sync import sync
 
 from ..errors import CacheNotFoundError, StoreError
 from ..utils.redaction import redact_text
-from .urls import is_remote, join, local_path, redact, scheme
+from ..utils.redaction import redact_url as redact
+from .urls import is_remote, join, local_path, scheme
 
 STORAGE_OPTIONS_ENV = "DUNE_CACHE_STORAGE_OPTIONS"
 # Object stores whose fsspec filesystems cache directory listings; a cache changes while it is filled,

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from .base import CheckpointError, TeacherSpec, strip_prefix
+from ..errors import CheckpointError
+from .base import strip_prefix
 from .blocks import sak_blocks
 from .dinov2 import Dinov2Teacher, dinov2_hf_expected, dinov2_teacher_from_state
 from .families import DEPTH_ANYTHING_V2_DPT_BLOCKS
@@ -44,6 +45,7 @@ from .hf import (
     is_hf_depth_anything,
     load_checkpoint,
 )
+from .spec import TeacherSpec
 
 NAME_PREFIX = "depth_anything_v2_vit"  # + size letter s|b|l|g
 ENCODER_PREFIX = "pretrained."

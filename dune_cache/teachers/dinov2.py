@@ -35,13 +35,7 @@ from timm.layers import GluMlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from .base import (
-    Teacher,
-    TeacherOutput,
-    TeacherSpec,
-    load_state_dict_strict,
-    tokens_to_output,
-)
+from .base import Teacher, TeacherOutput, load_state_dict_strict, tokens_to_output
 from .families import DINOV2_PRETRAIN_SIZE
 from .families import dinov2_timm_arch as timm_arch  # noqa: F401  (re-exported; the specs are in families.py)
 from .hf import (
@@ -54,6 +48,7 @@ from .hf import (
     is_hf_dinov2,
     load_checkpoint,
 )
+from .spec import TeacherSpec
 
 _CHUNKED_BLOCK = re.compile(r"^blocks\.\d+\.(\d+)\.")
 _SWIGLU_RENAMES = {".mlp.w12.": ".mlp.fc1.", ".mlp.w3.": ".mlp.fc2."}

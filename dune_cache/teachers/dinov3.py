@@ -35,7 +35,7 @@ from timm.models._manipulate import reinit_non_persistent_buffers
 from torch import nn
 
 from ..errors import CheckpointError
-from .base import Teacher, TeacherOutput, TeacherSpec, load_state_dict_strict, tokens_to_output
+from .base import Teacher, TeacherOutput, load_state_dict_strict, tokens_to_output
 from .hf import (
     HF_FORMAT,
     HfGeometry,
@@ -46,6 +46,7 @@ from .hf import (
     is_hf_dinov3,
     load_checkpoint,
 )
+from .spec import TeacherSpec
 
 PERIODS_KEY = "rope_embed.periods"
 _TRAINING_ONLY = ("mask_token", "local_cls_norm.weight", "local_cls_norm.bias")

@@ -39,8 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Teacher, TeacherOutput, TeacherSpec, load_state_dict_strict
+from .base import Teacher, TeacherOutput, load_state_dict_strict
 from .hf import HF_FORMAT, HfGeometry, check_hf_config, hf_sam_to_release, is_hf_sam, load_checkpoint, sam_hf_geometry
+from .spec import TeacherSpec
 
 RELEASE_ENCODER_PREFIX = "image_encoder."
 RELEASE_IGNORED_PREFIXES = ("prompt_encoder.", "mask_decoder.")  # SAM's prompt side: not part of the image encoder

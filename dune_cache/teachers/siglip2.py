@@ -34,7 +34,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from ..errors import CheckpointError
-from .base import Teacher, TeacherOutput, TeacherSpec, load_state_dict_strict
+from .base import Teacher, TeacherOutput, load_state_dict_strict
 from .dinov2 import PosEmbedResampling, resample_patch_pos_embed
 from .families import SIGLIP2_HF_CARD_RESOLUTION
 from .hf import (
@@ -48,6 +48,7 @@ from .hf import (
     load_checkpoint,
     vit_fields,
 )
+from .spec import TeacherSpec
 
 HF_VISION_PREFIX = "vision_model."
 HF_UNPREFIXED_MARK = "embeddings.patch_embedding.weight"  # a SiglipVisionModel saved by transformers 5: no prefix

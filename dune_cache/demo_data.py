@@ -122,7 +122,8 @@ def demo_split(out_dir: str | Path, every: int = 1) -> dict[str, list[Path]]:
     """Write the demo's images: ``out_dir/train/`` and ``out_dir/heldout/``, each with ``frames/`` and ``photos/``.
 
     Held out are whole clips (:data:`HELDOUT_VIDEOS`) and whole photo sets (:data:`HELDOUT_PHOTO_SETS`); the
-    training images are the other clips of :data:`DEMO_VIDEOS` and the other photos. Every ``every``-th frame of each clip is written.
+    training images are the other clips of :data:`DEMO_VIDEOS` and the other photos. Every ``every``-th frame of
+    each clip is written.
     Returns ``{"train": paths, "heldout": paths}``.
     """
     out_dir = Path(out_dir)

@@ -196,7 +196,8 @@ def random_init_run(run: LoadedRun, dims: dict[str, int], seed: int) -> LoadedRu
 
 
 @torch.inference_mode()
-def mean_targets(run: LoadedRun, reader: CacheReader, batch_size: int = 64) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def mean_targets(run: LoadedRun, reader: CacheReader, batch_size: int = 64
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """teacher -> (mean standardised CLS target ``(D,)``, mean standardised patch target per grid position
     ``(h, w, D)``) over the samples of ``reader`` (the run's training cache) the teacher has features of."""
     sums = {t: [0.0, 0.0, 0] for t in run.teachers}
@@ -205,7 +206,8 @@ def mean_targets(run: LoadedRun, reader: CacheReader, batch_size: int = 64) -> d
         for k, t in enumerate(run.teachers):
             have = batch.mask[:, k]
             cls, patch = run.standardizer.standardize(t, batch.cls[t][have], batch.patch[t][have])
-            sums[t] = [sums[t][0] + cls.double().sum(0), sums[t][1] + patch.double().sum(0), sums[t][2] + int(have.sum())]
+            cls_sum, patch_sum, count = sums[t]
+            sums[t] = [cls_sum + cls.double().sum(0), patch_sum + patch.double().sum(0), count + int(have.sum())]
     return {t: ((c / n).float(), (p / n).float()) for t, (c, p, n) in sums.items()}
 
 
@@ -213,7 +215,8 @@ def constant_predictor(constants: dict[str, tuple[torch.Tensor, torch.Tensor]]) 
     """A :data:`Predictor` that answers ``constants[teacher]`` (CLS ``(D,)``, patch ``(h, w, D)``) for every image.
     A constant with no direction (norm below 1e-6 of the average target's, e.g. the mean CLS target under
     ``channel`` standardisation, which is the origin) is answered as exactly zero, whose cosine is 0."""
-    def predict(pixels: torch.Tensor, grids: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def predict(pixels: torch.Tensor, grids: dict[str, tuple[int, int]]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         batch = len(pixels)
         return {t: (cls.expand(batch, -1), patch.expand(batch, -1, -1, -1)) for t, (cls, patch) in constants.items()}
     return predict

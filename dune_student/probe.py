@@ -183,7 +183,8 @@ def read_warp(folder: Path, root: Path) -> WarpPair:
     """One ``warps/<pair>/`` folder, checked: both images square and of one size, a finite invertible homography."""
     missing = [name for name in WARP_FILES if not (folder / name).is_file()]
     if missing:
-        raise ProbeError(f"warp pair {folder}: missing {', '.join(missing)} (a warp pair holds {', '.join(WARP_FILES)})")
+        raise ProbeError(f"warp pair {folder}: missing {', '.join(missing)} "
+                         f"(a warp pair holds {', '.join(WARP_FILES)})")
     sizes = {image_size(folder / name) for name in ("source.png", "warped.png")}
     homography = np.asarray(json.loads((folder / "homography.json").read_text()).get("homography"), np.float64)
     if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
@@ -428,7 +429,8 @@ def table_cells(m: ModelScores) -> list[str]:
     c, d = m.correspondence, m.disparity
     knn_cls, linear_cls = (None, None) if m.cls is None else (m.cls.knn, m.cls.linear)
     knn_patch, linear_patch = (None, None) if m.mean_patch is None else (m.mean_patch.knn, m.mean_patch.linear)
-    disparity = ["—", "—"] if d is None else [f"{d.rmse:.2f}", f"{d.r2:.3f} [{d.r2_ci95[0]:.2f}, {d.r2_ci95[1]:.2f}]"]
+    disparity = (["—", "—"] if d is None else
+                 [f"{d.rmse:.2f}", f"{d.r2:.3f} [{d.r2_ci95[0]:.2f}, {d.r2_ci95[1]:.2f}]"])
     return [m.name, percent(knn_cls), percent(knn_patch), percent(linear_cls), percent(linear_patch), *disparity,
             percent(c.within_half_patch), percent_interval(c.within_1_patch, c.ci95["1"]), percent(c.within_2_patches),
             percent(c.mutual_within_1_patch)]

@@ -86,7 +86,8 @@ def plot(points: list[dict], png: Path) -> None:
     x = [p["cpu_minutes"] for p in points]
     last = points[-1]["values"]
     panels = {"held-out fidelity (cosine, standardised space)": [
-                  (f"student → {t} | {kind}", [f"{RANDOM_INIT} → {t} | {kind}", f"mean training target → {t} | {kind}"])
+                  (f"student → {t} | {kind}",
+                   [f"{RANDOM_INIT} → {t} | {kind}", f"mean training target → {t} | {kind}"])
                   for t in TEACHERS for kind in ("CLS", "patch")],
               f"probes of the student's projection for {TEACHERS[0]} (PCK as a share, R²)": [
                   (f"student → {TEACHERS[0]} | {column}", [f"teacher {TEACHERS[0]} | {column}",
@@ -136,7 +137,8 @@ def main() -> None:
         run_dir = work / f"cpu_{minutes:g}min"
         cpu, wall = run(train_command(args.demo, run_dir, steps, args.seed))
         points.append(point(minutes, steps, cpu, wall, *score(args.demo, run_dir)))
-        print(f"{minutes:g} CPU-min budget: {steps} steps, {cpu / 60:.2f} CPU-min, {wall / 60:.2f} min wall", flush=True)
+        print(f"{minutes:g} CPU-min budget: {steps} steps, {cpu / 60:.2f} CPU-min, {wall / 60:.2f} min wall",
+              flush=True)
         results = {"demo": str(args.demo), "seed": args.seed, "cpu_seconds_per_step": per_step, "points": points}
         args.png.with_suffix(".json").write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         plot(points, args.png)

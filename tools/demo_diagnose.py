@@ -91,7 +91,8 @@ def main() -> None:
         print(f"   norm of the student's held-out CLS predictions {he['pc'].norm(dim=1).mean():.2f} vs the targets' "
               f"{he['tc'].norm(dim=1).mean():.2f}")
         print(f" nearest training CLS target (a memorising student): held-out CLS {nearest.mean():+.3f}")
-        print(f" mean patch target per grid position: held-out patch {cosine(tr['tp'].mean(0)[None], he['tp']).mean():+.3f}"
+        positional = cosine(tr["tp"].mean(0)[None], he["tp"]).mean()
+        print(f" mean patch target per grid position: held-out patch {positional:+.3f}"
               " (the global mean patch target, the origin, scores 0)")
         print(f" raw teacher space: the training mean scores held-out CLS "
               f"{cosine(raw_held[0], raw_train[0].mean(0)[None]).mean():+.3f}, patch "

@@ -126,8 +126,9 @@ def table_rows(teachers: list[str], fidelity: dict, probe: dict) -> dict[str, Ro
         for name in (RANDOM_INIT, MEAN_TARGET):
             rows[f"{name} → {t}"] = Row(f"{name} → {t}", *fidelity_scores(baseline_entry(fidelity, t, name)),
                                         probe_scores(None))
-    for kind, label in (("student", "student (its own tokens)"), ("random init", "random-init student (its own tokens)"),
-                        ("pixels", "raw pixels"), ("identity", "identity (same position)")):
+    own = (("student", "student (its own tokens)"), ("random init", "random-init student (its own tokens)"),
+           ("pixels", "raw pixels"), ("identity", "identity (same position)"))
+    for kind, label in own:
         rows[label] = Row(label, None, None, probe_scores(probe_model(probe, kind)))
     return rows
 

@@ -129,7 +129,7 @@ def main() -> None:
     work = args.work or args.demo / "compute_curve"
     calibration = work / "calibration"
     cpu, _ = run(train_command(args.demo, calibration, CALIBRATION_STEPS, args.seed))
-    per_step = cpu / CALIBRATION_STEPS  # includes start-up: budgets come out slightly short, never long
+    per_step = cpu / CALIBRATION_STEPS  # includes start-up, so budgets come out short by about that, never long
     print(f"calibration: {per_step:.2f} CPU s per step ({CALIBRATION_STEPS} steps)", flush=True)
     points = []
     for minutes in sorted(args.minutes):

@@ -13,12 +13,14 @@ too (it may read what changed). Steps:
     extract    dune-cache extract --checkpoint auto ...  demo/train.zarr, demo/heldout.zarr, both teachers on one grid
     stats      dune-cache stats                          target statistics of the training cache
     train      dune-student train                        demo/run (checkpoint, metrics, curves.png)
-    eval       dune-student eval --json                  demo/run/eval_heldout.json
+    eval       dune-student eval --json --baselines      demo/run/eval_heldout.json (with a random-init student and
+                                                         the mean training target, in the same space)
     pictures   dune-cache show, dune-student show/curves demo/pictures/
     probe      python tools/prepare_probe_data.py, dune-cache extract, dune-student probe
                                                          demo/probe, demo/probe.zarr, demo/run/probe.json
 
-It ends with one summary table (printed and written to demo/summary.md).
+It ends with one summary table (printed and written to demo/summary.md; tools/demo_summary.py): held-out fidelity
+and probe scores beside their baselines with 95 % bootstrap intervals, and one line per teacher in words.
 """
 from __future__ import annotations
 

@@ -212,9 +212,8 @@ def mean_targets(run: LoadedRun, reader: CacheReader, batch_size: int = 64
 
 
 def constant_predictor(constants: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Predictor:
-    """A :data:`Predictor` that answers ``constants[teacher]`` (CLS ``(D,)``, patch ``(h, w, D)``) for every image.
-    A constant with no direction (norm below 1e-6 of the average target's, e.g. the mean CLS target under
-    ``channel`` standardisation, which is the origin) is answered as exactly zero, whose cosine is 0."""
+    """A :data:`Predictor` that answers ``constants[teacher]`` (CLS ``(D,)``, patch ``(h, w, D)``) for every image
+    (an exact zero scores cosine 0; :func:`snap_origin` makes float rounding of the origin one)."""
     def predict(pixels: torch.Tensor, grids: dict[str, tuple[int, int]]
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         batch = len(pixels)

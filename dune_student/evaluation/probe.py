@@ -14,10 +14,16 @@ which writes one from data that installs offline):
 * **disparity** (dense linear probe): per patch of the pairs' left images, ridge regression of the mean
   ground-truth disparity of its pixels (patches with at least half of them known) from its token (penalty by
   cross-validation over the training pairs), RMSE (pixels of the pair images) and R² on the ``test`` pairs;
-* **correspondence** (zero-shot): for each left patch with a ground-truth match in the right image — the left
-  pixel (y, x) is the right pixel (y, x - d) — its cosine nearest-neighbour right patch; the share whose centre
-  lies within 1 and 2 patches of the student's grid of the true match, and the share among mutual nearest
-  neighbours, over all pairs.
+* **correspondence** (zero-shot, HPatches / SuperPoint style): for each warp pair (a held-out photo and the same
+  photo under a known homography and photometric change), each source patch's cosine nearest-neighbour patch in
+  the warped image; PCK, the share whose centre lies within 0.5, 1 and 2 patches of the student's grid of where
+  the homography takes the source patch's centre (source patches it takes out of the image are not scored), and
+  the share among mutual nearest neighbours.
+
+Two feature-free rows bound what the probes can give without a model: **raw pixels** (classification on a
+16 x 16 thumbnail of the image, the dense probes on each patch's pixels minus their mean, i.e. normalised
+cross-correlation) and, for correspondence, **identity** (every source patch matched to the patch at the same
+position). Every score carries a bootstrap 95 % interval over its test items (images, warp pairs, stereo pairs).
 
 Models are scored on the images as each saw them: the student and the random-init student on the images squashed
 to the run's resolution (as ``dune-student eval`` feeds them), teachers from a cache extracted over the probe data
@@ -54,6 +60,8 @@ from .probe_scores import (
 )
 
 log = logging.getLogger(__name__)
+
+THUMBNAIL = 16  # raw-pixel classification features: the image squashed to THUMBNAIL x THUMBNAIL
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,6 +113,28 @@ def random_init_student(like: Student, seed: int) -> Student:
         return Student(like.cfg, device=device).eval()
 
 
+class PixelSource:
+    """Raw pixels as features (a model-free baseline), of the images squashed to ``resolution``: CLS = the image
+    squashed further to ``THUMBNAIL`` px, flattened ``(B, 3 * THUMBNAIL²)``; patches = each ``patch x patch``
+    cell's pixels ``(B, h, w, 3 * patch²)``; every vector minus its own mean (so cosine = normalised
+    cross-correlation)."""
+
+    name = "raw pixels"
+
+    def __init__(self, root: Path, resolution: int, patch: int):
+        self.root, self.resolution, self.patch = root, resolution, patch
+        self.models = {self.name: "pixels"}
+
+    def __call__(self, ids: list[str]) -> dict[str, Tokens]:
+        size, p = (self.resolution, self.resolution), self.patch
+        pixels = torch.stack([torch.from_numpy(load_pixels(self.root / i, size, "squash")) for i in ids]).float() / 255
+        cells = pixels.unfold(2, p, p).unfold(3, p, p)  # (B, 3, h, w, p, p)
+        patch = cells.permute(0, 2, 3, 1, 4, 5).flatten(3)
+        thumbnail = torch.nn.functional.interpolate(pixels, size=(THUMBNAIL, THUMBNAIL), mode="area").flatten(1)
+        return {self.name: (thumbnail - thumbnail.mean(dim=1, keepdim=True),
+                            patch - patch.mean(dim=-1, keepdim=True))}
+
+
 class CachedTeachers:
     """Every teacher group of a cache of the probe data folder; refuses a cache that lacks a probe image or was
     not extracted with ``squash`` resizing (the correspondence ground truth assumes whole images)."""
@@ -141,6 +171,8 @@ class ModelFeatures:
     mean_patch: torch.Tensor  # (N, D) their mean patch tokens
     left: torch.Tensor  # (P, h, w, D) patch tokens of the pairs' left images
     right: torch.Tensor  # (P, h, w, D) and of their right images
+    source: torch.Tensor  # (W, h, w, D) patch tokens of the warp pairs' source images
+    warped: torch.Tensor  # (W, h, w, D) and of their warped images
 
 
 @torch.no_grad()
@@ -159,21 +191,32 @@ def model_features(source: FeatureSource, data: ProbeData, batch_size: int) -> d
     """Features of every model of ``source`` over the probe data."""
     images = collect(source, data.images, batch_size, pool=True)
     pairs = collect(source, [p.left for p in data.pairs] + [p.right for p in data.pairs], batch_size, pool=False)
-    count = len(data.pairs)
+    warps = collect(source, [w.source for w in data.warps] + [w.warped for w in data.warps], batch_size, pool=False)
+    count, warp_count = len(data.pairs), len(data.warps)
     return {name: ModelFeatures(cls=images[name][0], mean_patch=images[name][1], left=pairs[name][1][:count],
-                                right=pairs[name][1][count:]) for name in source.models}
+                                right=pairs[name][1][count:], source=warps[name][1][:warp_count],
+                                warped=warps[name][1][warp_count:]) for name in source.models}
+
+
+def identity_tokens(count: int, grid: tuple[int, int]) -> torch.Tensor:
+    """``(count, h, w, h * w)``: one-hot position codes, so that every patch's nearest neighbour in another image
+    is the patch at the same position (the identity baseline of correspondence)."""
+    return torch.eye(grid[0] * grid[1]).reshape(1, *grid, -1).expand(count, -1, -1, -1)
 
 
 # ---------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------
+IDENTITY = "identity (same position)"
+
+
 @dataclass
 class ModelScores:
     name: str
-    kind: str  # student | student head | random init | teacher
-    cls: ClassificationScores | None  # None: no real CLS token
-    mean_patch: ClassificationScores
-    disparity: DisparityScores
+    kind: str  # student | student head | random init | teacher | pixels | identity
+    cls: ClassificationScores | None  # None: no real CLS token (or the identity baseline)
+    mean_patch: ClassificationScores | None  # None: the identity baseline (no features of an image)
+    disparity: DisparityScores | None  # None: the identity baseline
     correspondence: CorrespondenceScores
 
 
@@ -185,7 +228,13 @@ def score_model(name: str, kind: str, features: ModelFeatures, data: ProbeData, 
         cls=None if features.cls is None else classification_scores(features.cls, data, cfg),
         mean_patch=classification_scores(features.mean_patch, data, cfg),
         disparity=disparity_scores(features.left, data, cfg.seed),
-        correspondence=correspondence_scores(features.left, features.right, data, unit_grid))
+        correspondence=correspondence_scores(features.source, features.warped, data, unit_grid))
+
+
+def identity_scores(data: ProbeData, unit_grid: tuple[int, int]) -> ModelScores:
+    """The identity baseline: correspondence when every source patch is matched to the same position."""
+    tokens = identity_tokens(len(data.warps), unit_grid)
+    return ModelScores(IDENTITY, "identity", None, None, None, correspondence_scores(tokens, tokens, data, unit_grid))
 
 
 @dataclass
@@ -197,6 +246,7 @@ class DataSummary:
     chance: float  # accuracy of always answering the test split's most frequent class
     train_pairs: int
     test_pairs: int
+    warp_pairs: int
     unit_grid: list[int]  # the student's patch grid: correspondence distances are in its patches
 
 
@@ -206,15 +256,33 @@ def summarize(data: ProbeData, unit_grid: tuple[int, int]) -> DataSummary:
     return DataSummary(folder=str(data.root), classes=data.classes, train_images=int((~data.test).sum()),
                        test_images=int(data.test.sum()), chance=chance,
                        train_pairs=sum(p.split == "train" for p in data.pairs),
-                       test_pairs=sum(p.split == "test" for p in data.pairs), unit_grid=list(unit_grid))
+                       test_pairs=sum(p.split == "test" for p in data.pairs), warp_pairs=len(data.warps),
+                       unit_grid=list(unit_grid))
 
 
 TABLE_COLUMNS = ("model", "kNN CLS", "kNN mean-patch", "linear CLS", "linear mean-patch", "disparity RMSE (px)",
-                 "disparity R²", "match ≤1 patch", "match ≤2 patches", "mutual match ≤1 patch")
+                 "disparity R²", "PCK ≤0.5 patch", "PCK ≤1 patch", "PCK ≤2 patches", "mutual PCK ≤1 patch")
 
 
 def percent(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
+
+
+def percent_interval(value: float, interval: list[float]) -> str:
+    """``value`` in % with its 95 % interval, e.g. ``84.0 [77.0, 91.0]``."""
+    return f"{100 * value:.1f} [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]"
+
+
+def table_cells(m: ModelScores) -> list[str]:
+    """One model's row of :data:`TABLE_COLUMNS` (— where the model has no such score)."""
+    c, d = m.correspondence, m.disparity
+    knn_cls, linear_cls = (None, None) if m.cls is None else (m.cls.knn, m.cls.linear)
+    knn_patch, linear_patch = (None, None) if m.mean_patch is None else (m.mean_patch.knn, m.mean_patch.linear)
+    disparity = (["—", "—"] if d is None else
+                 [f"{d.rmse:.2f}", f"{d.r2:.3f} [{d.r2_ci95[0]:.2f}, {d.r2_ci95[1]:.2f}]"])
+    return [m.name, percent(knn_cls), percent(knn_patch), percent(linear_cls), percent(linear_patch), *disparity,
+            percent(c.within_half_patch), percent_interval(c.within_1_patch, c.ci95["1"]), percent(c.within_2_patches),
+            percent(c.mutual_within_1_patch)]
 
 
 @dataclass
@@ -230,22 +298,20 @@ class ProbeReport:
     def table(self) -> str:
         """Markdown table, one row per model, accuracies and match shares in %, then what the columns mean."""
         lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-        for m in self.models:
-            c = m.correspondence
-            knn_cls, linear_cls = (None, None) if m.cls is None else (m.cls.knn, m.cls.linear)
-            cells = (m.name, percent(knn_cls), percent(m.mean_patch.knn), percent(linear_cls),
-                     percent(m.mean_patch.linear), f"{m.disparity.rmse:.2f}", f"{m.disparity.r2:.3f}",
-                     percent(c.within_1_patch), percent(c.within_2_patches), percent(c.mutual_within_1_patch))
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["| " + " | ".join(table_cells(m)) + " |" for m in self.models]
         d, s, first = self.data, self.settings, self.models[0]
         lines += ["", f"Classification: {', '.join(d.classes)}; {d.train_images} train / {d.test_images} test images "
                   f"(stratified, seed {s['seed']}); top-1 accuracy in %, chance {percent(d.chance)}; kNN k={s['k']} "
-                  f"T={s['temperature']}; — = no real CLS token (its CLS is its mean patch). Disparity: ridge probe "
-                  f"per patch, {d.train_pairs} train pairs ({first.disparity.train_patches} patches), "
-                  f"{d.test_pairs} held-out pairs ({first.disparity.test_patches} patches). Correspondence: % of the "
-                  f"left patches ({first.correspondence.queries}) whose cosine nearest neighbour in the right image "
-                  f"is within 1 / 2 patches of the student's {d.unit_grid[0]}x{d.unit_grid[1]} grid of the true "
-                  "match; mutual: among mutual nearest neighbours."]
+                  f"T={s['temperature']}; — = no real CLS token (its CLS is its mean patch); raw pixels: CLS = a "
+                  f"{THUMBNAIL}x{THUMBNAIL} thumbnail. Disparity: ridge probe per patch, {d.train_pairs} train stereo "
+                  f"pairs ({first.disparity.train_patches} patches), {d.test_pairs} held-out pairs "
+                  f"({first.disparity.test_patches} patches), R² with a 95 % bootstrap interval over the held-out "
+                  f"pairs. Correspondence: PCK, % of the source patches ({first.correspondence.queries}) of "
+                  f"{d.warp_pairs} warp pairs (held-out photos under known homographies and photometric changes) whose "
+                  f"cosine nearest neighbour in the warped image lies within 0.5 / 1 / 2 patches of the student's "
+                  f"{d.unit_grid[0]}x{d.unit_grid[1]} grid of the true position, [95 % bootstrap interval over the "
+                  "pairs]; mutual: among mutual nearest neighbours; identity: every patch matched to the same "
+                  "position."]
         return "\n".join(lines)
 
 
@@ -258,7 +324,8 @@ def feature_sources(cfg: ProbeConfig, data: ProbeData) -> tuple[list[FeatureSour
     sources: list[FeatureSource] = [
         StudentSource(f"student (step {run.step})", "student", run.student, data.root, run.resolution, *heads),
         StudentSource(f"random-init student (seed {cfg.seed})", "random init",
-                      random_init_student(run.student, cfg.seed), data.root, run.resolution), *teachers]
+                      random_init_student(run.student, cfg.seed), data.root, run.resolution), *teachers,
+        PixelSource(data.root, run.resolution, run.student.patch_size)]
     return sources, run.student.grid(run.resolution, run.resolution)
 
 
@@ -276,6 +343,7 @@ def run_probes(cfg: ProbeConfig) -> ProbeReport:
         for name, features in model_features(source, data, cfg.batch_size).items():
             models.append(score_model(name, source.models[name], features, data, cfg, unit_grid))
         log.info("probed %s in %.1fs", ", ".join(source.models), time.perf_counter() - began)
+    models.append(identity_scores(data, unit_grid))
     report = ProbeReport(models, summarize(data, unit_grid), asdict(cfg), time.perf_counter() - start)
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)

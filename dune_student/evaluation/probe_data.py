@@ -1,5 +1,6 @@
 """Probe data as ``dune-student probe`` reads it from a folder (written by ``tools/prepare_probe_data.py``):
-labelled images for classification and stereo pairs with ground-truth disparity, and the probe settings.
+labelled images for classification, stereo pairs with ground-truth disparity and warp pairs (a photo and its copy
+under a known homography) for correspondence, and the probe settings.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dune_cache import image_files
 from ..errors import ProbeError
 
 PAIR_FILES = ("left.png", "right.png", "disparity.npy", "meta.json")
+WARP_FILES = ("source.png", "warped.png", "homography.json")
 
 
 PREPARE_HINT = "python tools/prepare_probe_data.py --out DIR writes one"
@@ -54,6 +56,18 @@ class StereoPair:
 
 
 @dataclass
+class WarpPair:
+    """A photo and its warped copy (image ids), ``size x size`` both; ``homography`` ``(3, 3)`` maps a source pixel
+    ``(x, y, 1)`` to the warped image."""
+
+    name: str
+    source: str
+    warped: str
+    homography: np.ndarray
+    size: int
+
+
+@dataclass
 class ProbeData:
     """The probe data folder, read."""
 
@@ -63,10 +77,12 @@ class ProbeData:
     labels: np.ndarray  # (N,) int64, index into classes
     test: np.ndarray  # (N,) bool: held out (the rest trains)
     pairs: list[StereoPair]
+    warps: list[WarpPair]
 
     def image_ids(self) -> list[str]:
         """Every image the probes read."""
-        return self.images + [p.left for p in self.pairs] + [p.right for p in self.pairs]
+        return (self.images + [p.left for p in self.pairs] + [p.right for p in self.pairs]
+                + [w.source for w in self.warps] + [w.warped for w in self.warps])
 
 
 def stratified_test_split(labels: np.ndarray, test_fraction: float, seed: int) -> np.ndarray:
@@ -117,6 +133,23 @@ def read_pair(folder: Path, root: Path) -> StereoPair:
     return StereoPair(folder.name, f"{relative}/left.png", f"{relative}/right.png", disparity, split)
 
 
+def read_warp(folder: Path, root: Path) -> WarpPair:
+    """One ``warps/<pair>/`` folder, checked: both images square and of one size, a finite invertible homography."""
+    missing = [name for name in WARP_FILES if not (folder / name).is_file()]
+    if missing:
+        raise ProbeError(f"warp pair {folder}: missing {', '.join(missing)} "
+                         f"(a warp pair holds {', '.join(WARP_FILES)})")
+    sizes = {image_size(folder / name) for name in ("source.png", "warped.png")}
+    homography = np.asarray(json.loads((folder / "homography.json").read_text()).get("homography"), np.float64)
+    if len(sizes) != 1 or len({*next(iter(sizes))}) != 1:
+        raise ProbeError(f"warp pair {folder}: source.png and warped.png must be square and of one size, got {sizes}")
+    if homography.shape != (3, 3) or not np.isfinite(homography).all() or abs(np.linalg.det(homography)) < 1e-12:
+        raise ProbeError(f"warp pair {folder}: homography.json needs \"homography\": a finite invertible 3 x 3 "
+                         f"matrix, has shape {homography.shape}")
+    relative = folder.relative_to(root).as_posix()
+    return WarpPair(folder.name, f"{relative}/source.png", f"{relative}/warped.png", homography, sizes.pop()[0])
+
+
 def load_probe_data(root: str | Path, test_fraction: float = 0.5, seed: int = 0) -> ProbeData:
     """Read and check a probe data folder (layout in :mod:`dune_demo.probe_data`)."""
     root = Path(root)
@@ -129,4 +162,8 @@ def load_probe_data(root: str | Path, test_fraction: float = 0.5, seed: int = 0)
     if splits.count("train") < 2 or splits.count("test") < 1:
         raise ProbeError(f"probe data {root}: pairs/ needs at least 2 train and 1 test stereo pairs; found "
                          f"{', '.join(f'{p.name} ({p.split})' for p in pairs) or 'none'} ({PREPARE_HINT})")
-    return ProbeData(root, classes, images, labels, test, pairs)
+    warps = [read_warp(folder, root) for folder in sorted(p for p in (root / "warps").glob("*") if p.is_dir())]
+    if not warps:
+        raise ProbeError(f"probe data {root}: warps/ holds no warp pair (source.png, warped.png, homography.json) "
+                         f"for the correspondence probe ({PREPARE_HINT})")
+    return ProbeData(root, classes, images, labels, test, pairs, warps)

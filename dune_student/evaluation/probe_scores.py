@@ -1,6 +1,8 @@
 """The probes' scores on frozen features: linear (logistic and ridge, penalty by cross-validation) and kNN
-classification, a per-patch disparity ridge probe, and zero-shot stereo correspondence by mutual nearest
-neighbours. Pure functions of feature tensors; :mod:`dune_student.evaluation.probe` collects the features and reports.
+classification, a per-patch disparity ridge probe, and zero-shot correspondence by nearest neighbours under known
+homographies; each score keeps its per-item results (test images, pairs) and a bootstrap 95 % interval over them
+(:func:`bootstrap_indices`, :func:`percentile_interval`), so that two models can be compared on the same resamples.
+Pure functions of feature tensors; :mod:`dune_student.evaluation.probe` collects the features and reports.
 """
 from __future__ import annotations
 
@@ -19,6 +21,55 @@ PENALTIES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)  # L2 penalties the linea
 FOLDS = 3  # cross-validation folds of the training split that choose the penalty
 LBFGS_STEPS = 100  # at most; it stops earlier once the gradient is below 1e-7
 MIN_KNOWN = 0.5  # a patch has a ground-truth disparity when at least this share of its pixels has one
+BOOTSTRAP_DRAWS = 1000  # resamples of the bootstrap intervals
+BOOTSTRAP_SEED = 0
+PCK_THRESHOLDS = (0.5, 1.0, 2.0)  # correspondence: distances to the true match, in patches of the student's grid
+
+
+# ---------------------------------------------------------------------------------------
+# Uncertainty
+# ---------------------------------------------------------------------------------------
+def bootstrap_indices(count: int, draws: int = BOOTSTRAP_DRAWS, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """``(draws, count)`` indices: ``draws`` resamples with replacement of ``count`` items. A pure function of its
+    arguments, so that every model's score is resampled alike and paired differences are meaningful."""
+    if count < 1:
+        raise ValueError("bootstrap needs at least one item")
+    return np.random.default_rng(seed).integers(0, count, (draws, count))
+
+
+def percentile_interval(samples: np.ndarray) -> list[float]:
+    """``[2.5th, 97.5th]`` percentile of bootstrap ``samples`` ``(draws,)``: a 95 % interval."""
+    low, high = np.percentile(samples, [2.5, 97.5])
+    return [float(low), float(high)]
+
+
+def mean_samples(values: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Bootstrap means ``(draws,)`` of per-item ``values`` ``(N,)`` (e.g. 0/1 hits of the test images), resampling
+    the items."""
+    values = np.asarray(values, dtype=np.float64)
+    return values[bootstrap_indices(len(values))].mean(axis=1)
+
+
+def pooled_share_samples(hits: Sequence[int] | np.ndarray, counts: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Bootstrap shares ``sum(hits) / sum(counts)`` ``(draws,)`` of per-pair ``hits`` and ``counts`` ``(P,)``,
+    resampling whole pairs (patches of one pair are not independent)."""
+    hits, counts = np.asarray(hits, np.float64), np.asarray(counts, np.float64)
+    index = bootstrap_indices(len(hits))
+    return hits[index].sum(axis=1) / np.maximum(counts[index].sum(axis=1), 1)
+
+
+def r2_samples(errors: Sequence[float], targets: Sequence[float], groups: Sequence[int]) -> np.ndarray:
+    """Bootstrap R² ``(draws,)`` of per-patch prediction ``errors`` and ``targets`` ``(Q,)``, resampling the
+    groups (pairs) ``(Q,)`` whole."""
+    errors, targets, groups = (np.asarray(a, np.float64) for a in (errors, targets, groups))
+    names = np.unique(groups)
+    members = [np.flatnonzero(groups == g) for g in names]
+    samples = []
+    for draw in bootstrap_indices(len(names)):
+        rows = np.concatenate([members[g] for g in draw])
+        total = np.square(targets[rows] - targets[rows].mean()).sum()
+        samples.append(1 - np.square(errors[rows]).sum() / max(total, 1e-12))
+    return np.array(samples)
 
 # ---------------------------------------------------------------------------------------
 # Linear probes
@@ -104,11 +155,15 @@ def knn_predict(train_x: torch.Tensor, train_y: torch.Tensor, query_x: torch.Ten
 
 @dataclass
 class ClassificationScores:
-    """Top-1 accuracy on the test split, in [0, 1]."""
+    """Top-1 accuracy on the test split, in [0, 1], with bootstrap 95 % intervals over the test images."""
 
     knn: float
     linear: float
     penalty: float  # L2 penalty of the linear probe, chosen by cross-validation on the training split
+    knn_ci95: list[float]
+    linear_ci95: list[float]
+    knn_correct: list[int]  # per test image (the split's order): 1 if kNN got it right
+    linear_correct: list[int]
 
 
 @one_thread()
@@ -125,8 +180,11 @@ def classification_scores(x: torch.Tensor, data: ProbeData, cfg: ProbeConfig) ->
 
     penalty = cross_validated_penalty(accuracies, np.arange(len(train_x)), cfg.seed)
     linear = fit_logistic(train_x, train_y, num_classes, [penalty])(test_x)[0].argmax(dim=1)
-    return ClassificationScores(knn=float((knn == test_y).double().mean()),
-                                linear=float((linear == test_y).double().mean()), penalty=penalty)
+    knn_correct, linear_correct = (knn == test_y).int().tolist(), (linear == test_y).int().tolist()
+    return ClassificationScores(knn=float(np.mean(knn_correct)), linear=float(np.mean(linear_correct)),
+                                penalty=penalty, knn_ci95=percentile_interval(mean_samples(knn_correct)),
+                                linear_ci95=percentile_interval(mean_samples(linear_correct)),
+                                knn_correct=knn_correct, linear_correct=linear_correct)
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,6 +208,10 @@ class DisparityScores:
     penalty: float  # ridge penalty, chosen by cross-validation over the training pairs
     train_patches: int
     test_patches: int
+    r2_ci95: list[float]  # bootstrap over the test pairs
+    test_errors: list[float]  # per test patch: prediction - truth (pixels)
+    test_targets: list[float]  # per test patch: the truth
+    test_pair: list[int]  # per test patch: index of its pair
 
 
 @one_thread()
@@ -162,8 +224,8 @@ def disparity_scores(left: torch.Tensor, data: ProbeData, seed: int) -> Disparit
         tokens.append(left[index][known])
         targets.append(disparity[known])
         groups.append(np.full(int(known.sum()), index))
-    (train_x, train_y, train_g), (test_x, test_y, _) = ((torch.cat(t), torch.cat(d), np.concatenate(g))
-                                                         for t, d, g in rows.values())
+    (train_x, train_y, train_g), (test_x, test_y, test_g) = ((torch.cat(t), torch.cat(d), np.concatenate(g))
+                                                              for t, d, g in rows.values())
 
     def negative_mse(fit_rows: np.ndarray, eval_rows: np.ndarray) -> np.ndarray:
         predict = fit_ridge(train_x[fit_rows], train_y[fit_rows], PENALTIES)
@@ -172,8 +234,11 @@ def disparity_scores(left: torch.Tensor, data: ProbeData, seed: int) -> Disparit
     penalty = cross_validated_penalty(negative_mse, train_g, seed)
     error = fit_ridge(train_x, train_y, [penalty])(test_x)[0] - test_y
     r2 = 1 - float(error.square().sum() / (test_y - test_y.mean()).square().sum().clamp_min(1e-12))
+    errors, targets = error.tolist(), test_y.double().tolist()
     return DisparityScores(rmse=float(error.square().mean().sqrt()), r2=r2, penalty=penalty,
-                           train_patches=len(train_y), test_patches=len(test_y))
+                           train_patches=len(train_y), test_patches=len(test_y),
+                           r2_ci95=percentile_interval(r2_samples(errors, targets, test_g)), test_errors=errors,
+                           test_targets=targets, test_pair=test_g.tolist())
 
 
 def cell_centres(grid: tuple[int, int], size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,45 +258,67 @@ def nearest_neighbours(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.T
     return forward, backward[forward] == torch.arange(len(forward))
 
 
-def match_errors(left: torch.Tensor, right: torch.Tensor, disparity: np.ndarray, unit_grid: tuple[int, int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Distance from each left patch's nearest-neighbour right patch to its true match, in patches of a
-    ``unit_grid`` ``(h_u, w_u)``, and whether it is a mutual nearest neighbour, both ``(Q,)`` for the ``Q`` left
-    patches of ``left`` ``(h, w, D)`` with a known disparity (``(H, W)``) whose true match is in ``right``."""
-    size = disparity.shape
-    truth, known = cell_disparity(disparity, tuple(left.shape[:2]))
-    ys, xs = cell_centres(tuple(left.shape[:2]), size)
-    true_x = xs - truth.flatten()
-    queries = known.flatten() & (true_x >= 0) & (true_x < size[1])
-    match, mutual = nearest_neighbours(left, right)
-    right_ys, right_xs = cell_centres(tuple(right.shape[:2]), size)
-    error = torch.hypot((right_ys[match] - ys) * unit_grid[0] / size[0],
-                        (right_xs[match] - true_x) * unit_grid[1] / size[1])
+def warped_centres(homography: np.ndarray, grid: tuple[int, int], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the homography ``(3, 3)`` (source pixel (x, y, 1) -> warped pixel) takes the centre of each cell of a
+    ``grid`` ``(h, w)`` over the ``size x size`` source image: warped ``(y, x)``, each ``(h * w,)`` row-major."""
+    ys, xs = cell_centres(grid, (size, size))
+    points = torch.stack([xs, ys, torch.ones_like(xs)]) .T @ torch.from_numpy(np.asarray(homography, np.float64)).T
+    return points[:, 1] / points[:, 2], points[:, 0] / points[:, 2]
+
+
+def match_errors(source: torch.Tensor, warped: torch.Tensor, homography: np.ndarray, size: int,
+                 unit_grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distance from each source patch's nearest-neighbour warped patch to its true position, in patches of a
+    ``unit_grid`` ``(h_u, w_u)``, and whether it is a mutual nearest neighbour, both ``(Q,)`` for the ``Q`` patches
+    of ``source`` ``(h, w, D)`` whose centre the homography keeps inside the ``size x size`` warped image
+    ``warped`` ``(h', w', D)``."""
+    true_y, true_x = warped_centres(homography, tuple(source.shape[:2]), size)
+    queries = (true_y >= 0) & (true_y < size) & (true_x >= 0) & (true_x < size)
+    match, mutual = nearest_neighbours(source, warped)
+    ys, xs = cell_centres(tuple(warped.shape[:2]), (size, size))
+    error = torch.hypot((ys[match] - true_y) * unit_grid[0] / size, (xs[match] - true_x) * unit_grid[1] / size)
     return error[queries], mutual[queries]
+
+
+def threshold_key(threshold: float) -> str:
+    """JSON key of a PCK threshold: ``0.5`` -> ``"0.5"``, ``1.0`` -> ``"1"``."""
+    return f"{threshold:g}"
 
 
 @dataclass
 class CorrespondenceScores:
-    """Nearest-neighbour patch matches from left to right images, over all pairs; shares in [0, 1]."""
+    """Nearest-neighbour patch matches from each source image to its warped image, over all warp pairs: PCK, the
+    share of the source patches (with a true position inside the warped image) matched within a distance, in
+    patches of the student's grid; shares in [0, 1], bootstrap 95 % intervals over the pairs."""
 
+    within_half_patch: float
     within_1_patch: float
     within_2_patches: float
     mutual_within_1_patch: float  # among the mutual nearest neighbours
     mutual_share: float  # share of the matches that are mutual
-    queries: int  # left patches with a true match in the right image
+    queries: int  # source patches with a true position in the warped image
+    ci95: dict[str, list[float]]  # PCK threshold (patches, "0.5", "1", "2") -> interval
+    pair_queries: list[int]  # per warp pair (the data's order)
+    pair_hits: dict[str, list[int]]  # PCK threshold -> per warp pair: source patches matched within it
     per_pair_within_1_patch: dict[str, float]
 
 
 @one_thread()
-def correspondence_scores(left: torch.Tensor, right: torch.Tensor, data: ProbeData,
+def correspondence_scores(source: torch.Tensor, warped: torch.Tensor, data: ProbeData,
                           unit_grid: tuple[int, int]) -> CorrespondenceScores:
-    """Zero-shot correspondence of patch tokens ``left``/``right`` ``(P, h, w, D)``; distances in patches of
-    ``unit_grid`` (the student's)."""
-    results = [match_errors(left[i], right[i], pair.disparity, unit_grid) for i, pair in enumerate(data.pairs)]
+    """Zero-shot correspondence of patch tokens ``source``/``warped`` ``(W, h, w, D)`` of the warp pairs;
+    distances in patches of ``unit_grid`` (the student's)."""
+    results = [match_errors(source[i], warped[i], pair.homography, pair.size, unit_grid)
+               for i, pair in enumerate(data.warps)]
     error, mutual = torch.cat([e for e, _ in results]), torch.cat([m for _, m in results])
+    queries = [len(e) for e, _ in results]
+    hits = {threshold_key(t): [int((e <= t).sum()) for e, _ in results] for t in PCK_THRESHOLDS}
+    share = {key: sum(h) / max(sum(queries), 1) for key, h in hits.items()}
     return CorrespondenceScores(
-        within_1_patch=float((error <= 1).double().mean()), within_2_patches=float((error <= 2).double().mean()),
+        within_half_patch=share["0.5"], within_1_patch=share["1"], within_2_patches=share["2"],
         mutual_within_1_patch=float((error[mutual] <= 1).double().mean()) if mutual.any() else 0.0,
-        mutual_share=float(mutual.double().mean()), queries=len(error),
-        per_pair_within_1_patch={pair.name: float((e <= 1).double().mean())
-                                 for pair, (e, _) in zip(data.pairs, results)})
+        mutual_share=float(mutual.double().mean()) if len(mutual) else 0.0, queries=len(error),
+        ci95={key: percentile_interval(pooled_share_samples(h, queries)) for key, h in hits.items()},
+        pair_queries=queries, pair_hits=hits,
+        per_pair_within_1_patch={pair.name: float((e <= 1).double().mean()) if len(e) else 0.0
+                                 for pair, (e, _) in zip(data.warps, results)})

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-distributed = pytest.importorskip("distributed")  # an extra of dask; the suite installs it (pyproject)
+import distributed  # noqa: E402 - dask[distributed], a dependency (pyproject)
 import dask  # noqa: E402
 
 from dune_cache.commands.verify import verify_cache  # noqa: E402

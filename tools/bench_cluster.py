@@ -13,7 +13,13 @@ The teacher costs next to nothing, so what is measured is the machinery: CPU-sec
 process of the run (the benchmark's children and everything they waited for: workers, nannies' worker processes,
 DataLoader workers), and wall seconds. Every process runs with ``OMP_NUM_THREADS=1`` (dask's nanny sets it for its
 workers; the ``--shard`` processes get the same, so neither pays for idle OpenMP threads). The difference dask - shard
-over two unit sizes splits into a fixed cost per run and a cost per unit (least squares over the unit sizes).
+over the unit sizes splits into a fixed cost per run and a cost per unit (least squares over the unit sizes).
+
+Whole runs are dominated by starting processes (importing torch, loading the teacher), whose CPU time varies by a
+second or more on a loaded machine, so ``--warm`` also measures the cost per unit alone: a LocalCluster of W workers
+started once in this process (its workers' CPU read with ``Client.run``), one extraction to load the teacher in each,
+then per unit size an extraction on the warm cluster against the same extraction in this process without dask (one
+slot: every unit in one loader and one writer, what a ``--shard`` process does).
 """
 from __future__ import annotations
 
@@ -87,6 +93,50 @@ def run_mode(mode: str, images: Path, out: Path, unit_size: int, workers: int, n
     return {"cpu_s": children_cpu() - cpu, "wall_s": wall}
 
 
+def warm_costs(images: Path, work: Path, unit_sizes: list[int], workers: int, num_workers: int, batch: int,
+               checkpoint: Path, repeats: int) -> list[dict]:
+    """Per unit size and repeat: CPU-seconds of an extraction on a warm LocalCluster (its workers, and this process:
+    client and scheduler) and of the same extraction in this process without dask."""
+    import dask
+    import distributed
+
+    from dune_cache.config import ExtractConfig, StorageConfig
+    from dune_cache.extract.cluster import LOCAL_CLUSTER_CONFIG
+    from dune_cache.extract.pipeline import run_extraction
+
+    def config(unit_size: int, out: Path, scheduler: str | None) -> ExtractConfig:
+        shutil.rmtree(out, ignore_errors=True)
+        return ExtractConfig(teacher=TEACHER, images=images, out=str(out), checkpoint=checkpoint, resolution="16",
+                             batch_size=batch, num_workers=num_workers, progress=False, scheduler=scheduler,
+                             storage=StorageConfig(unit_size=unit_size, shard_images=0))
+
+    def own_cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    rows = []
+    with dask.config.set({**LOCAL_CLUSTER_CONFIG, "distributed.worker.preload": [PRELOAD]}), \
+            distributed.LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
+                                     dashboard_address=None) as cluster, distributed.Client(cluster) as client:
+        def workers_cpu() -> float:
+            return sum(client.run(lambda: (lambda t: t.user + t.system)(os.times())).values())
+
+        run_extraction(config(max(unit_sizes), work / "warm.zarr", cluster.scheduler_address))  # teachers loaded
+        for repeat in range(repeats):
+            for unit_size in unit_sizes:
+                own, start = own_cpu(), time.perf_counter()
+                run_extraction(config(unit_size, work / "single.zarr", None))
+                single = {"cpu_s": own_cpu() - own, "wall_s": time.perf_counter() - start}
+                own, theirs, start = own_cpu(), workers_cpu(), time.perf_counter()
+                result = run_extraction(config(unit_size, work / "dask.zarr", cluster.scheduler_address))
+                dask_run = {"client_cpu_s": own_cpu() - own, "workers_cpu_s": workers_cpu() - theirs,
+                            "wall_s": time.perf_counter() - start}
+                rows.append({"unit_size": unit_size, "units": len(result.units), "repeat": repeat,
+                             "single": single, "dask": dask_run})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def fit(units: list[int], overhead: list[float]) -> tuple[float, float]:
     """Least squares ``overhead = fixed + per_unit * units``."""
     slope, intercept = np.polyfit(np.asarray(units, float), np.asarray(overhead, float), 1)
@@ -101,6 +151,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, nargs="+", default=[0], help="DataLoader workers per process")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warm", action="store_true", help="also the cost per unit on a warm cluster")
     parser.add_argument("--work", type=Path, default=None, help="folder for images and caches (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -147,12 +198,26 @@ def main() -> None:
             s, d = medians[u, "shard"], medians[u, "dask"]
             print(f"  unit {u:4d} ({n:4d} units): shard {s['cpu_s']:6.2f} CPU-s {s['wall_s']:6.2f} s wall | "
                   f"dask {d['cpu_s']:6.2f} CPU-s {d['wall_s']:6.2f} s wall")
+    warm = []
+    if args.warm:
+        os.environ["OMP_NUM_THREADS"] = "1"  # this process extracts too (torch reads it when it starts its threads)
+        torch.set_num_threads(1)
+        warm = warm_costs(images, work, args.unit_sizes, args.workers, args.num_workers[0], args.batch_size,
+                          checkpoint, args.repeats)
+        units = [r["units"] for r in warm]
+        extra = [r["dask"]["client_cpu_s"] + r["dask"]["workers_cpu_s"] - r["single"]["cpu_s"] for r in warm]
+        fixed, per_unit = fit(units, extra)
+        client_fixed, client_per_unit = fit(units, [r["dask"]["client_cpu_s"] for r in warm])
+        print(f"warm cluster, --num-workers {args.num_workers[0]}: dask - single process = {fixed:.2f} CPU-s per run + "
+              f"{per_unit * 1e3:.0f} CPU-ms per unit (of which client and scheduler {client_per_unit * 1e3:.0f} ms)")
+        summary.append({"warm": True, "num_workers": args.num_workers[0], "fixed_cpu_s": fixed,
+                        "per_unit_cpu_s": per_unit, "client_per_unit_cpu_s": client_per_unit})
     if args.json:
         args.json.write_text(json.dumps({
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
                         "torch": torch.__version__},
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-            "rows": rows, "summary": summary}, indent=2))
+            "rows": rows, "warm_rows": warm, "summary": summary}, indent=2))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ import signal
 import time
 from pathlib import Path
 
-import conftest  # noqa: F401 - registers tiny_test_teacher in this process
+import conftest  # registers tiny_test_teacher in this process
 
-import dune_cache.extract.loading as loading
+from dune_cache.extract import loading
 
 MARKERS = "DUNE_TEST_MARKERS"
 HOLD_S = 120.0

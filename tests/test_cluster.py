@@ -1,7 +1,7 @@
 """Extraction on a dask.distributed cluster (``--scheduler``): a LocalCluster of worker processes on this machine,
 the tiny teacher registered in them (tests/cluster_worker.py). A worker SIGKILLed mid-unit, a worker that joins, a
-unit that kills every worker reading it, a client killed and run again: each run ends in the store a single process
-makes, byte for byte (provenance's creation time aside)."""
+client killed and run again, a group started with --shard: each run ends in the store a single process makes, byte
+for byte (provenance's creation time aside); a unit that kills every worker reading it is given up and named."""
 from __future__ import annotations
 
 import os
@@ -15,21 +15,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
+import dask
+import distributed
 import numpy as np
 import pytest
 
-import distributed  # noqa: E402 - dask[distributed], a dependency (pyproject)
-import dask  # noqa: E402
+from dune_cache.commands.verify import verify_cache
+from dune_cache.config import StorageConfig
+from dune_cache.errors import ClusterError
+from dune_cache.extract.cluster import KEY_PREFIX, LOCAL_CLUSTER_CONFIG
+from dune_cache.extract.pipeline import run_extraction
+from dune_cache.format.store import STATUS_PENDING, TeacherStore
 
-from dune_cache.commands.verify import verify_cache  # noqa: E402
-from dune_cache.config import StorageConfig  # noqa: E402
-from dune_cache.errors import ClusterError  # noqa: E402
-from dune_cache.extract.cluster import KEY_PREFIX, LOCAL_CLUSTER_CONFIG  # noqa: E402
-from dune_cache.extract.pipeline import run_extraction  # noqa: E402
-from dune_cache.format.store import STATUS_PENDING, TeacherStore  # noqa: E402
-
-from test_crash_consistency import store_objects  # noqa: E402
-from test_extract import config, images  # noqa: E402, F401 - the images fixture: 6 photos and 3 unusable files
+from test_crash_consistency import store_objects
+from test_extract import config, images  # noqa: F401 - the images fixture: 6 photos and 3 unusable files
 
 TESTS = Path(__file__).parent
 REPO = TESTS.parent
@@ -38,8 +37,8 @@ WAIT_S = 240  # the longest a test waits for workers on a loaded machine (each i
 # workers import the tests' teacher; a unit given up after 2 worker deaths; a killed worker's unit lock freed
 # after 5 s instead of 30 (the scheduler checks every 0.5 s)
 CLUSTER_CONFIG = {**LOCAL_CLUSTER_CONFIG,
-                  "distributed.worker.preload": [f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(REPO)!r}]; "
-                                                 "import cluster_worker"],
+                  "distributed.worker.preload": [(f"import sys; sys.path[:0] = [{str(TESTS)!r}, {str(REPO)!r}]; "
+                                                  "import cluster_worker")],
                   "distributed.scheduler.allowed-failures": 1,
                   "distributed.scheduler.locks.lease-timeout": "5s",
                   "distributed.scheduler.locks.lease-validation-interval": "0.5s"}
@@ -61,12 +60,12 @@ def markers(tmp_path, monkeypatch) -> Path:
 
 @pytest.fixture
 def start_cluster(markers):
-    """``start_cluster(n)``: a LocalCluster of ``n`` single-threaded worker processes (and a client of it for the
-    test itself), closed at the end of the test."""
+    """``start_cluster(n, **config)``: a LocalCluster of ``n`` single-threaded worker processes (with dask ``config``
+    besides :data:`CLUSTER_CONFIG`), and a client of it for the test itself, closed at the end of the test."""
     opened = []
 
-    def start(n: int):
-        stack = dask.config.set(CLUSTER_CONFIG)
+    def start(n: int, **config):
+        stack = dask.config.set({**CLUSTER_CONFIG, **config})
         stack.__enter__()
         cluster = distributed.LocalCluster(n_workers=n, processes=True, threads_per_worker=1, dashboard_address=None)
         client = distributed.Client(cluster)
@@ -168,6 +167,16 @@ def test_a_unit_that_kills_its_workers_is_reported_with_its_images_after_its_ret
     assert status[5] == STATUS_PENDING and (np.delete(status, [4, 5]) != STATUS_PENDING).all()
 
 
+def test_a_task_error_stops_the_run_naming_the_unit_and_the_fix(tmp_path, images, tiny_checkpoint, start_cluster):
+    """Worker processes started as daemons (dask's default) cannot start DataLoader workers: every unit's task
+    refuses, is retried, and the run stops with the first one's error."""
+    cluster, _ = start_cluster(1, **{"distributed.worker.daemon": True})
+    cfg = unit_config(images, tmp_path / "cluster", tiny_checkpoint, num_workers=1, scheduler=cluster.scheduler_address)
+    with pytest.raises(ClusterError, match=r"unit \d failed on the cluster after 2 retries: ClusterError: this dask "
+                                           r"worker is a daemonic process.*DASK_DISTRIBUTED__WORKER__DAEMON=False"):
+        run_extraction(cfg)
+
+
 CLIENT = f"""
 import sys
 sys.path[:0] = [{str(TESTS)!r}, {str(REPO)!r}]
@@ -212,13 +221,20 @@ def test_a_killed_client_run_again_completes_the_reference_store(tmp_path, image
 
 
 def test_a_group_started_with_shard_is_finished_by_a_local_cluster(tmp_path, images, tiny_checkpoint, markers):
-    """``--scheduler local:2`` starts its own LocalCluster (the tests' teacher preloaded through dask's config)."""
+    """``--scheduler local:2`` starts its own LocalCluster (the tests' teacher preloaded through dask's config); run
+    again with ``--overwrite``, the client replaces the group and the workers fill the new one."""
     cfg = unit_config(images, tmp_path / "reference", tiny_checkpoint)
     run_extraction(cfg)
     run_extraction(replace(cfg, out=str(tmp_path / "mixed"), shard="0/2"))  # units 0, 2, 4
     with dask.config.set(CLUSTER_CONFIG):
         result = run_extraction(replace(cfg, out=str(tmp_path / "mixed"), scheduler="local:2"))
-    assert sorted(u.unit for u in result.units) == [1, 3]
+        assert sorted(u.unit for u in result.units) == [1, 3]
+        assert_same_store(tmp_path / "mixed", tmp_path / "reference")
+        time.sleep(1.1)  # provenance's creation time has seconds: the replaced group is a new one
+        created = TeacherStore.open(str(tmp_path / "mixed"), TEACHER).provenance["created"]
+        result = run_extraction(replace(cfg, out=str(tmp_path / "mixed"), scheduler="local:2", overwrite=True))
+    assert sorted(u.unit for u in result.units) == [0, 1, 2, 3, 4]  # --overwrite: the client replaced the group
+    assert TeacherStore.open(str(tmp_path / "mixed"), TEACHER).provenance["created"] != created
     assert_same_store(tmp_path / "mixed", tmp_path / "reference")
 
 

@@ -119,7 +119,7 @@ def warm_costs(images: Path, work: Path, unit_sizes: list[int], workers: int, nu
             distributed.LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
                                      dashboard_address=None) as cluster, distributed.Client(cluster) as client:
         def workers_cpu() -> float:
-            return sum(client.run(lambda: (lambda t: t.user + t.system)(os.times())).values())
+            return sum(client.run(process_cpu).values())
 
         run_extraction(config(max(unit_sizes), work / "warm.zarr", cluster.scheduler_address))  # teachers loaded
         for repeat in range(repeats):
@@ -137,6 +137,12 @@ def warm_costs(images: Path, work: Path, unit_sizes: list[int], workers: int, nu
     return rows
 
 
+def process_cpu() -> float:
+    """CPU seconds (user + system) of the calling process so far (run in each dask worker)."""
+    times = os.times()
+    return times.user + times.system
+
+
 def fit(units: list[int], overhead: list[float]) -> tuple[float, float]:
     """Least squares ``overhead = fixed + per_unit * units``."""
     slope, intercept = np.polyfit(np.asarray(units, float), np.asarray(overhead, float), 1)
@@ -152,6 +158,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warm", action="store_true", help="also the cost per unit on a warm cluster")
+    parser.add_argument("--warm-only", action="store_true", help="only that (no whole runs)")
     parser.add_argument("--work", type=Path, default=None, help="folder for images and caches (default: a temp dir)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -167,7 +174,7 @@ def main() -> None:
     torch.manual_seed(0)
     torch.save(conftest.TinyTeacher(conftest.TINY).state_dict(), checkpoint)
     rows = []
-    for num_workers in args.num_workers:
+    for num_workers in [] if args.warm_only else args.num_workers:
         for unit_size in args.unit_sizes:
             units = -(-args.images // unit_size)
             for repeat in range(args.repeats):
@@ -178,7 +185,7 @@ def main() -> None:
                                  "repeat": repeat, **measured})
                     print(json.dumps(rows[-1]), flush=True)
     summary = []
-    for num_workers in args.num_workers:
+    for num_workers in [] if args.warm_only else args.num_workers:
         medians = {}
         for unit_size in args.unit_sizes:
             for mode in ("shard", "dask"):
@@ -199,7 +206,7 @@ def main() -> None:
             print(f"  unit {u:4d} ({n:4d} units): shard {s['cpu_s']:6.2f} CPU-s {s['wall_s']:6.2f} s wall | "
                   f"dask {d['cpu_s']:6.2f} CPU-s {d['wall_s']:6.2f} s wall")
     warm = []
-    if args.warm:
+    if args.warm or args.warm_only:
         os.environ["OMP_NUM_THREADS"] = "1"  # this process extracts too (torch reads it when it starts its threads)
         torch.set_num_threads(1)
         warm = warm_costs(images, work, args.unit_sizes, args.workers, args.num_workers[0], args.batch_size,
@@ -207,7 +214,7 @@ def main() -> None:
         units = [r["units"] for r in warm]
         extra = [r["dask"]["client_cpu_s"] + r["dask"]["workers_cpu_s"] - r["single"]["cpu_s"] for r in warm]
         fixed, per_unit = fit(units, extra)
-        client_fixed, client_per_unit = fit(units, [r["dask"]["client_cpu_s"] for r in warm])
+        _, client_per_unit = fit(units, [r["dask"]["client_cpu_s"] for r in warm])
         print(f"warm cluster, --num-workers {args.num_workers[0]}: dask - single process = {fixed:.2f} CPU-s per run + "
               f"{per_unit * 1e3:.0f} CPU-ms per unit (of which client and scheduler {client_per_unit * 1e3:.0f} ms)")
         summary.append({"warm": True, "num_workers": args.num_workers[0], "fixed_cpu_s": fixed,

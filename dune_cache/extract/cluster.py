@@ -33,7 +33,7 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -82,7 +82,7 @@ def extract_on_cluster(cfg: ExtractConfig) -> ClusterResult:
     for ``local[:N]``) and return once each is done. A :class:`ClusterError` names the units that kept killing
     workers (after the others finished) or the first unit whose task failed after its retries."""
     cfg.check()
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ClusterError(f"--scheduler {cfg.scheduler} runs under torchrun (WORLD_SIZE="
                            f"{os.environ['WORLD_SIZE']}): start one client process, without torchrun")
     cfg = task_config(cfg)
@@ -90,12 +90,16 @@ def extract_on_cluster(cfg: ExtractConfig) -> ClusterResult:
     todo = pending_units(store, cfg.retry_failed)
     created = store.provenance["created"]
     start = time.perf_counter()
-    local = parse_scheduler(cfg.scheduler)[0] == "local"
-    with connect(cfg.scheduler, cfg.device, device_type) as client:
-        resources = unit_resources(client, cfg.device, device_type)
-        futures = submit_units(client, replace(cfg, scheduler=None), store, todo, created, resources,
-                               gpu_by_worker_name=local and resources is not None)
-        results, crashed = gather_units(futures, todo, f"{store.group.basename} [{len(todo)} units]", cfg.progress)
+    gpus = local_gpus(cfg.scheduler, device_type)
+    results, crashed = [], {}
+    if todo:  # else nothing to run: no cluster is started or contacted
+        with connect(cfg.scheduler, gpus) as client:
+            resources = unit_resources(client, cfg.device, gpus)
+            futures = submit_units(client, replace(cfg, scheduler=None, overwrite=False), store, todo, created,
+                                   resources,
+                                   gpu_by_worker_name=gpus > 0 and cfg.device in ("auto", "cuda"))
+            results, crashed = gather_units(futures, todo, f"{store.group.basename} [{len(todo)} units]",
+                                            cfg.progress)
     seconds = time.perf_counter() - start
     if crashed:
         raise ClusterError(crashed_message(crashed, store, store.manifest().ids, len(results), len(todo)))
@@ -108,8 +112,8 @@ def extract_on_cluster(cfg: ExtractConfig) -> ClusterResult:
 
 
 def task_config(cfg: ExtractConfig) -> ExtractConfig:
-    """``cfg`` as the tasks run it: local paths absolute (a worker may start in another folder), no progress bar, and
-    no ``--overwrite`` (the client replaces the group before any task runs)."""
+    """``cfg`` with local paths absolute (a worker may start in another folder) and no progress bar in the tasks;
+    they also run without ``--overwrite`` (the client replaces the group before any task runs)."""
     out = cfg.out if is_remote(cfg.out) else str(Path(cfg.out).resolve())
     checkpoint = None if cfg.checkpoint is None else Path(cfg.checkpoint).resolve()
     return replace(cfg, out=out, images=Path(cfg.images).resolve(), checkpoint=checkpoint, progress=False)
@@ -117,9 +121,13 @@ def task_config(cfg: ExtractConfig) -> ExtractConfig:
 
 def create_group(cfg: ExtractConfig) -> tuple[TeacherStore, str]:
     """Open (or create, calibrating a lossy encoding, or with ``--overwrite`` replace) ``cfg``'s teacher group as
-    slot 0 does; returns it and the type of the device the client resolved (``cpu``, ``cuda``). The client's teacher
-    is freed: the workers load their own."""
-    extraction = open_extraction(replace(cfg, scheduler=None), creator=True)
+    slot 0 does; returns it and the type of the device the client resolved (``cpu``, ``cuda``). A client without a
+    GPU (a login node) calibrates on its CPU even when the units run on CUDA. The client's teacher is freed: the
+    workers load their own."""
+    import torch
+
+    device = cfg.device if torch.cuda.is_available() or not cfg.device.startswith("cuda") else "cpu"
+    extraction = open_extraction(replace(cfg, scheduler=None, device=device), creator=True)
     return extraction.store, extraction.device.type
 
 
@@ -133,10 +141,10 @@ def pending_units(store: TeacherStore, retry_failed: bool) -> dict[int, int]:
 
 
 @contextlib.contextmanager
-def connect(scheduler: str, device: str, device_type: str) -> Iterator:
+def connect(scheduler: str, gpus: int) -> Iterator:
     """A ``distributed.Client`` of ``scheduler``: ``local[:N]`` starts a ``LocalCluster`` of N single-threaded worker
-    processes here (N default: one per GPU when extracting on CUDA, else 1) for the block; an address or scheduler
-    file connects to a running cluster."""
+    processes here for the block (N default: ``gpus``, at least 1; with ``gpus``, each declares ``GPU=1``); an
+    address or scheduler file connects to a running cluster."""
     from distributed import Client, LocalCluster
 
     kind, value = parse_scheduler(scheduler)
@@ -148,7 +156,6 @@ def connect(scheduler: str, device: str, device_type: str) -> Iterator:
         with Client(scheduler_file=value) as client:
             yield client
         return
-    gpus = local_gpus(device, device_type)
     import dask
 
     with dask.config.set(LOCAL_CLUSTER_CONFIG), \
@@ -158,22 +165,24 @@ def connect(scheduler: str, device: str, device_type: str) -> Iterator:
         yield client
 
 
-def local_gpus(device: str, device_type: str) -> int:
-    """GPUs a local cluster's workers share (each takes ``cuda:(worker name mod count)``): every visible one when the
-    extraction runs on CUDA, else none."""
-    if device_type != "cuda":
+def local_gpus(scheduler: str, device_type: str) -> int:
+    """GPUs the workers of a local cluster share (worker ``i`` takes ``cuda:(i mod count)``): every visible one when
+    ``scheduler`` is ``local[:N]`` and the extraction runs on CUDA, else none."""
+    if parse_scheduler(scheduler)[0] != "local" or device_type != "cuda":
         return 0
     import torch
 
     return torch.cuda.device_count()
 
 
-def unit_resources(client, device: str, device_type: str) -> dict | None:
-    """``{"GPU": 1}`` when units run on CUDA (``--device cuda[:k]``, or ``auto`` and the client has a GPU or a worker
-    of the cluster declares a ``GPU`` resource), so that a GPU worker (``dask worker --resources GPU=1``) runs one
-    unit at a time; else no restriction."""
+def unit_resources(client, device: str, gpus: int) -> dict | None:
+    """``{"GPU": 1}`` when units run on CUDA: on a local cluster with ``gpus``, or on a running cluster with
+    ``--device cuda[:k]``, or ``auto`` while a worker declares a ``GPU`` resource (``dask worker --resources GPU=1``),
+    so that a GPU runs one unit at a time; else no restriction."""
+    if gpus:
+        return {"GPU": 1}
     declared = any("GPU" in w.get("resources", {}) for w in client.scheduler_info()["workers"].values())
-    gpu = device.startswith("cuda") or (device == "auto" and (device_type == "cuda" or declared))
+    gpu = device.startswith("cuda") or (device == "auto" and declared)
     if gpu and not declared:
         log.warning("units run on CUDA and ask for a GPU resource, but no worker of %s declares one yet: they wait "
                     "for workers started with --resources GPU=1 (docs/cluster.md)", client.scheduler.address)

@@ -110,9 +110,9 @@ def warm_costs(images: Path, work: Path, unit_sizes: list[int], workers: int, nu
                              batch_size=batch, num_workers=num_workers, progress=False, scheduler=scheduler,
                              storage=StorageConfig(unit_size=unit_size, shard_images=0))
 
-    def own_cpu() -> float:
-        usage = resource.getrusage(resource.RUSAGE_SELF)
-        return usage.ru_utime + usage.ru_stime
+    def own_cpu() -> float:  # this process and its waited-for children (DataLoader workers; not the dask workers)
+        usage, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return usage.ru_utime + usage.ru_stime + children.ru_utime + children.ru_stime
 
     rows = []
     with dask.config.set({**LOCAL_CLUSTER_CONFIG, "distributed.worker.preload": [PRELOAD]}), \
@@ -138,9 +138,10 @@ def warm_costs(images: Path, work: Path, unit_sizes: list[int], workers: int, nu
 
 
 def process_cpu() -> float:
-    """CPU seconds (user + system) of the calling process so far (run in each dask worker)."""
+    """CPU seconds (user + system) of the calling process and its waited-for children (DataLoader workers) so far
+    (run in each dask worker)."""
     times = os.times()
-    return times.user + times.system
+    return times.user + times.system + times.children_user + times.children_system
 
 
 def fit(units: list[int], overhead: list[float]) -> tuple[float, float]:
@@ -209,16 +210,18 @@ def main() -> None:
     if args.warm or args.warm_only:
         os.environ["OMP_NUM_THREADS"] = "1"  # this process extracts too (torch reads it when it starts its threads)
         torch.set_num_threads(1)
-        warm = warm_costs(images, work, args.unit_sizes, args.workers, args.num_workers[0], args.batch_size,
-                          checkpoint, args.repeats)
-        units = [r["units"] for r in warm]
-        extra = [r["dask"]["client_cpu_s"] + r["dask"]["workers_cpu_s"] - r["single"]["cpu_s"] for r in warm]
-        fixed, per_unit = fit(units, extra)
-        _, client_per_unit = fit(units, [r["dask"]["client_cpu_s"] for r in warm])
-        print(f"warm cluster, --num-workers {args.num_workers[0]}: dask - single process = {fixed:.2f} CPU-s per run + "
-              f"{per_unit * 1e3:.0f} CPU-ms per unit (of which client and scheduler {client_per_unit * 1e3:.0f} ms)")
-        summary.append({"warm": True, "num_workers": args.num_workers[0], "fixed_cpu_s": fixed,
-                        "per_unit_cpu_s": per_unit, "client_per_unit_cpu_s": client_per_unit})
+        for num_workers in args.num_workers:
+            rows_nw = warm_costs(images, work, args.unit_sizes, args.workers, num_workers, args.batch_size,
+                                 checkpoint, args.repeats)
+            warm += [{"num_workers": num_workers, **row} for row in rows_nw]
+            units = [r["units"] for r in rows_nw]
+            extra = [r["dask"]["client_cpu_s"] + r["dask"]["workers_cpu_s"] - r["single"]["cpu_s"] for r in rows_nw]
+            fixed, per_unit = fit(units, extra)
+            _, client_per_unit = fit(units, [r["dask"]["client_cpu_s"] for r in rows_nw])
+            print(f"warm cluster, --num-workers {num_workers}: dask - single process = {fixed:.2f} CPU-s per run + "
+                  f"{per_unit * 1e3:.0f} CPU-ms per unit (of which client and scheduler {client_per_unit * 1e3:.0f} ms)")
+            summary.append({"warm": True, "num_workers": num_workers, "fixed_cpu_s": fixed,
+                            "per_unit_cpu_s": per_unit, "client_per_unit_cpu_s": client_per_unit})
     if args.json:
         args.json.write_text(json.dumps({
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),

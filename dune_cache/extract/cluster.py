@@ -294,8 +294,16 @@ def worker_extraction(cfg: ExtractConfig, created: str) -> Extraction:
                                    f"{extraction.store.provenance.get('created')}, the client's run has {created}): "
                                    "run the extract command again")
             check_can_decode(extraction.workers)
+            extraction.loader_context = loader_context()
             _OPENED[key] = extraction
         return _OPENED[key]
+
+
+def loader_context() -> str | None:
+    """How a worker starts its DataLoader workers: by ``fork`` where the platform has it, as a ``dune-cache extract``
+    process on Linux does. dask starts worker processes with ``spawn``, which becomes their default, and a spawned
+    decoding process would import torch again and receive the whole manifest pickled, for every unit."""
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else None
 
 
 def check_can_decode(workers: int) -> None:

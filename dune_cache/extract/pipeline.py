@@ -201,7 +201,8 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
 @dataclass
 class Extraction:
     """An extraction ready to run units: its config, image manifest, teacher (moved to ``device`` when it runs),
-    chosen blocks, geometry and the opened teacher group ``store`` (named ``name``) with the decoding ``workers``."""
+    chosen blocks, geometry and the opened teacher group ``store`` (named ``name``) with the decoding ``workers``,
+    started by ``loader_context`` (a multiprocessing start method; ``None``: the process's default)."""
 
     cfg: ExtractConfig
     manifest: ImageManifest
@@ -212,6 +213,7 @@ class Extraction:
     store: TeacherStore
     device: torch.device
     workers: int
+    loader_context: str | None = None
 
 
 def extract_features(cfg: ExtractConfig) -> ExtractResult:
@@ -274,7 +276,8 @@ def extract_units(extraction: Extraction, units: list[int], where: str) -> Extra
     images = ManifestImages(manifest, todo, extraction.geometry, cfg.views, cfg.view_sampling)
     loader = DataLoader(images, batch_size=cfg.batch_size,
                         num_workers=workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
+                        prefetch_factor=4 if workers else None, persistent_workers=False,
+                        multiprocessing_context=extraction.loader_context if workers else None)
     bar = tqdm(total=len(todo), unit="img", desc=f"{name} [{where}]", disable=not cfg.progress,
                dynamic_ncols=True)
     try:

@@ -222,7 +222,8 @@ def test_a_killed_client_run_again_completes_the_reference_store(tmp_path, image
 
 def test_a_group_started_with_shard_is_finished_by_a_local_cluster(tmp_path, images, tiny_checkpoint, markers):
     """``--scheduler local:2`` starts its own LocalCluster (the tests' teacher preloaded through dask's config); run
-    again with ``--overwrite``, the client replaces the group and the workers fill the new one."""
+    again with ``--overwrite``, the client replaces the group and the workers fill the new one, decoding images in
+    DataLoader workers (which dask's non-daemonic workers may start)."""
     cfg = unit_config(images, tmp_path / "reference", tiny_checkpoint)
     run_extraction(cfg)
     run_extraction(replace(cfg, out=str(tmp_path / "mixed"), shard="0/2"))  # units 0, 2, 4
@@ -232,7 +233,8 @@ def test_a_group_started_with_shard_is_finished_by_a_local_cluster(tmp_path, ima
         assert_same_store(tmp_path / "mixed", tmp_path / "reference")
         time.sleep(1.1)  # provenance's creation time has seconds: the replaced group is a new one
         created = TeacherStore.open(str(tmp_path / "mixed"), TEACHER).provenance["created"]
-        result = run_extraction(replace(cfg, out=str(tmp_path / "mixed"), scheduler="local:2", overwrite=True))
+        result = run_extraction(replace(cfg, out=str(tmp_path / "mixed"), scheduler="local:2", overwrite=True,
+                                        num_workers=1))  # decoded by a DataLoader worker of each dask worker
     assert sorted(u.unit for u in result.units) == [0, 1, 2, 3, 4]  # --overwrite: the client replaced the group
     assert TeacherStore.open(str(tmp_path / "mixed"), TEACHER).provenance["created"] != created
     assert_same_store(tmp_path / "mixed", tmp_path / "reference")

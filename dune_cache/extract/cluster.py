@@ -31,9 +31,9 @@ import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from collections.abc import Iterator
 
 import numpy as np
 from tqdm.auto import tqdm

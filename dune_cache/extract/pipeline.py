@@ -178,8 +178,8 @@ def calibrate_encoding(cfg: ExtractConfig, teacher: Teacher, manifest: ImageMani
 def run_extraction(cfg: ExtractConfig) -> ExtractResult:
     """Extract (or resume extracting) ``cfg.teacher`` features for ``cfg.images`` into ``cfg.out``: this process's
     ``--shard``/torchrun slot of the work units, or with ``cfg.scheduler`` every unit as a task on a dask cluster
-    (:mod:`.cluster`). Ctrl-C and SIGTERM stop it within a batch or two with :class:`Interrupted`, a full disk with :class:`DiskFullError`:
-    both keep every finished image, and running the same command again resumes."""
+    (:mod:`.cluster`). Ctrl-C and SIGTERM stop it within a batch or two with :class:`Interrupted`, a full disk with
+    :class:`DiskFullError`: both keep every finished image, and running the same command again resumes."""
     kept = f"Every image finished before is kept in {cfg.out}."
     if cfg.scheduler is not None:  # units as tasks on a dask cluster; dask is imported only then
         from .cluster import extract_on_cluster as extract

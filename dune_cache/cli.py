@@ -20,7 +20,15 @@ from .config import (
     StorageConfig,
     ViewSampling,
 )
-from .errors import CheckpointError, GeometryError, Interrupted, ManifestError, NonFiniteFeaturesError, StoreError
+from .errors import (
+    CheckpointError,
+    ClusterError,
+    GeometryError,
+    Interrupted,
+    ManifestError,
+    NonFiniteFeaturesError,
+    StoreError,
+)
 from .teachers import UnknownTeacherError, list_prefixes, list_teachers, prefix_form
 from .teachers.blocks import parse_blocks
 from .teachers.spec import CLIP_MEAN, CLIP_STD, HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD
@@ -36,7 +44,7 @@ ENCODING_HELP = (f"Feature encoding NAME[:key=value,...], NAME one of {', '.join
                  "fidelity per teacher in "
                  "docs/benchmarks.md; layout in docs/cache-format.md, Encodings).")
 USER_ERRORS = (CheckpointError, UnknownTeacherError, GeometryError, ManifestError, StoreError,
-               NonFiniteFeaturesError, ValueError)
+               NonFiniteFeaturesError, ClusterError, ValueError)
 
 
 @app.command()
@@ -108,6 +116,10 @@ def extract(
                                          "[2,5,8,11] for 12 blocks), or a teacher's own choice (`dpt`: the blocks "
                                          "Depth Anything V2's head reads); docs/cache-format.md, \"Levels\"."),
     shard: str = typer.Option("0/1", help="This machine's share i/n of the work (several machines)."),
+    scheduler: Optional[str] = typer.Option(None, help="Run the work units as tasks on a dask.distributed cluster "
+                                            "instead: its address (tcp://host:8786) or scheduler file (*.json), or "
+                                            "local[:N] for N worker processes on this machine (default: one per GPU); "
+                                            "workers may join and leave (docs/cluster.md)."),
     overwrite: bool = typer.Option(False, help="Delete an existing teacher group, matching or not, and extract it "
                                    "again from scratch (without it a matching group is resumed, a mismatching one refused)."),
     retry_failed: bool = typer.Option(False, help="Try again images recorded as failed."),
@@ -129,12 +141,13 @@ def extract(
                                   shard_images=shard_images, encoding=EncodingConfig.parse(encoding),
                                   checksum=checksum),
             views=views, view_sampling=ViewSampling(seed=view_seed), blocks=parse_blocks(blocks), shard=shard,
-            overwrite=overwrite,
+            scheduler=scheduler, overwrite=overwrite,
             retry_failed=retry_failed, random_weights=random_weights, progress=progress)
         cfg.check()  # every flag, before torch is imported
         from .extract.pipeline import run_extraction
 
         result = run_extraction(cfg)
+        report = verified_group(out, result.group) if scheduler else None
     except USER_ERRORS as exc:
         fail(exc)
     except Interrupted as exc:
@@ -142,6 +155,21 @@ def extract(
         raise typer.Exit(exc.exit_code)
     typer.echo(f"{result.group}: {result.processed} images extracted, {result.failed} failed "
                f"({result.images_per_s:.1f} img/s); cache has {result.total} images")
+    if report is not None:
+        typer.echo(f"[{report.name}] {'OK' if report.ok else 'PROBLEMS'}: {report.checked} images verified, "
+                   f"{len(result.units)} units on {len({u.worker for u in result.units})} workers")
+        for problem in report.problems:
+            typer.echo(f"  - {problem}")
+        if not report.ok:
+            raise typer.Exit(1)
+
+
+def verified_group(cache: str, name: str):
+    """``dune-cache verify`` of teacher group ``name`` of ``cache`` (what a ``--scheduler`` run checks at its end)."""
+    from .commands.verify import verify_teacher
+    from .format.store import TeacherStore
+
+    return verify_teacher(TeacherStore.open(cache, name))
 
 
 @app.command()

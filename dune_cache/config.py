@@ -249,6 +249,8 @@ class ExtractConfig:
     # intermediate blocks stored besides the final features ("sak" or 0-based indices; docs/cache-format.md, "Levels")
     blocks: BlockChoice = ()
     shard: str = "0/1"  # this machine's share i/n of the work units
+    # run the work units as tasks on a dask.distributed cluster instead: local[:N] or its address (docs/cluster.md)
+    scheduler: str | None = None
     overwrite: bool = False  # delete the group, matching or not, and extract it from scratch
     retry_failed: bool = False
     random_weights: bool = False  # allow running without a checkpoint (speed tests only)
@@ -265,6 +267,11 @@ class ExtractConfig:
         if self.checkpoint is not None:
             check_checkpoint_file(self.checkpoint)
         parse_shard(self.shard)
+        if self.scheduler is not None:
+            parse_scheduler(self.scheduler)
+            if self.shard != "0/1":
+                raise ValueError(f"--scheduler {self.scheduler} deals the work units to the cluster's workers itself: "
+                                 f"drop --shard {self.shard} (run one extract command per group)")
         if self.views < 0:
             raise ValueError(f"--views {self.views}: must be >= 0")
         if self.writer_threads < 1:
@@ -287,3 +294,21 @@ def parse_shard(shard: str) -> tuple[int, int]:
     if not 0 <= i < n:
         raise ValueError(f"--shard {shard!r}: need 0 <= i < n")
     return i, n
+
+
+def parse_scheduler(text: str) -> tuple[str, int | str | None]:
+    """``--scheduler``: ``local`` -> ``("local", None)`` (one worker per GPU, else one), ``local:N`` -> ``("local",
+    N)``, a scheduler address (``tcp://host:8786``, any ``PROTOCOL://``) -> ``("address", text)``, a scheduler file
+    written by ``dask scheduler --scheduler-file`` (``*.json``) -> ``("file", text)``."""
+    kind, sep, count = text.partition(":")
+    if kind == "local":
+        if not sep:
+            return "local", None
+        if count.isdigit() and int(count) >= 1:
+            return "local", int(count)
+    elif "://" in text:
+        return "address", text
+    elif text.endswith(".json"):
+        return "file", text
+    raise ValueError(f"--scheduler {text!r}: expected local, local:N (N >= 1 worker processes on this machine), a "
+                     "scheduler address such as tcp://host:8786, or a scheduler file (*.json)")

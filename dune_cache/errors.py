@@ -33,6 +33,11 @@ class NonFiniteFeaturesError(RuntimeError):
     """The teacher produced NaN/inf, or values the storage dtype cannot hold, for some images."""
 
 
+class ClusterError(RuntimeError):
+    """An extraction on a dask cluster (``--scheduler``) could not finish: a unit's task failed after its retries,
+    units kept killing workers, or the cluster cannot run units as asked. What finished is kept."""
+
+
 class ReaderError(StoreError):
     """A cache cannot be read as asked (missing teacher group, incomplete group, unknown backend, a chunk
     that does not decode)."""

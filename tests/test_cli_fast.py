@@ -85,6 +85,11 @@ def test_config_errors_are_one_line_naming_the_field_before_torch_or_the_cache(a
     (["--teacher", "dinov2_vits14", "--random-weights", "--codec", "lzma"], "codec 'lzma'"),
     (["--teacher", "dinov2_vits14", "--random-weights", "--encoding", "pca:bits=3"], "not one of pca's parameters"),
     (["--teacher", "dinov2_vits14", "--random-weights", "--shard", "2/2"], "--shard '2/2': need 0 <= i < n"),
+    (["--teacher", "dinov2_vits14", "--random-weights", "--scheduler", "host:8786"],
+     "--scheduler 'host:8786': expected local, local:N"),
+    (["--teacher", "dinov2_vits14", "--random-weights", "--scheduler", "local:0"], "--scheduler 'local:0'"),
+    (["--teacher", "dinov2_vits14", "--random-weights", "--scheduler", "local:2", "--shard", "1/2"],
+     "deals the work units to the cluster's workers itself: drop --shard 1/2"),
 ])
 def test_extract_flag_errors_are_one_line_before_torch(args, message):
     code, heavy, lines = run_app("dune_cache.cli", "extract", "--images", "/nonexistent", "--out", "/nonexistent.zarr",

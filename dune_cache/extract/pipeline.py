@@ -4,7 +4,8 @@ Pipeline: DataLoader workers decode and resize images (and cut ``--views K`` ran
 dune_cache/images/views.py) -> batched ``inference_mode`` forward of the images and their views
 (bf16 autocast on CUDA; with ``--blocks``, the chosen blocks' outputs too, dune_cache/format/levels.py) -> finite / fp16-range check -> a writer thread stores features and then
 marks the images done. Work is split in units (one ``status`` chunk, or one shard, each) that are
-dealt round-robin over ``torchrun`` ranks and ``--shard i/n`` machines; re-running resumes.
+dealt round-robin over ``torchrun`` ranks and ``--shard i/n`` machines (:func:`extract_features`), or run as tasks on
+a dask cluster (``--scheduler``, :mod:`.cluster`), each through :func:`extract_units`; re-running resumes.
 """
 from __future__ import annotations
 
@@ -151,6 +152,7 @@ def calibrate_encoding(cfg: ExtractConfig, teacher: Teacher, manifest: ImageMani
     if not storage.encoding.needs_calibration:
         return (Encoding.calibrate(storage.encoding, dim, storage.dtype),
                 {k: Encoding.calibrate(storage.encoding, dim, storage.dtype) for k in blocks})
+    teacher.to(device)
     indices = calibration_indices(len(manifest), storage.encoding.calibration_images)
     loader = DataLoader(ManifestImages(manifest, indices, geometry), batch_size=cfg.batch_size, num_workers=workers,
                         collate_fn=collate_batch)
@@ -175,13 +177,18 @@ def calibrate_encoding(cfg: ExtractConfig, teacher: Teacher, manifest: ImageMani
 
 
 def run_extraction(cfg: ExtractConfig) -> ExtractResult:
-    """Extract (or resume extracting) ``cfg.teacher`` features for ``cfg.images`` into ``cfg.out``. Ctrl-C and
-    SIGTERM stop it within a batch or two with :class:`Interrupted`, a full disk with :class:`DiskFullError`:
-    both keep every finished image, and running the same command again resumes."""
+    """Extract (or resume extracting) ``cfg.teacher`` features for ``cfg.images`` into ``cfg.out``: this process's
+    ``--shard``/torchrun slot of the work units, or with ``cfg.scheduler`` every unit as a task on a dask cluster
+    (:mod:`.cluster`). Ctrl-C and SIGTERM stop it within a batch or two with :class:`Interrupted`, a full disk with
+    :class:`DiskFullError`: both keep every finished image, and running the same command again resumes."""
     kept = f"Every image finished before is kept in {cfg.out}."
+    if cfg.scheduler is not None:  # units as tasks on a dask cluster; dask is imported only then
+        from .cluster import extract_on_cluster as extract
+    else:
+        extract = extract_features
     try:
         with signals_interrupt():
-            return extract_features(cfg)
+            return extract(cfg)
     except KeyboardInterrupt as exc:
         raise Interrupted(f"extraction interrupted ({str(exc) or 'Ctrl-C'}). {kept} Re-run the same command to resume.",
                           getattr(exc, "signum", signal.SIGINT)) from exc
@@ -192,8 +199,36 @@ def run_extraction(cfg: ExtractConfig) -> ExtractResult:
         raise full from exc
 
 
+@dataclass
+class Extraction:
+    """An extraction ready to run units: its config, image manifest, teacher (moved to ``device`` when it runs),
+    chosen blocks, geometry and the opened teacher group ``store`` (named ``name``) with the decoding ``workers``,
+    started by ``loader_context`` (a multiprocessing start method; ``None``: the process's default)."""
+
+    cfg: ExtractConfig
+    manifest: ImageManifest
+    teacher: Teacher
+    blocks: tuple[int, ...]
+    geometry: Geometry
+    name: str
+    store: TeacherStore
+    device: torch.device
+    workers: int
+    loader_context: str | None = None
+
+
 def extract_features(cfg: ExtractConfig) -> ExtractResult:
-    """:func:`run_extraction` without the handling of interruptions and full disks."""
+    """:func:`run_extraction` without the handling of interruptions and full disks: this process's slot of the
+    ``--shard``/torchrun work units."""
+    slot, slots = worker_slot(cfg.shard)
+    extraction = open_extraction(cfg, creator=slot == 0)  # only slot 0 creates (or replaces) the group (store.py)
+    return extract_units(extraction, my_units(extraction.store.num_units, slot, slots), f"slot {slot}/{slots}")
+
+
+def open_extraction(cfg: ExtractConfig, creator: bool) -> Extraction:
+    """Load the manifest and teacher of ``cfg`` and open its teacher group: the ``creator`` creates (or with
+    ``--overwrite`` replaces) it, calibrating a lossy encoding first; any other process waits for the creator's
+    provenance (:meth:`TeacherStore.open_or_create`). A group made with other settings is refused."""
     cfg.check()
     manifest = load_manifest(cfg.images)
     teacher = create_teacher(cfg.teacher, cfg.checkpoint)
@@ -209,10 +244,7 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
                                   storage, cfg.view_sampling.to_json(cfg.views) if cfg.views else None,
                                   levels_section(blocks, teacher.level_description()), teacher)
     device = pick_device(cfg.device)
-    teacher.to(device)
     workers = default_num_workers(device) if cfg.num_workers is None else cfg.num_workers
-    slot, slots = worker_slot(cfg.shard)
-    creator = slot == 0  # only slot 0 creates (or replaces) the group; the others wait for it (store.py)
     new_group = creator and existing is None
     if new_group:
         warn_if_grids_differ(cfg.out, name, geometry.grid)
@@ -222,25 +254,37 @@ def extract_features(cfg: ExtractConfig) -> ExtractResult:
     store = TeacherStore.open_or_create(cfg.out, name, provenance, manifest, geometry.grid, spec.embed_dim,
                                         storage, overwrite=cfg.overwrite, views=cfg.views, encoding=encoding,
                                         creator=creator, level_encodings=level_encodings)
-    units = my_units(store.num_units, slot, slots)
-    status, records, stored = store.read_unit_state(units)  # never another slot's objects: they may be mid-write
+    return Extraction(cfg, manifest, teacher, blocks, geometry, name, store, device, workers)
+
+
+def extract_units(extraction: Extraction, units: list[int], where: str) -> ExtractResult:
+    """Extract the pending images (and with ``--retry-failed`` the failed ones) of work ``units``, which this
+    process alone writes, into the opened group; ``where`` names them in the log and progress bar (``slot 0/1``,
+    ``unit 7``). Units complete when it returns; a sharded unit still incomplete on an error or Ctrl-C is not
+    written (:mod:`.writer`)."""
+    cfg, manifest, teacher, store, device = (extraction.cfg, extraction.manifest, extraction.teacher,
+                                             extraction.store, extraction.device)
+    spec, name, workers = teacher.spec, extraction.name, extraction.workers
+    status, records, stored = store.read_unit_state(units)  # never another process's units: they may be mid-write
     todo = pending_indices(status, units, store.images_per_unit, cfg.retry_failed)
-    log.info("extract %s -> %s/%s: %d images (+%d views each), %d to do in slot %d/%d, %dx%d on %s, encoding %s",
-             spec.name, cfg.out, name, len(manifest), cfg.views, len(todo), slot, slots, *geometry.resolution,
-             device, store.encoding)
+    log.info("extract %s -> %s/%s: %d images (+%d views each), %d to do in %s, %dx%d on %s, encoding %s",
+             spec.name, cfg.out, name, len(manifest), cfg.views, len(todo), where,
+             *extraction.geometry.resolution, device, store.encoding)
+    teacher.to(device)
     start = time.perf_counter()
     processed, skipped = 0, []
     writer = FeatureWriter(store, status, records, manifest, cfg.writer_threads, stored=stored, todo=todo)
-    images = ManifestImages(manifest, todo, geometry, cfg.views, cfg.view_sampling)
+    images = ManifestImages(manifest, todo, extraction.geometry, cfg.views, cfg.view_sampling)
     loader = DataLoader(images, batch_size=cfg.batch_size,
                         num_workers=workers, collate_fn=collate_batch, pin_memory=device.type == "cuda",
-                        prefetch_factor=4 if workers else None, persistent_workers=False)
-    bar = tqdm(total=len(todo), unit="img", desc=f"{name} [{slot}/{slots}]", disable=not cfg.progress,
+                        prefetch_factor=4 if workers else None, persistent_workers=False,
+                        multiprocessing_context=extraction.loader_context if workers else None)
+    bar = tqdm(total=len(todo), unit="img", desc=f"{name} [{where}]", disable=not cfg.progress,
                dynamic_ncols=True)
     try:
         for batch in loader:
             if len(batch.indices):
-                features = forward_images_and_views(teacher, batch, device, cfg.amp, blocks)
+                features = forward_images_and_views(teacher, batch, device, cfg.amp, extraction.blocks)
                 writer.submit_rows(encoded_rows(features, batch, store, spec.name, cfg.storage.dtype, manifest))
             else:
                 writer.submit(batch.indices, None, None, None, batch.failures)

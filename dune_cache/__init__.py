@@ -50,7 +50,7 @@ _LAZY = {
     "TeacherStats": "format.stats", "read_stats": "format.stats",
     # writing and describing one
     "TeacherStore": "format.store", "damaged_message": "format.store", "StorageConfig": "config", "EncodingConfig": "config", "ExtractConfig": "config",
-    "Encoding": "encodings", "run_extraction": "extract.pipeline",
+    "Encoding": "encodings", "run_extraction": "extract.run",
     # images
     "ImageManifest": "images.manifest", "load_manifest": "images.manifest", "image_files": "images.manifest",
     "load_pixels": "images.decode", "open_rgb": "images.decode", "check_image_header": "images.decode",

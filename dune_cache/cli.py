@@ -144,7 +144,7 @@ def extract(
             scheduler=scheduler, overwrite=overwrite,
             retry_failed=retry_failed, random_weights=random_weights, progress=progress)
         cfg.check()  # every flag, before torch is imported
-        from .extract.pipeline import run_extraction
+        from .extract.run import run_extraction
 
         result = run_extraction(cfg)
         report = verified_group(out, result.group) if scheduler else None

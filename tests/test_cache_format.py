@@ -10,7 +10,7 @@ import pytest
 
 from dune_cache.encodings import EncodingConfig
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.config import StorageConfig
 from dune_cache.format.store import TeacherStore
 

@@ -9,7 +9,7 @@ import torch
 import zarr
 
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.commands.verify import verify_cache
 from dune_cache.read.reader import CacheReader
 from dune_cache.errors import ReaderError

@@ -12,7 +12,7 @@ import pytest
 
 from dune_cache.read.backends import BACKENDS
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_student.training import trainer as train_module
 from dune_student.config import CHOICES, RESOLVED, STUDENT_ARCHS, StudentConfig, config_to_dict, load_config
 from dune_student.errors import DataError

@@ -24,7 +24,7 @@ from dune_cache.commands.verify import verify_cache
 from dune_cache.config import StorageConfig
 from dune_cache.errors import ClusterError
 from dune_cache.extract.cluster import KEY_PREFIX, LOCAL_CLUSTER_CONFIG
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.format.constants import STATUS_PENDING
 from dune_cache.format.store import TeacherStore
 

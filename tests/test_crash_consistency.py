@@ -19,7 +19,7 @@ import zarr.storage
 from test_extract import config, images  # noqa: F401 - the images fixture: 6 photos and 3 unusable files
 
 from dune_cache.commands.verify import verify_cache
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.format.constants import STATUS_FAILED
 from dune_cache.format.store import TeacherStore
 

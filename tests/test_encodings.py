@@ -12,7 +12,7 @@ import torch
 from dune_cache.encodings import INT8_MISSING, Encoding, EncodingConfig, EncodingError, calibration_indices
 from dune_cache.config import ExtractConfig
 from dune_cache.extract.provenance import build_provenance
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.teachers.geometry import Geometry
 from dune_cache.images.manifest import ImageManifest
 from dune_cache.commands.verify import verify_cache

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app as cache_app
 from dune_cache.encodings import EncodingConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.errors import DiskFullError, Interrupted
 from dune_cache.read.backends import BACKENDS, backend_installed
 from dune_cache.read.reader import CacheReader

@@ -16,7 +16,7 @@ import zarr
 from dune_cache.encodings import EncodingConfig
 from dune_cache.config import ExtractConfig
 from dune_cache.extract.loading import ManifestImages
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.teachers.geometry import resolve_geometry
 from dune_cache.images.manifest import load_manifest
 from dune_cache.images.decode import load_pixels

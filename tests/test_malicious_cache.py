@@ -30,7 +30,7 @@ from dune_cache.commands.add_images import add_images
 from dune_cache.commands.stats import compute_stats
 from dune_cache.config import ExtractConfig, StorageConfig
 from dune_cache.errors import ImageDecodeError
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.format.stats import write_stats
 from dune_cache.format.store import TeacherStore
 from dune_cache.images.decode import MAX_IMAGE_PIXELS, open_rgb

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.errors import ImageDecodeError, ManifestError
 from dune_cache.images.manifest import ImageManifest, escape_field, load_manifest, unescape_field
 from dune_cache.images.decode import load_pixels, open_rgb

@@ -13,7 +13,7 @@ from dune_cache.cli import app
 from dune_cache.read.reader import CacheReader
 from dune_cache.encodings import EncodingConfig
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.commands.info import cache_info
 from dune_cache.commands.verify import verify_cache
 from dune_cache.commands.recompress import RecompressConfig, recompress

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from conftest import serve_s3
 from dune_cache.cli import app as cache_app
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.storage.location import filesystem
 from dune_cache.read.reader import CacheReader
 from dune_cache.commands.stats import compute_stats

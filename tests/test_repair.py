@@ -14,7 +14,7 @@ from dune_cache.cli import app
 from dune_cache.encodings import EncodingConfig
 from dune_cache.config import ExtractConfig
 from dune_cache.utils.hashing import file_sha256, hashed_file
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.images.manifest import load_manifest
 from dune_cache.config import StorageConfig
 from dune_cache.format.store import TeacherStore

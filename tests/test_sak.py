@@ -179,7 +179,7 @@ SAK_RUN = ["student.arch=vit_tiny", "student.patch_size=8", "student.img_size=32
 def level_cache(tmp_path_factory, real_image_dir, tiny_checkpoint):
     """The six photos: a timm ViT-Tiny teacher with SAK's levels and the tiny test teacher without levels."""
     from dune_cache.config import ExtractConfig
-    from dune_cache.extract.pipeline import run_extraction
+    from dune_cache.extract.run import run_extraction
     from dune_cache.teachers.timm_generic import create_timm_vit
 
     torch.manual_seed(0)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app as cache_app
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.viz.pictures import LABEL_HEIGHT, pca_rgb
 from dune_cache.commands.stats import compute_stats
 from dune_cache.format.stats import write_stats

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.commands.verify import verify_cache
 from dune_cache.format.stats import STATS_ARRAYS, read_stats
 from dune_cache.commands.stats import compute_stats, hadamard

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 from dune_cache.cli import app
 from dune_cache.config import ExtractConfig, StorageConfig
 from dune_cache.errors import StoreMismatchError
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.extract.provenance import checkpoint_provenance
 from dune_cache.format.levels import level_name
 from dune_cache.format.provenance import provenance_differences

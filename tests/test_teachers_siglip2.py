@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.images.manifest import load_manifest
 from dune_cache.images.decode import load_pixels
 from dune_cache.config import StorageConfig

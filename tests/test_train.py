@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.commands.stats import compute_stats
 from dune_cache.format.stats import write_stats
 from dune_student.cli import app

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.errors import ReaderError
 from dune_cache.config import StorageConfig
 from dune_student.cli import app

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from dune_cache.cli import app as cache_app
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.images.manifest import load_manifest
 from dune_cache.images.decode import open_rgb
 from dune_cache.commands.verify import verify_cache

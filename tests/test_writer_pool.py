@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from dune_cache.config import EncodingConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.config import StorageConfig
 from dune_cache.format.rows import disjoint_parts
 

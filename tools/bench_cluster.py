@@ -102,7 +102,7 @@ def warm_costs(images: Path, work: Path, unit_sizes: list[int], workers: int, nu
 
     from dune_cache.config import ExtractConfig, StorageConfig
     from dune_cache.extract.cluster import LOCAL_CLUSTER_CONFIG
-    from dune_cache.extract.pipeline import run_extraction
+    from dune_cache.extract.run import run_extraction
 
     def config(unit_size: int, out: Path, scheduler: str | None) -> ExtractConfig:
         shutil.rmtree(out, ignore_errors=True)

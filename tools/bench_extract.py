@@ -33,7 +33,8 @@ import torch
 
 import dune_cache.extract.pipeline as extract_module
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction, teacher_features
+from dune_cache.extract.pipeline import teacher_features
+from dune_cache.extract.run import run_extraction
 from dune_cache.utils.runtime import default_num_workers, pick_device
 from dune_cache.teachers.geometry import resolve_geometry
 from dune_cache.images.manifest import load_manifest

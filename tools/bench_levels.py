@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dune_cache.encodings import EncodingConfig
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.images.manifest import load_manifest
 from dune_cache.commands.info import cache_info
 from dune_cache.offline.catalogue import resolve_checkpoint_option

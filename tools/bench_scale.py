@@ -159,7 +159,7 @@ PYTHON_STEP = textwrap.dedent("""
 """)
 
 RESUME = """
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 result = run_extraction(bench_scale.extract_config(Path({images!r}), Path({out!r}), {shard}, {batch}))
 print("processed", result.processed, "of", result.total)
 """

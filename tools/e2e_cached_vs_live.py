@@ -23,7 +23,7 @@ from pathlib import Path
 
 from dune_demo.images import demo_images, video_frames
 from dune_cache.config import ExtractConfig
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.commands.stats import compute_stats
 from dune_cache.format.stats import write_stats
 from dune_cache.offline.catalogue import AUTO, offline_checkpoint, resolve_checkpoint_option

@@ -40,7 +40,7 @@ from PIL import Image
 from dune_cache.commands.stats import compute_stats
 from dune_cache.config import EncodingConfig, ExtractConfig, StorageConfig
 from dune_cache.encodings import Encoding
-from dune_cache.extract.pipeline import run_extraction
+from dune_cache.extract.run import run_extraction
 from dune_cache.format.stats import write_stats
 from dune_student.config import load_config
 from dune_student.model.attention import xformers_import_error

@@ -32,7 +32,7 @@ from zarr.core.sync import sync
 
 from ..config import ExtractConfig, StorageConfig, ViewSampling
 from ..errors import RepairError
-from ..extract.pipeline import run_extraction
+from ..extract.run import run_extraction
 from ..extract.provenance import build_provenance
 from ..format.constants import STATUS_DONE, STATUS_FAILED, STATUS_PENDING
 from ..format.levels import levels_section

@@ -1,16 +1,16 @@
 """``dune-cache extract``: run one teacher over an image manifest into a teacher group of a cache.
 
 Pipeline: DataLoader workers decode and resize images (and cut ``--views K`` random views of each,
-dune_cache/images/views.py) -> batched ``inference_mode`` forward of the images and their views
-(bf16 autocast on CUDA; with ``--blocks``, the chosen blocks' outputs too, dune_cache/format/levels.py) -> finite / fp16-range check -> a writer thread stores features and then
-marks the images done. Work is split in units (one ``status`` chunk, or one shard, each) that are
-dealt round-robin over ``torchrun`` ranks and ``--shard i/n`` machines (:func:`extract_features`), or run as tasks on
-a dask cluster (``--scheduler``, :mod:`.cluster`), each through :func:`extract_units`; re-running resumes.
+dune_cache/images/views.py) -> batched ``inference_mode`` forward of the images and their views (bf16 autocast on
+CUDA; with ``--blocks``, the chosen blocks' outputs too, dune_cache/format/levels.py) -> finite / fp16-range check
+-> a writer thread stores features and then marks the images done. Work is split in units (one ``status`` chunk, or
+one shard, each) that are dealt round-robin over ``torchrun`` ranks and ``--shard i/n`` machines, or run as tasks on
+a dask cluster (``--scheduler``), each through :func:`open_extraction` and :func:`extract_units` (:mod:`.run`
+chooses); re-running resumes.
 """
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..config import ExtractConfig, StorageConfig
 from ..encodings import Encoding, calibration_indices
-from ..errors import CacheNotFoundError, EncodingError, Interrupted, NonFiniteFeaturesError
+from ..errors import CacheNotFoundError, EncodingError, NonFiniteFeaturesError
 from ..format.constants import ATTR_KEY, FLOAT16_MAX
 from ..format.levels import level_name, levels_section
 from ..format.store import TeacherStore, open_root
@@ -30,12 +30,11 @@ from ..images.manifest import ImageManifest, load_manifest
 from ..teachers import Teacher, TeacherSpec, create_teacher
 from ..teachers.blocks import resolve_blocks
 from ..teachers.geometry import Geometry, resolve_geometry
-from ..utils.interrupt import disk_full_error, signals_interrupt
 from ..utils.runtime import default_num_workers, pick_device
 from .loading import Batch, ManifestImages, collate_batch
 from .provenance import build_provenance
 from .transfer import PART, DeviceRows, HostCopy
-from .units import my_units, pending_indices, worker_slot
+from .units import pending_indices
 from .writer import FeatureWriter
 
 log = logging.getLogger(__name__)
@@ -176,34 +175,11 @@ def calibrate_encoding(cfg: ExtractConfig, teacher: Teacher, manifest: ImageMani
     return calibrated(""), {k: calibrated(level_name(k, "")) for k in blocks}
 
 
-def run_extraction(cfg: ExtractConfig) -> ExtractResult:
-    """Extract (or resume extracting) ``cfg.teacher`` features for ``cfg.images`` into ``cfg.out``: this process's
-    ``--shard``/torchrun slot of the work units, or with ``cfg.scheduler`` every unit as a task on a dask cluster
-    (:mod:`.cluster`). Ctrl-C and SIGTERM stop it within a batch or two with :class:`Interrupted`, a full disk with
-    :class:`DiskFullError`: both keep every finished image, and running the same command again resumes."""
-    kept = f"Every image finished before is kept in {cfg.out}."
-    if cfg.scheduler is not None:  # units as tasks on a dask cluster; dask is imported only then
-        from .cluster import extract_on_cluster as extract
-    else:
-        extract = extract_features
-    try:
-        with signals_interrupt():
-            return extract(cfg)
-    except KeyboardInterrupt as exc:
-        raise Interrupted(f"extraction interrupted ({str(exc) or 'Ctrl-C'}). {kept} Re-run the same command to resume.",
-                          getattr(exc, "signum", signal.SIGINT)) from exc
-    except Exception as exc:
-        full = disk_full_error(exc, cfg.out, kept, "re-run the same command to resume")
-        if full is None:
-            raise
-        raise full from exc
-
-
 @dataclass
 class Extraction:
     """An extraction ready to run units: its config, image manifest, teacher (moved to ``device`` when it runs),
     chosen blocks, geometry and the opened teacher group ``store`` (named ``name``) with the decoding ``workers``,
-    started by ``loader_context`` (a multiprocessing start method; ``None``: the process's default)."""
+    started by the multiprocessing start method ``loader_context`` (``None``: the process's default)."""
 
     cfg: ExtractConfig
     manifest: ImageManifest
@@ -215,14 +191,6 @@ class Extraction:
     device: torch.device
     workers: int
     loader_context: str | None = None
-
-
-def extract_features(cfg: ExtractConfig) -> ExtractResult:
-    """:func:`run_extraction` without the handling of interruptions and full disks: this process's slot of the
-    ``--shard``/torchrun work units."""
-    slot, slots = worker_slot(cfg.shard)
-    extraction = open_extraction(cfg, creator=slot == 0)  # only slot 0 creates (or replaces) the group (store.py)
-    return extract_units(extraction, my_units(extraction.store.num_units, slot, slots), f"slot {slot}/{slots}")
 
 
 def open_extraction(cfg: ExtractConfig, creator: bool) -> Extraction:

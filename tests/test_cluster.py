@@ -4,6 +4,7 @@ client killed and run again, a group started with --shard: each run ends in the 
 for byte (provenance's creation time aside); a unit that kills every worker reading it is given up and named."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -23,7 +24,7 @@ import pytest
 from dune_cache.commands.verify import verify_cache
 from dune_cache.config import StorageConfig
 from dune_cache.errors import ClusterError
-from dune_cache.extract.cluster import KEY_PREFIX, LOCAL_CLUSTER_CONFIG
+from dune_cache.extract.cluster import KEY_PREFIX, LOCAL_CLUSTER_CONFIG, environment_kept
 from dune_cache.extract.run import run_extraction
 from dune_cache.format.constants import STATUS_PENDING
 from dune_cache.format.store import TeacherStore
@@ -66,8 +67,9 @@ def start_cluster(markers):
     opened = []
 
     def start(n: int, **config):
-        stack = dask.config.set({**CLUSTER_CONFIG, **config})
-        stack.__enter__()
+        stack = contextlib.ExitStack()
+        stack.enter_context(environment_kept())  # the nanny's OMP_NUM_THREADS=1 must not reach later tests
+        stack.enter_context(dask.config.set({**CLUSTER_CONFIG, **config}))
         cluster = distributed.LocalCluster(n_workers=n, processes=True, threads_per_worker=1, dashboard_address=None)
         client = distributed.Client(cluster)
         opened.append((stack, cluster, client))
@@ -78,7 +80,7 @@ def start_cluster(markers):
     for stack, cluster, client in reversed(opened):
         client.close()
         cluster.close()
-        stack.__exit__(None, None, None)
+        stack.close()
 
 
 def wait_for(predicate, what: str, timeout: float = WAIT_S):
@@ -224,12 +226,15 @@ def test_a_killed_client_run_again_completes_the_reference_store(tmp_path, image
 def test_a_group_started_with_shard_is_finished_by_a_local_cluster(tmp_path, images, tiny_checkpoint, markers):
     """``--scheduler local:2`` starts its own LocalCluster (the tests' teacher preloaded through dask's config); run
     again with ``--overwrite``, the client replaces the group and the workers fill the new one, decoding images in
-    DataLoader workers (which dask's non-daemonic workers may start)."""
+    DataLoader workers (which dask's non-daemonic workers may start). This process's environment is left as it was
+    (the nanny writes OMP_NUM_THREADS=1 into it when it starts a worker)."""
     cfg = unit_config(images, tmp_path / "reference", tiny_checkpoint)
     run_extraction(cfg)
     run_extraction(replace(cfg, out=str(tmp_path / "mixed"), shard="0/2"))  # units 0, 2, 4
+    environment = dict(os.environ)
     with dask.config.set(CLUSTER_CONFIG):
         result = run_extraction(replace(cfg, out=str(tmp_path / "mixed"), scheduler="local:2"))
+        assert dict(os.environ) == environment
         assert sorted(u.unit for u in result.units) == [1, 3]
         assert_same_store(tmp_path / "mixed", tmp_path / "reference")
         time.sleep(1.1)  # provenance's creation time has seconds: the replaced group is a new one

@@ -143,6 +143,19 @@ def pending_units(store: TeacherStore, retry_failed: bool) -> dict[int, int]:
 
 
 @contextlib.contextmanager
+def environment_kept() -> Iterator[None]:
+    """Restore ``os.environ`` on exit. distributed's nanny writes its pre-spawn variables (``OMP_NUM_THREADS=1``,
+    ``MKL_NUM_THREADS=1``, ...) into this process's own environment each time it starts a worker, which would leave
+    every process this one starts afterwards single-threaded."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
 def connect(scheduler: str, gpus: int) -> Iterator:
     """A ``distributed.Client`` of ``scheduler``: ``local[:N]`` starts a ``LocalCluster`` of N single-threaded worker
     processes here for the block (N default: ``gpus``, at least 1; with ``gpus``, each declares ``GPU=1``); an
@@ -160,7 +173,7 @@ def connect(scheduler: str, gpus: int) -> Iterator:
         return
     import dask
 
-    with dask.config.set(LOCAL_CLUSTER_CONFIG), \
+    with environment_kept(), dask.config.set(LOCAL_CLUSTER_CONFIG), \
             LocalCluster(n_workers=value or max(gpus, 1), processes=True, threads_per_worker=1,
                          dashboard_address=None, resources={"GPU": 1} if gpus else None) as cluster, \
             Client(cluster) as client:

@@ -49,7 +49,8 @@ _LAZY = {
     "FULL_IMAGE": "read.batches", "pin_fields": "utils.runtime", "block_shuffled_order": "read.shuffle",
     "TeacherStats": "format.stats", "read_stats": "format.stats",
     # writing and describing one
-    "TeacherStore": "format.store", "damaged_message": "format.store", "StorageConfig": "config", "EncodingConfig": "config", "ExtractConfig": "config",
+    "TeacherStore": "format.store", "damaged_message": "format.store",
+    "StorageConfig": "config", "EncodingConfig": "config", "ExtractConfig": "config",
     "Encoding": "encodings", "run_extraction": "extract.run",
     # images
     "ImageManifest": "images.manifest", "load_manifest": "images.manifest", "image_files": "images.manifest",
@@ -58,7 +59,8 @@ _LAZY = {
     "decode_size": "images.views",
     # teachers
     "create_teacher": "teachers", "register_teacher": "teachers", "register_prefix": "teachers",
-    "get_spec": "teachers", "list_teachers": "teachers", "checkpoint_sha256": "teachers.checkpoint_files", "TeacherSpec": "teachers", "Teacher": "teachers",
+    "get_spec": "teachers", "list_teachers": "teachers",
+    "checkpoint_sha256": "teachers.checkpoint_files", "TeacherSpec": "teachers", "Teacher": "teachers",
     "TeacherOutput": "teachers", "load_state_dict_strict": "teachers.base", "sak_blocks": "teachers.blocks",
     "plain_copy": "teachers.checkpoint_io", "weights_only_refusal": "teachers.checkpoint_io",
     # pictures of token grids

@@ -37,8 +37,10 @@ from .utils.redaction import redact_text
 from .utils.redaction import redact_url as redact
 
 app = new_app(__doc__)
-NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5", (CLIP_MEAN, CLIP_STD): "clip"}
-ENCODING_HELP = (f"Feature encoding NAME[:key=value,...], NAME one of {', '.join(ENCODINGS)}; e.g. bitround:keepbits=7, "
+NORMALISATION_NAMES = {(IMAGENET_MEAN, IMAGENET_STD): "imagenet", (HALF_MEAN, HALF_STD): "0.5",
+                       (CLIP_MEAN, CLIP_STD): "clip"}
+ENCODING_HELP = (f"Feature encoding NAME[:key=value,...], NAME one of {', '.join(ENCODINGS)}; e.g. "
+                 "bitround:keepbits=7, "
                  "int8-channel, int8-token:outlier_ratio=6, pca:variance=0.99, pca-int8:rank=128 or "
                  "lowrank:image_rank=64,basis=int8 (each image's own rank-64 SVD, its factors int8; sizes and "
                  "fidelity per teacher in "
@@ -65,7 +67,8 @@ def teachers(offline: bool = typer.Option(False, "--offline", help="List instead
     specs = list_teachers()
     width = max(len(name) for name in [s.name for s in specs] + [prefix_form(p) for p in list_prefixes()])
     arch_width = max(len(s.arch) for s in specs)  # the longest name (or prefix form) and arch set their columns
-    header = f"{'name':{width}} {'arch':{arch_width}} {'patch':>5} {'dim':>5} {'reg':>3} {'cls':10} {'native':>9} {'norm':>4}  mean/std"
+    header = (f"{'name':{width}} {'arch':{arch_width}} {'patch':>5} {'dim':>5} {'reg':>3} {'cls':10} "
+              f"{'native':>9} {'norm':>4}  mean/std")
     typer.echo(header)
     for s in specs:
         native = f"{s.native_resolution[0]}x{s.native_resolution[1]}"
@@ -121,7 +124,8 @@ def extract(
                                             "local[:N] for N worker processes on this machine (default: one per GPU); "
                                             "workers may join and leave (docs/cluster.md)."),
     overwrite: bool = typer.Option(False, help="Delete an existing teacher group, matching or not, and extract it "
-                                   "again from scratch (without it a matching group is resumed, a mismatching one refused)."),
+                                   "again from scratch (without it a matching group is resumed, "
+                                   "a mismatching one refused)."),
     retry_failed: bool = typer.Option(False, help="Try again images recorded as failed."),
     random_weights: bool = typer.Option(False, help="Run without a checkpoint (speed tests only)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -237,8 +241,9 @@ def verify(cache: str = typer.Argument(..., help="Cache root."),
 @app.command()
 def stats(cache: str = typer.Argument(..., help="Cache root."),
           teacher: Optional[list[str]] = typer.Option(None, help="Teacher group (repeatable; default: all)."),
-          sample: int = typer.Option(STATS_SAMPLE, min=0, help="Estimate on at most this many done images, spread evenly "
-                                     "over the group (0: all; the cost stops growing with the cache beyond it)."),
+          sample: int = typer.Option(STATS_SAMPLE, min=0, help="Estimate on at most this many done images, "
+                                     "spread evenly over the group (0: all; the cost stops growing with the cache "
+                                     "beyond it)."),
           verbose: bool = typer.Option(False, "--verbose", "-v")) -> None:
     """Compute per-channel mean/std and PHI-S of each teacher group (out of core) and store them in the cache."""
     import numpy as np
@@ -371,7 +376,8 @@ def recompress(
     except USER_ERRORS as exc:
         fail(exc)
     for r in results:
-        typer.echo(f"[{r.teacher}] {r.done}/{r.images} images -> {redact(out)}/{r.teacher}: {r.bytes_before / 2**20:.2f} MiB "
+        typer.echo(f"[{r.teacher}] {r.done}/{r.images} images -> {redact(out)}/{r.teacher}: "
+                   f"{r.bytes_before / 2**20:.2f} MiB "
                    f"-> {r.bytes_after / 2**20:.2f} MiB ({r.ratio:.2f}x smaller)")
 
 

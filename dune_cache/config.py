@@ -18,7 +18,8 @@ from .teachers.spec import check_checkpoint_file
 ENCODINGS = ("none", "bitround", "int8-channel", "int8-token", "pca", "pca-int8", "lowrank")
 LOWRANK_BASES = ("float", "int8")  # how ``lowrank`` stores each image's factors V: storage dtype, or int8 codes
 CODECS = ("auto", "blosc-zstd", "blosc-lz4", "zstd", "gzip", "none")
-# The level a codec gets when none is given; `auto` (the default) is decided per group by :meth:`StorageConfig.with_codec`
+# The level a codec gets when none is given; `auto` (the default) is decided per group by
+# :meth:`StorageConfig.with_codec`
 CODEC_LEVELS = {"zstd": 1, "blosc-zstd": 5, "blosc-lz4": 5, "gzip": 6, "none": 0}
 DTYPES = ("float16", "float32")
 

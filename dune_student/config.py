@@ -72,7 +72,8 @@ class HeadConfig:
     """Which projector every teacher gets."""
 
     kind: str = "transformer"  # transformer (DUNE) | ladder (UNIC) | mlp | sak (SAK: adapter paths, levels)
-    mlp_hidden: int | None = None  # hidden width of the mlp head (default 4*D) / of the ladder's non-last rungs (default D)
+    # hidden width of the mlp head (default 4*D) / of the ladder's non-last rungs (default D)
+    mlp_hidden: int | None = None
     sak_reduction: int = 4  # SAK adapter bottleneck D -> D/reduction -> D (SAK down_ratio)
     sak_scale_init: float = 0.0  # adapters' learnable scale at init; 0: every adapter is the identity (SAK: 1.0)
     sak_levels: list[int] = field(default_factory=list)  # student blocks distilled (0-based); empty: SAK's rule
@@ -167,7 +168,8 @@ class TrainConfig:
 
 
 CHOICES = {
-    "data.reader_backend": ("auto", "tensorstore", "zarrs", "zarr", "memory"),  # auto + dune_cache.read.backends.BACKENDS
+    # auto + dune_cache.read.backends.BACKENDS
+    "data.reader_backend": ("auto", "tensorstore", "zarrs", "zarr", "memory"),
     "loss.standardize": ("channel", "phis", "ema", "none"),
     "loss.teacher_drop": ("lowest_loss", "none"),
     "loss.sharing": ("all", "own_data", "own+generic"),

@@ -9,8 +9,8 @@ import torchvision.transforms.v2.functional as TF
 
 from dune_student.config import AugmentConfig
 from dune_student.data.augment import (GridCrop, PhotometricConfig, adjust_brightness, adjust_contrast, adjust_hue,
-                                       adjust_saturation, apply_photometric, crop_pixels, crop_tokens, gaussian_blur, photometric, sample_grid_crop,
-                                       sample_photometric_params)
+                                       adjust_saturation, apply_photometric, crop_pixels, crop_tokens, gaussian_blur,
+                                       photometric, sample_grid_crop, sample_photometric_params)
 
 PATCH = 4
 GRID = (6, 8)

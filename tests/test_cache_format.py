@@ -58,7 +58,8 @@ def test_tensorstore_recipe(cache):
     np.testing.assert_array_equal(scope["result"]["cls"], store.cls[int(done[0])])
 
 
-@pytest.fixture(scope="module", params=["none", "bitround", "int8-channel", "int8-token:outlier_ratio=1.5", "pca:rank=5"])
+@pytest.fixture(scope="module",
+                params=["none", "bitround", "int8-channel", "int8-token:outlier_ratio=1.5", "pca:rank=5"])
 def encoded_cache(request, tmp_path_factory, real_image_dir, tiny_checkpoint):
     """One cache per encoding (with one cached view per image; the low outlier ratio makes int8-token keep
     some channels in float16)."""

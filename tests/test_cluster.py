@@ -165,7 +165,8 @@ def test_a_unit_that_kills_its_workers_is_reported_with_its_images_after_its_ret
     message = str(raised.value)
     assert "1 of 5 unit(s) were given up because 2 workers died while running each" in message, message
     # its images still pending: the poison, and motorcycle.jpg unless its batch was written before the worker died
-    assert re.search(r"unit 2 \((motorcycle\.jpg, )?poison\.png\)\. The 4 other units are done and kept", message), message
+    assert re.search(r"unit 2 \((motorcycle\.jpg, )?poison\.png\)\. The 4 other units are done and kept",
+                     message), message
     status = TeacherStore.open(str(tmp_path / "cluster"), TEACHER).read_status()
     assert status[5] == STATUS_PENDING and (np.delete(status, [4, 5]) != STATUS_PENDING).all()
 

@@ -63,7 +63,7 @@ def test_last_record_of_a_step_wins_and_two_panels_without_fidelity(tmp_path):
     lines = [{"step": 1, "lr": 1e-3, "loss": 0.9, "loss/a": 0.8}, {"step": 2, "lr": 2e-3, "loss": 5.0, "loss/a": 5.0},
              {"step": 2, "lr": 2e-3, "loss": 0.7, "loss/a": 0.6},  # the same step again after a resume
              {"step": 3, "lr": 1e-3, "loss": 0.5, "loss/a": 0.4}]
-    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(l) + "\n" for l in lines))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(record) + "\n" for record in lines))
     records, held_out = read_metrics(tmp_path)
     assert [r["loss"] for r in records] == [0.9, 0.7, 0.5] and held_out == []
     check_png(plot_curves(tmp_path), panels=2)

@@ -199,7 +199,8 @@ def test_calibration_images_are_spread_over_the_list():
 # ---------------------------------------------------------------------------------------
 # Stores and readers of encoded groups
 # ---------------------------------------------------------------------------------------
-def encoded_group(root: Path, text: str, status: list[int], seed: int = 0) -> tuple[TeacherStore, np.ndarray, np.ndarray]:
+def encoded_group(root: Path, text: str, status: list[int],
+                  seed: int = 0) -> tuple[TeacherStore, np.ndarray, np.ndarray]:
     """A group of synthetic ViT-like features written through encoding ``text`` (done rows only); returns the
     store and the float cls/patch that were written (rows not done hold zeros)."""
     n = len(status)
@@ -265,7 +266,8 @@ def test_backends_read_encoded_parts_alike(tmp_path, backend):
     indices = np.array([5, 1, 3])
     reference = CacheReader(str(tmp_path / "c.zarr"), backend="zarr").read(indices)
     other = CacheReader(str(tmp_path / "c.zarr"), backend=backend).read(indices)
-    assert torch.equal(reference.patch["vit"], other.patch["vit"]) and torch.equal(reference.cls["vit"], other.cls["vit"])
+    assert (torch.equal(reference.patch["vit"], other.patch["vit"])
+            and torch.equal(reference.cls["vit"], other.cls["vit"]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -276,7 +278,8 @@ def test_extraction_calibrates_once_and_resumes_with_the_stored_calibration(tmp_
     out = tmp_path / "cache.zarr"
     cfg = ExtractConfig(teacher="tiny_test_teacher", images=real_image_dir, out=str(out), checkpoint=tiny_checkpoint,
                         batch_size=2, num_workers=0, progress=False,
-                        storage=StorageConfig(unit_size=2, encoding=EncodingConfig.parse("pca:rank=6,calibration_images=4")))
+                        storage=StorageConfig(unit_size=2,
+                                              encoding=EncodingConfig.parse("pca:rank=6,calibration_images=4")))
     run_extraction(cfg)
     store = TeacherStore.open(str(out), "tiny_test_teacher", mode="a")
     kinds = store.provenance["storage"]["encoding"]["kinds"]

@@ -155,7 +155,8 @@ def test_lowrank_decodes_a_cropped_grid_with_the_whole_basis_and_refuses_a_cropp
     whole = encoding.decode("patch", parts, "cpu")
     cropped = {**parts, "": parts[""][:, 1:4, 2:5].flip(-2)}
     assert torch.equal(encoding.decode("patch", cropped, "cpu"), whole[:, 1:4, 2:5].flip(-2))
-    with pytest.raises(EncodingError, match=r"_basis \(3, 3, 1, 48\) does not match the token factors \(3, 3, 3, 4\).* uncropped"):
+    with pytest.raises(EncodingError,
+                       match=r"_basis \(3, 3, 1, 48\) does not match the token factors \(3, 3, 3, 4\).* uncropped"):
         encoding.decode("patch", {**cropped, "_basis": parts["_basis"][:, 1:4, None, :]}, "cpu")
     for suffix in set(parts) - {"", "_basis"}:  # int8 basis: its steps and mean are per image too
         with pytest.raises(EncodingError, match=rf"part {suffix} \(3, 1, \d, \d+\) does not match.* uncropped"):
@@ -245,7 +246,8 @@ def composite_group(root: Path, text: str = f"lowrank:image_rank={K}", shard_ima
     encoding = calibrated(text, patch)
     provenance = build_provenance(spec, None, manifest, "test", geometry, storage,
                                   views=ViewSampling().to_json(views) if views else None)
-    store = TeacherStore.create(str(root), "vit", provenance, manifest, GRID, D, storage, views=views, encoding=encoding)
+    store = TeacherStore.create(str(root), "vit", provenance, manifest, GRID, D, storage,
+                                views=views, encoding=encoding)
     cached = None
     if views:
         cached = ViewRows(cls=patch[:, None, 0, 0].repeat(views, 1), patch=patch[:, None, :, ::-1].repeat(views, 1),

@@ -250,7 +250,8 @@ def test_ema_statistics_pool_the_global_batch_under_ddp(tmp_path):
             torch.testing.assert_close(state[key], want, rtol=1e-5, atol=1e-6)
     mine = Standardizer({"dino": 8}, {}, "ema")
     mine.observe("dino", cls[:8], patch[:8], available[:8], momentum=1.0)
-    assert not torch.allclose(mine.state_dict()["teachers.dino.patch_mean"], single.state_dict()["teachers.dino.patch_mean"])
+    assert not torch.allclose(mine.state_dict()["teachers.dino.patch_mean"],
+                              single.state_dict()["teachers.dino.patch_mean"])
 
 
 def test_statistics_are_buffers_saved_in_the_state_dict():

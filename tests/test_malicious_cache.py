@@ -92,7 +92,8 @@ def provenance(change):
 CAPPED = """
 import resource, sys
 import numpy, torch, zarr, zarr.codecs
-import dune_cache.cli, dune_cache.read.reader, dune_cache.format.stats, dune_cache.commands.verify, dune_cache.commands.info
+import dune_cache.cli, dune_cache.read.reader, dune_cache.format.stats
+import dune_cache.commands.verify, dune_cache.commands.info
 mapped = int(next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmSize"))) * 1024
 resource.setrlimit(resource.RLIMIT_AS, (mapped + (3 << 30), resource.RLIM_INFINITY))  # 3 GiB more, at most
 try:
@@ -130,7 +131,8 @@ FORGED_METADATA = {  # what is forged -> (node to edit, change, the one-line ref
     "float64 features": ("cls", lambda m: m.update(data_type="float64"), "dtype float64; its provenance implies"),
     "metadata zarr cannot parse": ("cls", lambda m: m["codecs"].insert(1, {"name": "zstd"}),
                                    "cls: its metadata does not parse"),
-    "a codec the format never writes": ("cls", lambda m: m["codecs"].insert(1, {"name": "numcodecs.lzma", "configuration": {}}),
+    "a codec the format never writes": ("cls", lambda m: m["codecs"].insert(1, {"name": "numcodecs.lzma",
+                                                                                "configuration": {}}),
                                         "codecs numcodecs.lzma are not among those the format writes"),
 }
 
@@ -206,8 +208,10 @@ def escaping(tmp_path, forged, real_image_dir) -> tuple[Path, Path, list[str]]:
         Image.fromarray(np.full((32, 32, 3), 200, np.uint8)).save(tmp_path / name)
     forge_manifest(forged, ids)
     store = TeacherStore.open(str(forged), TEACHER, mode="a")
-    store.group.attrs["dune_cache"] = {**store.provenance, "source": {**store.provenance["source"], "images": str(images)},
-                                       "images": {**store.provenance["images"], "manifest_sha256": store.manifest().sha256}}
+    store.group.attrs["dune_cache"] = {**store.provenance,
+                                       "source": {**store.provenance["source"], "images": str(images)},
+                                       "images": {**store.provenance["images"],
+                                                  "manifest_sha256": store.manifest().sha256}}
     return forged, images, ids
 
 
@@ -235,7 +239,8 @@ def test_student_show_refuses_an_id_outside_the_image_folder(tmp_path, escaping,
     train(config(clean, real_image_dir, tmp_path / "run", "steps=1"))
     read = []
     real_load = student_show_module.load_pixels
-    monkeypatch.setattr(student_show_module, "load_pixels", lambda path, *a: read.append(Path(path)) or real_load(path, *a))
+    monkeypatch.setattr(student_show_module, "load_pixels",
+                        lambda path, *a: read.append(Path(path)) or real_load(path, *a))
     result = runner.invoke(student_app, ["show", str(tmp_path / "run"), "--cache", str(cache), "--images", ids[0],
                                          "--out", str(tmp_path / "pics")])
     assert_one_paragraph_error(result, f"{ids[0]!r} is not under the image folder", "--image-root")

@@ -146,7 +146,8 @@ def test_the_trainer_decodes_deferred_targets_like_the_worker(tmp_path, real_ima
     from dune_student.training.trainer import Trainer
 
     grid_cache, out = tmp_path / "grid.zarr", tmp_path / "grid_int8.zarr"
-    run_extraction(ExtractConfig(teacher=TEACHER, images=real_image_dir, out=str(grid_cache), checkpoint=tiny_checkpoint,
+    run_extraction(ExtractConfig(teacher=TEACHER, images=real_image_dir, out=str(grid_cache),
+                                 checkpoint=tiny_checkpoint,
                                  student_patch=8, student_resolution="32", batch_size=6, num_workers=0, progress=False))
     write_stats(str(grid_cache), TEACHER, compute_stats(str(grid_cache), TEACHER))
     run(grid_cache, out, "int8-channel")

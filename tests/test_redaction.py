@@ -65,8 +65,9 @@ def secret_cache(request, real_image_dir, tiny_checkpoint, caplog):
     name = request.node.name.replace("[", "_").replace("]", "_")
     url = memory_url(name)
     caplog.set_level(logging.INFO)
-    result = runner.invoke(app, ["extract", "--teacher", TEACHER, "--checkpoint", str(tiny_checkpoint), "--images",
-                                 str(real_image_dir), "--out", url, "--student-patch", "8", "--student-resolution", "32",
+    result = runner.invoke(app, ["extract", "--teacher", TEACHER, "--checkpoint", str(tiny_checkpoint),
+                                 "--images", str(real_image_dir), "--out", url, "--student-patch", "8",
+                                 "--student-resolution", "32",
                                  "--num-workers", "0", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert_no_secret(result.output, caplog.text)

@@ -131,7 +131,8 @@ def test_a_full_chunk_cache_keeps_what_it_has_and_reads_the_rest_remotely(s3, tm
             batch = limited.read(rows)
             np.testing.assert_array_equal(batch.cls[TEACHER].numpy(), expected[0][rows])
             np.testing.assert_array_equal(batch.patch[TEACHER].numpy(), expected[1][rows])
-        assert {int(f.split('/')[2]) for f in kept_chunks(chunks)} == {0, 1}  # one batch's objects passed the limit, nothing was kept after it
+        # one batch's objects passed the limit, nothing was kept after it
+        assert {int(f.split('/')[2]) for f in kept_chunks(chunks)} == {0, 1}
     held = sum(p.stat().st_size for p in chunks.rglob("*") if p.is_file() and p.name != "usage")
     assert int((chunks / "usage").read_text()) == held  # re-measured when the reader was built
     np.testing.assert_array_equal(read_everything(CacheReader(url, chunk_cache=chunks))[1], expected[1])

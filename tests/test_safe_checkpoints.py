@@ -117,7 +117,8 @@ def test_convert_checkpoint_needs_the_flag_then_writes_a_file_the_loader_reads_l
     assert loaded["args"] == release_args() and loaded["epoch"] == 4 and "optimizer" not in loaded
     pixels = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
     with torch.inference_mode():
-        ours, theirs = create_teacher("c_radio_v3_b", out).eval()(pixels), create_teacher("c_radio_v3_b", clean).eval()(pixels)
+        ours, theirs = (create_teacher("c_radio_v3_b", out).eval()(pixels),
+                        create_teacher("c_radio_v3_b", clean).eval()(pixels))
     assert torch.equal(ours.patch, theirs.patch) and torch.equal(ours.cls, theirs.cls)
 
 

@@ -126,7 +126,8 @@ def real_weights() -> Path:
 
 
 def imagenet_eval_crop(path: Path) -> torch.Tensor:
-    """torchvision's ImageNet evaluation view: shorter side 256 (bilinear, antialiased), centre 224 -> uint8 ``(3, 224, 224)``."""
+    """torchvision's ImageNet evaluation view: shorter side 256 (bilinear, antialiased), centre 224 -> uint8
+    ``(3, 224, 224)``."""
     image = TF.pil_to_tensor(Image.open(path).convert("RGB"))
     return TF.center_crop(TF.resize(image, 256, antialias=True), 224)
 

@@ -200,7 +200,8 @@ def test_registered_specs_have_upstream_geometry():
     specs = {s.name: s for s in list_teachers()}
     for name, (width, registers, native) in EXPECTED.items():
         spec = specs[name]
-        assert (spec.patch_size, spec.embed_dim, spec.num_registers, spec.native_resolution) == (14, width, registers, native)
+        assert ((spec.patch_size, spec.embed_dim, spec.num_registers, spec.native_resolution)
+                == (14, width, registers, native))
         assert spec.cls_source == "token" and spec.final_norm
         assert (spec.mean, spec.std) == (IMAGENET_MEAN, IMAGENET_STD)
         assert spec.arch.endswith("dinov2") and spec.description

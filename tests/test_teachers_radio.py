@@ -124,7 +124,8 @@ def test_every_release_is_registered_with_its_width_and_preferred_resolution():
     result = CliRunner().invoke(app, ["teachers"])
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
-    assert rows["c_radio_v3_b"][2:8] == ["16", "768", "0", "token", "512x512", "no"] and rows["c_radio_v3_b"][8] == "clip"
+    assert (rows["c_radio_v3_b"][2:8] == ["16", "768", "0", "token", "512x512", "no"]
+            and rows["c_radio_v3_b"][8] == "clip")
     assert "radio:<release>@<summary" in rows
 
 
@@ -212,15 +213,17 @@ def _drop(key):
 @pytest.mark.parametrize("change, args, reported", [
     (_drop("base_model.blocks.1.ls2.grandma"), {}, r"missing keys 1 \[blocks.1.ls2.gamma\]"),
     (lambda s: s.__setitem__("base_model.blocks.9.norm1.weight", torch.ones(WIDTH)), {}, "blocks.9.norm1.weight"),
-    (lambda s: s.__setitem__("teacher_heads.0.weight", torch.ones(1)), {}, r"unexpected keys \['teacher_heads.0.weight'\]"),
+    (lambda s: s.__setitem__("teacher_heads.0.weight", torch.ones(1)), {},
+     r"unexpected keys \['teacher_heads.0.weight'\]"),
     (lambda s: s.__setitem__("base_model.blocks.0.attn.qkv.parametrizations.weight.original", torch.ones(1)), {},
      "spectral-reparametrised"),
     (_drop("input_conditioner.norm_std"), {}, "input_conditioner.* holds"),
     (lambda s: None, {"model": "vit_bigG_patch14_224"}, "args.model='vit_bigG_patch14_224' is not supported"),
-    (lambda s: None, {"model": "vit_large_patch16_224"}, "is vit_large_patch16_224 .width 1024.*teacher c_radio_v3_b is "
-                                                          "width 768"),
+    (lambda s: None, {"model": "vit_large_patch16_224"}, "is vit_large_patch16_224 .width 1024.*teacher c_radio_v3_b "
+                                                          "is width 768"),
     (lambda s: None, {"cpe_max_size": 256}, r"pos_embed: checkpoint \(1, 64, 768\) vs model \(1, 256, 768\)"),
-    (lambda s: None, {"teachers": [{"name": "sam", "use_summary": False}]}, "no teacher of args.teachers has use_summary"),
+    (lambda s: None, {"teachers": [{"name": "sam", "use_summary": False}]},
+     "no teacher of args.teachers has use_summary"),
     (lambda s: None, {"model_kwargs": {"scaled_ln": True}}, r"model_kwargs \['scaled_ln'\] not supported"),
 ])
 def test_mismatched_release_file_is_refused_naming_what_differs(tmp_path, change, args, reported):
@@ -248,7 +251,8 @@ def test_extract_with_a_chosen_summary_teacher_equals_a_direct_forward(tmp_path,
     assert result.exit_code == 0, result.output
     store = TeacherStore.open(str(out), "radio-c_radio_v3_b-dino_v2-g")
     manifest = load_manifest(real_image_dir)
-    px = torch.stack([torch.from_numpy(load_pixels(manifest.path(i), (64, 96), "squash")) for i in range(len(manifest))])
+    px = torch.stack([torch.from_numpy(load_pixels(manifest.path(i), (64, 96), "squash"))
+                      for i in range(len(manifest))])
     with torch.no_grad():
         direct = create_teacher(name, release_file)(px, blocks=(1,))
     np.testing.assert_allclose(store.patch[:], direct.patch.numpy(), atol=1e-5, rtol=1e-5)

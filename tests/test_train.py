@@ -63,9 +63,9 @@ def test_config_errors_name_the_field(tmp_path):
 def test_training_writes_metrics_and_checkpoint(tmp_path, cache, real_image_dir):
     result = train(config(cache, real_image_dir, tmp_path / "run"))
     assert result.steps == 6 and np.isfinite(result.final_loss)
-    lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [l["step"] for l in lines] == [1, 2, 3, 4, 5, 6]
-    assert all("loss/tiny_test_teacher" in l and l["lr"] > 0 for l in lines)
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in lines] == [1, 2, 3, 4, 5, 6]
+    assert all("loss/tiny_test_teacher" in record and record["lr"] > 0 for record in lines)
     assert (tmp_path / "run" / "checkpoint.pt").exists()
 
 
@@ -192,4 +192,4 @@ def test_ddp_under_torchrun_on_cpu(tmp_path, cache, real_image_dir):
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ckpt["step"] == 3
     lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines] == [1, 2, 3]
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3]

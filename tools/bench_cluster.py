@@ -219,7 +219,8 @@ def main() -> None:
             fixed, per_unit = fit(units, extra)
             _, client_per_unit = fit(units, [r["dask"]["client_cpu_s"] for r in rows_nw])
             print(f"warm cluster, --num-workers {num_workers}: dask - single process = {fixed:.2f} CPU-s per run + "
-                  f"{per_unit * 1e3:.0f} CPU-ms per unit (of which client and scheduler {client_per_unit * 1e3:.0f} ms)")
+                  f"{per_unit * 1e3:.0f} CPU-ms per unit "
+                  f"(of which client and scheduler {client_per_unit * 1e3:.0f} ms)")
             summary.append({"warm": True, "num_workers": num_workers, "fixed_cpu_s": fixed,
                             "per_unit_cpu_s": per_unit, "client_per_unit_cpu_s": client_per_unit})
     if args.json:

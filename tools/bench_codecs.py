@@ -57,10 +57,12 @@ def main() -> None:
     teacher = create_teacher(args.teacher, resolve_checkpoint_option(args.teacher, args.checkpoint))
     manifest = load_manifest(args.images)
     size = parse_size(args.resolution)
-    pixels = torch.stack([torch.from_numpy(load_pixels(manifest.path(i), size, "squash")) for i in range(len(manifest))])
+    pixels = torch.stack([torch.from_numpy(load_pixels(manifest.path(i), size, "squash"))
+                          for i in range(len(manifest))])
     with torch.inference_mode():
         patch = teacher(pixels).patch.numpy().astype(np.float16)
-    print(f"{args.teacher} patch features {patch.shape} float16, {patch.nbytes / 1e6:.1f} MB, {torch.get_num_threads()} threads")
+    print(f"{args.teacher} patch features {patch.shape} float16, {patch.nbytes / 1e6:.1f} MB, "
+          f"{torch.get_num_threads()} threads")
     print("| codec | level | ratio vs raw fp16 | write MB/s | read MB/s |\n|---|---|---|---|---|")
     for codec, level in CODECS:
         ratio, write, read = measure(patch, codec, level, args.rounds)

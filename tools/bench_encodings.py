@@ -16,7 +16,8 @@ Each encoding (``NAME[:key=value,...]`` as ``--encoding``) is calibrated on the 
 - CPU per core (run it with ``OMP_NUM_THREADS=1``; torch is limited to one thread): encode MB/s (numpy, the
   writer's work) and decode MB/s (torch), MB of float16 patch tokens; and the training path with
   ``decode=False``: samples per CPU-second that read and decompress their stored parts (random batches of 32
-  images through the reader's backend, ``--backend``, tensorstore by default), which is the DataLoader worker's share once decoding runs on the training device.
+  images through the reader's backend, ``--backend``, tensorstore by default), which is the DataLoader worker's share
+  once decoding runs on the training device.
 
 Student (needs the caches of ``tools/e2e_cached_vs_live.py``)::
 
@@ -175,7 +176,8 @@ def measure(args: argparse.Namespace, encoding: str, normal: dict[str, np.ndarra
 def table(rows: list[dict], teachers: list[str]) -> str:
     """Markdown: one line per encoding and teacher; fidelity as value (ratio to the fp16-trained student)."""
     base = next(r for r in rows if r["encoding"] == "none")["fidelity"]
-    lines = ["| encoding | teacher | KiB/image | ratio vs fp16 | encode MB/s | decode MB/s | token cos mean / p0.1 (all) "
+    lines = ["| encoding | teacher | KiB/image | ratio vs fp16 | encode MB/s | decode MB/s "
+             "| token cos mean / p0.1 (all) "
              "| token cos mean / p0.1 (normal ch.) | student patch fidelity | student CLS fidelity |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -302,7 +304,8 @@ def frontier_table(rows: dict[str, list[dict]]) -> str:
              "| decode MB/s | `decode=False` reads / CPU-s |", "|---|---|---|---|---|---|---|---|---|"]
     for teacher, measured in rows.items():
         for r in measured:
-            lines.append(f"| {teacher} | {r['encoding']} | {r['bytes_per_image'] / 1024:.1f} | {r['ratio_vs_fp16']:.2f}x "
+            lines.append(f"| {teacher} | {r['encoding']} | {r['bytes_per_image'] / 1024:.1f} "
+                         f"| {r['ratio_vs_fp16']:.2f}x "
                          f"| {r['cos_mean']:.4f} / {r['cos_p001']:.4f} / {r['cos_min']:.3f} | {r['rel_l2']:.4f} "
                          f"| {r['encode_mb_s']:.0f} | {r['decode_mb_s']:.0f} | {r['read_parts_per_cpu_s']:.0f} |")
     return "\n".join(lines)

@@ -194,7 +194,8 @@ def main() -> None:
     result = {
         "teacher": args.teacher, "weights": "random" if checkpoint is None else str(checkpoint),
         "resolution": list(geometry.resolution), "images_per_round": args.count, "batch_size": args.batch_size,
-        "num_workers": args.num_workers if args.num_workers is not None else default_num_workers(device), "device": str(device),
+        "num_workers": args.num_workers if args.num_workers is not None else default_num_workers(device),
+        "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "codec": args.codec,
         "writer_threads": args.writer_threads,

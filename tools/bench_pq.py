@@ -93,7 +93,8 @@ def assign(sub: np.ndarray, centroids: np.ndarray) -> np.ndarray:
     (the largest ``x·c - |c|²/2``: one ``(N, d + 1) @ (d + 1, K)`` product per sub-space)."""
     m, n, _ = sub.shape
     lifted = np.concatenate([sub, np.ones((m, n, 1), np.float32)], -1)
-    scores = np.concatenate([centroids.transpose(0, 2, 1), -0.5 * (centroids ** 2).sum(-1)[:, None, :]], 1, dtype=np.float32)
+    scores = np.concatenate([centroids.transpose(0, 2, 1), -0.5 * (centroids ** 2).sum(-1)[:, None, :]], 1,
+                            dtype=np.float32)
     out, codes = np.empty((n, centroids.shape[1]), np.float32), np.empty((n, m), np.uint8)
     for j in range(m):
         np.dot(lifted[j], scores[j], out=out)
@@ -238,7 +239,8 @@ def main() -> None:
             print(json.dumps({k: (round(v, 6) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
 
     print("\n| variant | m | bytes/image (stored) | ratio vs fp16 | raw codes / zstd-3 ratio | token cos mean / p0.1 / "
-          "min | rel. L2 | lowrank int8 p0.1 at that ratio | on frontier | fit CPU-s | encode / decode CPU-ms per image |")
+          "min | rel. L2 | lowrank int8 p0.1 at that ratio | on frontier | fit CPU-s "
+          "| encode / decode CPU-ms per image |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         at = "—" if r["lowrank_int8_p001_at_ratio"] is None else f"{r['lowrank_int8_p001_at_ratio']:.4f}"

@@ -5,8 +5,8 @@
 Builds (once, reused by later runs) a folder of ``--images`` ImageNet-like ids (``d00000/00000000.png``, 1000 per
 folder, symlinks to 8 tiny PNGs) and fills one teacher group of the test suite's tiny teacher (``tiny_test_teacher``:
 patch 8, D = 16; 16 px input, a 2x2 grid) for it, so a million images fit on local disk. Features are written by
-the extraction's own writer (``dune_cache.extract.writer.FeatureWriter``: features, then each unit's failures and status)
-with synthetic float16 values, in batches of ``--batch`` — what ``dune-cache extract`` does per image besides
+the extraction's own writer (``dune_cache.extract.writer.FeatureWriter``: features, then each unit's failures and
+status) with synthetic float16 values, in batches of ``--batch`` — what ``dune-cache extract`` does per image besides
 decoding and the teacher forward: that is the *bookkeeping* measured. Then each command a user runs on the cache
 is timed in a fresh interpreter (wall, CPU of the process and its children, peak RSS):
 
@@ -52,7 +52,8 @@ PER_FOLDER = 1000               # ids per folder, as ImageNet's class folders (~
 
 
 def image_tree(root: Path, count: int) -> Path:
-    """``root/images`` holding ``count`` ids ``dNNNNN/NNNNNNNN.png`` (symlinks to :data:`SOURCES` tiny PNGs); built once."""
+    """``root/images`` holding ``count`` ids ``dNNNNN/NNNNNNNN.png`` (symlinks to :data:`SOURCES` tiny PNGs); built
+    once."""
     from PIL import Image
 
     images = root / f"images_{count}"
@@ -205,7 +206,8 @@ def measure_commands(images: Path, out: Path, shard_images: int, batch: int, blo
         "resume (nothing to do)": timed_command(python_step(RESUME.format(**fields))),
         "CacheReader open + first batch": timed_command(python_step(READER.format(**fields))),
         "trainer index (image paths + epoch order)": timed_command(python_step(TRAINER_INDEX.format(**fields))),
-        "python + imports only (baseline)": timed_command(python_step("import dune_cache.read.reader, dune_student.data.batches")),
+        "python + imports only (baseline)": timed_command(
+            python_step("import dune_cache.read.reader, dune_student.data.batches")),
     }
 
 

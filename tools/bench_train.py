@@ -63,7 +63,8 @@ def main() -> None:
               f"student.arch={args.arch}", f"student.patch_size={args.patch}", f"student.img_size={args.resolution}",
               f"data.resolution={args.resolution}", f"data.batch_size={args.batch_size}",
               f"data.num_workers={args.workers}", f"log_every={args.log_every}", f"checkpoint_every={10 ** 9}",
-              "progress=false", f"device={args.device}"] + ([f"teacher_checkpoints={checkpoints}"] if checkpoints else [])
+              "progress=false", f"device={args.device}"] + ([f"teacher_checkpoints={checkpoints}"]
+                                                            if checkpoints else [])
     modes = args.modes.split(",")
     rates: dict[str, list[float]] = {m: [] for m in modes}
     work = Path(tempfile.mkdtemp(prefix="bench_train_"))
@@ -80,7 +81,8 @@ def main() -> None:
     result = {
         "steps_per_s": {m: round(v, 4) for m, v in median.items()},
         "cached_over_live": round(median["cached"] / median["live"], 3) if {"cached", "live"} <= set(modes) else None,
-        "cached_over_memory": round(median["cached"] / median["memory"], 3) if {"cached", "memory"} <= set(modes) else None,
+        "cached_over_memory": (round(median["cached"] / median["memory"], 3) if {"cached", "memory"} <= set(modes)
+                               else None),
         "setup": {"cache": args.cache, "student": args.arch, "patch": args.patch, "resolution": args.resolution,
                   "batch_size": args.batch_size, "steps": args.steps, "rounds": args.rounds,
                   "device": args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"),

@@ -1,6 +1,7 @@
 """The extraction write path alone (no teacher forward): encode + compress + write ViT-L-at-448-shaped features.
 
-    python tools/bench_writer.py                                   # every encoding, checksum on/off, 1 and 2 writer threads
+    python tools/bench_writer.py                                   # every encoding, checksum on/off,
+                                                                   # 1 and 2 writer threads
     python tools/bench_writer.py --encodings none --threads 1 2 4 --codecs blosc-zstd:5 zstd:3 blosc-lz4:5
     python tools/bench_writer.py --gpu-rate 700                    # cores per H100 at 700 extracted images/s
 
@@ -10,7 +11,8 @@ kept under ``--feature-cache``, made ViT-L-shaped (1024 channels) by :func:`vit_
 384 real channels onto 1024 (the 384-dimensional structure of real tokens kept, as in a wider ViT whose features
 are low-rank), plus isotropic noise at 10% of a typical channel's std (so no channel is an exact combination of
 others) and :data:`MASSIVE_CHANNELS` "massive activation" channels at 50x a typical channel's std (ViT features
-have a few such channels: Darcet et al., "Vision Transformers Need Registers", ICLR 2024). Images are cycled to make ``--count`` images per measurement.
+have a few such channels: Darcet et al., "Vision Transformers Need Registers", ICLR 2024). Images are cycled to make
+``--count`` images per measurement.
 
 Each measurement writes ``--count`` images in batches of ``--batch`` through the real writer of ``dune-cache
 extract`` (:class:`dune_cache.extract.writer.FeatureWriter`: encode, Zarr writes, then the unit's failure records and

@@ -113,7 +113,8 @@ def compare(hubconf, case, path: Path, pixels: torch.Tensor) -> dict:
     slot = int(upstream.summary_idxs[0])
     block0 = captured["block0"]
     level_cls, level_patch = ours.levels[0]
-    return {"teacher": name, "arch": case[1], "depth": len(upstream.model.blocks), "input": f"{pixels.shape[-2]}x{pixels.shape[-1]}",
+    return {"teacher": name, "arch": case[1], "depth": len(upstream.model.blocks),
+            "input": f"{pixels.shape[-2]}x{pixels.shape[-1]}",
             "summary_slot": slot, "summary_tokens": summary.shape[1] // d, "prefix_tokens": skip,
             "cls": max_abs(ours.cls, summary.view(1, -1, d)[:, 0]),
             "patch": max_abs(ours.patch, features.view(1, h, w, d)),

@@ -13,8 +13,8 @@ cropped to the input's own grid:
 ViT-B runs at its real depth (12 blocks) through ``create_teacher``; L and H at their real width with
 ``--depth-reduced`` blocks split into ``--groups`` equal groups, each ending with a global-attention block as
 upstream's four groups do (default: 4 blocks, global at 1 and 3), built through
-``dune_cache.teachers.sam.sam_teacher`` with the same overrides. Sizes: the native 1024x1024 and ``--off-native`` (default 768x1024: a 4:3 photo as SAM's
-resize gives it, zero-padded to 1024 by both sides).
+``dune_cache.teachers.sam.sam_teacher`` with the same overrides. Sizes: the native 1024x1024 and ``--off-native``
+(default 768x1024: a 4:3 photo as SAM's resize gives it, zero-padded to 1024 by both sides).
 """
 from __future__ import annotations
 

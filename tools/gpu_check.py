@@ -1,6 +1,7 @@
 """One GPU check: what docs/scale.md derives, measured on the machine it runs on.
 
-    python tools/gpu_check.py                       # on one H100: DUNE's shapes, ~6 min; writes docs/results/gpu_check.json
+    python tools/gpu_check.py                       # on one H100: DUNE's shapes, ~6 min;
+                                                    # writes docs/results/gpu_check.json
     python tools/gpu_check.py --tiny --out /tmp/gc  # tiny shapes on the CPU (the test suite runs this)
 
 Every figure is measured in this run, on this machine (recorded in the JSON: device, torch, CUDA, CPU cores):
@@ -104,7 +105,8 @@ def extract(images: Path, out: Path, teacher: str, shapes: Shapes, resolution: s
     result = {}
     wall, cpu = seconds_of(lambda: result.setdefault("r", run_extraction(cfg)))
     processed = result["r"].processed
-    return {"teacher": teacher, "images": processed, "images_per_s": processed / wall, "cpu_s_per_image": cpu / processed}
+    return {"teacher": teacher, "images": processed, "images_per_s": processed / wall,
+            "cpu_s_per_image": cpu / processed}
 
 
 def build_cache(work: Path, shapes: Shapes, device: str) -> tuple[Path, Path]:

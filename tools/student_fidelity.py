@@ -14,8 +14,8 @@ says whether the difference survives training. Steps (resumable: a step whose ou
 
 Prints a markdown table: per encoding, the mean over seeds, its difference to fp16 and the seed spread, the
 seed-by-seed (paired) patch differences to fp16 with 2 x their standard error, and the smallest difference of
-unpaired means this setup resolves (2 x the standard error of a difference of means, pooled seed std); with ``--probe`` a
-second table of the probes' means over seeds. Writes ``OUT/fidelity.json``. ``--include`` pools the runs of earlier
+unpaired means this setup resolves (2 x the standard error of a difference of means, pooled seed std); with ``--probe``
+a second table of the probes' means over seeds. Writes ``OUT/fidelity.json``. ``--include`` pools the runs of earlier
 invocations of the same setup: their runs are not retrained (more seeds, or another encoding next to the
 recorded fp16 runs).
 

@@ -90,7 +90,8 @@ def target_storage(source: dict, cfg: RecompressConfig) -> StorageConfig:
 def target_provenance(source: TeacherStore, cache: str, storage: StorageConfig) -> dict:
     """The source's provenance with the new ``storage`` and a ``recompressed`` record of where it came from."""
     meta = dict(source.provenance)
-    meta["recompressed"] = {"from": location.redact(cache), "storage": meta["storage"], "by": f"dune_cache {__version__}",
+    meta["recompressed"] = {"from": location.redact(cache), "storage": meta["storage"],
+                            "by": f"dune_cache {__version__}",
                             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     meta["storage"] = storage.to_json()
     return meta
@@ -129,7 +130,8 @@ def copy_units(source: TeacherStore, target: TeacherStore, status: np.ndarray, f
         levels = level_names(source.blocks)
         views = None
         if source.views is not None:
-            views = ViewRows(cls=source.read_features("views/cls", rows), patch=source.read_features("views/patch", rows),
+            views = ViewRows(cls=source.read_features("views/cls", rows),
+                             patch=source.read_features("views/patch", rows),
                              boxes=source.views["boxes"].oindex[rows], flip=source.views["flip"].oindex[rows],
                              levels={n: source.read_features(f"views/{n}", rows) for n in levels})
         target.write_rows(rows, source.read_features("cls", rows), source.read_features("patch", rows), views,

@@ -11,8 +11,8 @@ a scaled rotation (``W Wᵀ = I / mean(e)``), so relative distances between targ
 
 Stored in ``<root>/<teacher>/stats/`` (docs/cache-format.md, "Statistics"); written only by
 ``dune-cache stats``. They are estimated on a sample of at most ``sample`` done images spread evenly over the group
-(default :data:`dune_cache.config.STATS_SAMPLE`: per-channel moments and a ``D×D`` covariance from ten thousand images' tokens are
-converged), so the cost stops growing with the cache beyond that; ``sample=0`` reads every done image.
+(default :data:`dune_cache.config.STATS_SAMPLE`: per-channel moments and a ``D×D`` covariance from ten thousand images'
+tokens are converged), so the cost stops growing with the cache beyond that; ``sample=0`` reads every done image.
 """
 from __future__ import annotations
 

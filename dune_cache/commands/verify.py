@@ -67,7 +67,8 @@ def feature_names(store: TeacherStore) -> list[str]:
 def checked_arrays(store: TeacherStore) -> dict[str, zarr.Array]:
     """Every stored per-image array: each part of the feature arrays (see the group's encoding) and, with
     cached views, the boxes and flips."""
-    parts = {name + suffix: array for name in feature_names(store) for suffix, array in store.stored_arrays(name).items()}
+    parts = {name + suffix: array for name in feature_names(store)
+             for suffix, array in store.stored_arrays(name).items()}
     views = {f"views/{name}": store.views[name] for name in ("boxes", "flip")} if store.views is not None else {}
     return {**parts, **views}
 
@@ -132,7 +133,8 @@ def unreadable_or_nonfinite(reads: dict[str, Callable[[slice], np.ndarray]],
                 try:
                     rows.append((i, read(slice(i, i + 1))))
                 except Exception as exc:  # noqa: BLE001
-                    problems.append((i, f"{name}: chunk does not decode{checksum_note(exc)}: {type(exc).__name__}: {exc}"))
+                    problems.append((i, f"{name}: chunk does not decode{checksum_note(exc)}: "
+                                        f"{type(exc).__name__}: {exc}"))
         for start, values in rows:
             invalid, problem = invalid_rows(values)
             problems.extend((start + int(k), f"{name}: {problem}")

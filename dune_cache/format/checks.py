@@ -116,7 +116,8 @@ def check_bounds(layouts: list[ArrayLayout], where: str) -> None:
     :data:`MAX_SHARD_BYTES` (checked before a group is created, and before one is read)."""
     for layout in layouts:
         for label, size, bound in (("one chunk", nbytes(layout.chunks, layout.dtype), MAX_CHUNK_BYTES),
-                                   ("one shard", nbytes(layout.shards or layout.chunks, layout.dtype), MAX_SHARD_BYTES)):
+                                   ("one shard", nbytes(layout.shards or layout.chunks, layout.dtype),
+                                    MAX_SHARD_BYTES)):
             if size > bound:
                 raise refuse(f"{where}/{layout.path}", f"{label} decodes to {size} bytes, beyond the limit of {bound}")
 

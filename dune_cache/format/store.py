@@ -124,7 +124,8 @@ class TeacherStore(UnitState, FeatureWrites):
         if not meta or "teacher" not in meta:
             raise StoreError(f"{group.path or group.store}: not a dune_cache teacher group (no provenance)")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"{group.path}: format version {meta.get('format_version')}, this package reads {FORMAT_VERSION}")
+            raise StoreError(f"{group.path}: format version {meta.get('format_version')}, "
+                             f"this package reads {FORMAT_VERSION}")
         where = str(group.path or group.store)
         check_provenance(meta, where)  # numbers in range before any layout is computed from them
         meta["storage"].setdefault("checksum", False)  # groups made before checksums (in memory only)
@@ -312,8 +313,9 @@ class TeacherStore(UnitState, FeatureWrites):
     def read_features(self, name: str, rows: int | slice | np.ndarray, check: bool = True) -> np.ndarray:
         """Decoded float32 features of feature array ``name`` (``cls``, ``patch``, ``views/cls``,
         ``views/patch``, ``[views/]levels/b{k}/cls|patch``) at image ``rows`` (an index, a slice or an index
-        array; ``(..., D)``). Chunks never written decode to NaN: that is what pending and failed images hold, while a done image holding any is
-        damaged, a :class:`DamagedFeaturesError` naming it (``check=False``: returned as read, for ``verify``)."""
+        array; ``(..., D)``). Chunks never written decode to NaN: that is what pending and failed images hold, while a
+        done image holding any is damaged, a :class:`DamagedFeaturesError` naming it (``check=False``: returned as read,
+        for ``verify``)."""
         if name not in self.feature_names():
             raise StoreError(f"{self.group.path}: no feature array {name!r} (it has {', '.join(self.feature_names())})")
         parts = {suffix: array.oindex[rows] for suffix, array in self.stored_arrays(name).items()}

@@ -28,8 +28,8 @@ class FeatureWrites:
         """Write features of sorted image ``indices``: cls ``(B, D)``, patch ``(B, h, w, D)``, in a group with
         stored blocks their ``levels`` (``levels/b{k}/cls|patch`` -> ``(B, ...)``, every one of the group's) and,
         in a group with cached views, their ``views`` (with the same levels). With an ``executor``, the features
-        are encoded and written in up to ``parts`` tasks that own disjoint objects (whole images, or whole shards), all but one on the
-        executor; either way this returns once every write has finished, raising the first error."""
+        are encoded and written in up to ``parts`` tasks that own disjoint objects (whole images, or whole shards), all
+        but one on the executor; either way this returns once every write has finished, raising the first error."""
         levels = levels or {}
         self.check_rows(views, levels)
         if views is not None:  # one chunk per work unit: written here, in order

@@ -24,8 +24,9 @@ def check_pixel_count(img: Image.Image, path: object) -> None:
     :data:`MAX_IMAGE_PIXELS` pixels."""
     width, height = img.size
     if width * height > MAX_IMAGE_PIXELS:
-        raise ImageDecodeError("too_large", f"{path}: {width}x{height} = {width * height} pixels, more than the "
-                                            f"{MAX_IMAGE_PIXELS} an image may have (a decompression bomb?); not decoded")
+        raise ImageDecodeError("too_large",
+                               f"{path}: {width}x{height} = {width * height} pixels, more than the "
+                               f"{MAX_IMAGE_PIXELS} an image may have (a decompression bomb?); not decoded")
 
 
 def check_image_header(data: bytes, name: str) -> None:

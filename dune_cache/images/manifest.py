@@ -20,7 +20,8 @@ from typing import Iterable, Iterator, Mapping
 
 from ..errors import ManifestError
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"})
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                              ".pbm"})
 
 MANIFEST_ESCAPING = "backslash-v1"  # how ids and tags are escaped in the canonical text (docs/cache-format.md)
 ESCAPING_ATTRIBUTE = "escaping"     # attribute of a cache's ``manifest`` array naming it; absent: raw text

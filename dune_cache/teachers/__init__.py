@@ -21,7 +21,8 @@ from .spec import TeacherSpec
 
 __all__ = [
     "CheckpointError", "Teacher", "TeacherOutput", "TeacherSpec", "UnknownTeacherError",
-    "create_teacher", "get_spec", "list_prefixes", "list_teachers", "prefix_form", "register_prefix", "register_teacher",
+    "create_teacher", "get_spec", "list_prefixes", "list_teachers",
+    "prefix_form", "register_prefix", "register_teacher",
 ]
 _TORCH_CLASSES = ("Teacher", "TeacherOutput")  # in .base, which imports torch: imported on first use
 

@@ -220,7 +220,9 @@ def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def find_state_dict(ckpt: Mapping, candidates: tuple[str, ...] = ("model", "state_dict", "model_state_dict", "teacher", "module")) -> dict:
+def find_state_dict(ckpt: Mapping,
+                    candidates: tuple[str, ...] = ("model", "state_dict", "model_state_dict", "teacher", "module"),
+                    ) -> dict:
     """Return the tensor mapping inside a checkpoint: ``ckpt`` itself or ``ckpt[k]`` for the first k present."""
     if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         return dict(ckpt)
@@ -236,7 +238,8 @@ def strip_prefix(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, to
 
 
 def load_state_dict_strict(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """``module.load_state_dict(state, strict=True)`` with an error that lists missing, unexpected and mis-shaped keys."""
+    """``module.load_state_dict(state, strict=True)`` with an error that lists missing, unexpected and mis-shaped
+    keys."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))

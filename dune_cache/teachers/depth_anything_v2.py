@@ -80,8 +80,8 @@ class DepthAnythingV2Teacher(Dinov2Teacher):
         same = "the same blocks" if sak == blocks else f"{sak}, not the same"
         return (f"output tokens of block k (0-based, of {self.depth}) of {self.spec.name}'s DINOv2 encoder after the "
                 "final norm (vit.norm applied, as the DPT head reads its blocks: get_intermediate_layers(..., "
-                f"norm=True)); CLS = the class token of that normed output. --blocks dpt ({blocks}) stores exactly what "
-                f"the DPT head reads (--blocks sak gives {same})")
+                f"norm=True)); CLS = the class token of that normed output. --blocks dpt ({blocks}) stores exactly "
+                f"what the DPT head reads (--blocks sak gives {same})")
 
 
 def encoder_state(state: dict, source: str) -> dict:

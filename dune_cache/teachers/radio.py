@@ -48,7 +48,8 @@ BACKBONE_PREFIX = "base_model."
 CONDITIONER_PREFIX = "input_conditioner."
 NORMALIZER_PREFIX = "_feature_normalizer."
 IGNORED_PREFIXES = ("_heads.", "_feature_projections.", "_intermediate_feature_normalizer.")
-IGNORED_BACKBONE_KEYS = ("reg_token",)  # timm's register tokens of the *_v2_224 models: the CPE forward never reads them
+# timm's register tokens of the *_v2_224 models: the CPE forward never reads them
+IGNORED_BACKBONE_KEYS = ("reg_token",)
 BASE_IMAGE_SIZE = 224  # the timm models' img_size: CPE mode is on when the CPE grid is larger than its grid
 CONFIG_FIELDS = ("model", "cpe_max_size", "teachers")
 UNSUPPORTED_MODEL_KWARGS = ("scaled_ln",)  # RADIO-only model options with no exact counterpart here
@@ -140,7 +141,8 @@ def radio_config(args: argparse.Namespace, source: str, head: str | None = None)
         registers = multiple - num_summary % multiple if multiple else 0
     return RadioConfig(model=args.model, model_kwargs=kwargs, max_grid=round(args.cpe_max_size / patch),
                        num_summary=num_summary, num_registers=registers, summary_slot=slots[chosen],
-                       summary_head=heads[chosen], summary_heads=heads, model_norm=bool(getattr(args, "model_norm", False)))
+                       summary_head=heads[chosen], summary_heads=heads,
+                       model_norm=bool(getattr(args, "model_norm", False)))
 
 
 def cpe_position_embedding(pos_embed: torch.Tensor, grid: tuple[int, int], cpe_mode: bool) -> torch.Tensor:
@@ -262,7 +264,8 @@ def radio_state(checkpoint: Mapping) -> dict[str, torch.Tensor]:
     for key in ("state_dict_ema", "state_dict"):
         if isinstance(checkpoint.get(key), Mapping):
             return dict(checkpoint[key])
-    raise CheckpointError(f"no state_dict or state_dict_ema in the RADIO checkpoint (top-level keys: {sorted(checkpoint)})")
+    raise CheckpointError("no state_dict or state_dict_ema in the RADIO checkpoint "
+                          f"(top-level keys: {sorted(checkpoint)})")
 
 
 def split_radio_state(state: Mapping[str, torch.Tensor], source: str) -> dict[str, dict[str, torch.Tensor]]:

@@ -98,7 +98,8 @@ def cls_description(model: nn.Module) -> str:
 
 
 def spec_from_timm_model(name: str, model: nn.Module, description: str = "") -> TeacherSpec:
-    """The :class:`TeacherSpec` of a model made by :func:`create_timm_vit`, read off the model and its ``pretrained_cfg``."""
+    """The :class:`TeacherSpec` of a model made by :func:`create_timm_vit`, read off the model and its
+    ``pretrained_cfg``."""
     cfg = model.pretrained_cfg
     uses_class_token = has_class_token(model) and not pools_by_average(model)
     return TeacherSpec(
@@ -149,7 +150,8 @@ class TimmViTTeacher(Teacher):
     def load_checkpoint(self, path: Path, convert: StateConverter = dict, layout: str = "timm") -> None:
         """Load ``path`` strictly: its state dict, converted to timm names by ``convert``, classifier dropped.
 
-        ``convert`` maps an upstream layout to timm names (default: already timm's). Raises :class:`CheckpointError` naming missing, unexpected and mis-shaped keys (timm names).
+        ``convert`` maps an upstream layout to timm names (default: already timm's). Raises :class:`CheckpointError`
+        naming missing, unexpected and mis-shaped keys (timm names).
         """
         state = convert(find_state_dict(read_checkpoint(path)))
         source = f"{path} ({layout} layout, compared in timm names)"

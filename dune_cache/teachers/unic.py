@@ -62,7 +62,8 @@ def ssl_backbone_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def deit3_to_timm(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DeiT-III (facebookresearch/deit ``models_v2.py``) -> timm ``deit3_*``: LayerScale ``gamma_{1,2}`` -> ``ls{1,2}.gamma``."""
+    """DeiT-III (facebookresearch/deit ``models_v2.py``) -> timm ``deit3_*``: LayerScale ``gamma_{1,2}`` ->
+    ``ls{1,2}.gamma``."""
     return {_LAYER_SCALE.sub(r"\1.ls\2.gamma", k): v for k, v in state.items()}
 
 

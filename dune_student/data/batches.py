@@ -397,8 +397,8 @@ class BatchSource(Dataset):
 
     def cropped_targets(self, indices: np.ndarray, crops: list[GridCrop], views: np.ndarray):
         """``(cls, patch, mask, damaged, None, level_cls, level_patch)`` decoded targets with patch tokens (and the
-        levels' patch tokens) cropped, or with ``plan.decode_targets_on_device`` ``({}, {}, mask, None, EncodedBatch, {}, {})``
-        whose patch parts are cropped alike."""
+        levels' patch tokens) cropped, or with ``plan.decode_targets_on_device``
+        ``({}, {}, mask, None, EncodedBatch, {}, {})`` whose patch parts are cropped alike."""
         if not self.plan.read_targets:
             return {}, {}, torch.ones(len(indices), 0, dtype=torch.bool), None, None, {}, {}
         targets = self.reader().read(indices, views, decode=not self.plan.decode_targets_on_device)

@@ -1,7 +1,8 @@
 """``dune-student route``: SAK's stage 2 on the offline probe data — per task, a Mixture-of-Representations router
 (:mod:`dune_student.model.router`) and a light head trained on the frozen stem and teacher paths of a SAK run.
 
-Tasks (the probe data folder of ``tools/prepare_probe_data.py``, read by :func:`dune_student.evaluation.probe.load_probe_data`):
+Tasks (the probe data folder of ``tools/prepare_probe_data.py``, read by
+:func:`dune_student.evaluation.probe.load_probe_data`):
 
 * ``disparity`` (dense): the disparity of each pixel of a stereo pair's *left* image alone (monocular, a
   depth-like dense regression), from the Middlebury Motorcycle windows: 6 ``train`` windows (each also flipped
@@ -16,7 +17,8 @@ The paths are frozen (SAK's stage 2 with ``freeze``), so every image's represent
 and heads then train on them with AdamW, full batch. Each task is also trained with the stem alone (the same head on
 the stem's levels, no router) as the reference. Outputs in ``--out``: ``route.json`` (scores, the routers' mean
 weights per level and expert), ``router_weights.png`` (those weights, one panel per task), and ``sak.safetensors``
-(+ ``.sak.safetensors`` and ``.json``): stem, paths and the trained routers (:func:`dune_student.model.export.export_sak`).
+(+ ``.sak.safetensors`` and ``.json``): stem, paths and the trained routers
+(:func:`dune_student.model.export.export_sak`).
 """
 from __future__ import annotations
 

@@ -105,7 +105,8 @@ class LadderProjector(nn.Module):
             TokenMLPs(dim, last_hidden if index == depth - 1 else hidden, out_dim) for index in range(depth))
 
     def forward(self, out: StudentOutput) -> tuple[torch.Tensor, torch.Tensor]:
-        """Needs ``out.blocks`` (``Student(..., return_blocks=True)``) -> CLS ``(B, D_t)``, patches ``(B, h, w, D_t)``."""
+        """Needs ``out.blocks`` (``Student(..., return_blocks=True)``) -> CLS ``(B, D_t)``, patches
+        ``(B, h, w, D_t)``."""
         if len(out.blocks) != len(self.rungs):
             raise ValueError(f"the ladder needs all {len(self.rungs)} block outputs, got {len(out.blocks)}: "
                              "call the student with return_blocks=True")

@@ -128,7 +128,8 @@ def split_level_tokens(tokens: torch.Tensor, num_registers: int, grid: tuple[int
 class SAKProjector(nn.Module):
     """One teacher's SAK head: an :class:`AdapterPath` and a ``Linear(D -> D_t)`` aligner per level.
 
-    Called on a :class:`~dune_student.model.student.StudentOutput` with ``blocks`` and ``embedded`` (``return_blocks=True``).
+    Called on a :class:`~dune_student.model.student.StudentOutput` with ``blocks`` and ``embedded``
+    (``return_blocks=True``).
     """
 
     def __init__(self, dim: int, num_registers: int, out_dim: int, levels: Sequence[int], reduction: int = 4,

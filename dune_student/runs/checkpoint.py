@@ -152,7 +152,8 @@ def convert_run(source: Path, out: Path, trusted: bool) -> tuple[list[dict], lis
     source, out = Path(source), Path(out)
     if not trusted:
         raise RunCheckpointError(f"convert-run loads {source} with full unpickling, which runs any code the file "
-                                 "holds: only do it for a file you trust. To go on, run it again with --trust-this-file: "
+                                 "holds: only do it for a file you trust. "
+                                 "To go on, run it again with --trust-this-file: "
                                  f"`{CONVERT_RUN} {source} {out} --trust-this-file`")
     if out.resolve() == source.resolve():
         raise RunCheckpointError(f"OUT {out} is the source file; choose another name")

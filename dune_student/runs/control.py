@@ -71,7 +71,8 @@ def dotted_fields(config: dict, prefix: str = "") -> dict:
 # Fields added after checkpoints were first written -> the value that does what runs did before the field existed;
 # a checkpoint without the field compares as having it (so resuming one asks for that value, not a silent change).
 ADDED_FIELDS = {"augment.photometric_on": "loader", "data.image_source": "auto", "data.image_decode": "loader",
-                "data.jpeg_draft": "double", "heads.sak_reduction": 4, "heads.sak_scale_init": 0.0, "heads.sak_levels": [],
+                "data.jpeg_draft": "double", "heads.sak_reduction": 4, "heads.sak_scale_init": 0.0,
+                "heads.sak_levels": [],
                 "heads.router_pooling": "token", "heads.router_noisy_gating": True, "loss.cos_weight": None,
                 "loss.smooth_l1_weight": None, "loss.cosine_over": "auto"}
 
